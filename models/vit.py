@@ -1,0 +1,235 @@
+"""The DINO Vision Transformer, compatible with the official checkpoints.
+
+Parameter names follow facebookresearch/dino's ``vision_transformer.py`` so that an official
+backbone ``state_dict`` loads with ``strict=True``. The released models' settings are the
+defaults here: qkv bias, LayerNorm eps 1e-6, exact GELU, MLP ratio 4.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.layers import Block, PatchEmbed
+from models.posembed import interpolate_pos_embed
+
+# name -> (embed_dim, depth, num_heads), as the reference factories.
+ARCHITECTURES: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+}
+ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small"}
+HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a :class:`VisionTransformer`.
+
+    Attributes:
+        patch_size: Patch side in pixels.
+        embed_dim: Token width.
+        depth: Number of blocks.
+        num_heads: Attention heads per block.
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        qkv_bias: Bias in the qkv projection (True in the released models).
+        img_size: Training image side; fixes the length of ``pos_embed``.
+        in_chans: Input channels.
+        norm_eps: LayerNorm epsilon (1e-6 in the released models).
+        arch: Architecture name for humans and metadata ("custom" when not a factory size).
+    """
+
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    img_size: int = 224
+    in_chans: int = 3
+    norm_eps: float = 1e-6
+    arch: str = field(default="vit_small")
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "img_size", "in_chans"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ViTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        """Patches of a training-size image (the length of ``pos_embed`` minus CLS)."""
+        return (self.img_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for checkpoints and metadata."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
+        """Inverse of :meth:`to_dict`, ignoring unknown keys."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def vit_config(arch: str, patch_size: int = 16, **overrides: Any) -> ViTConfig:
+    """Config of a named architecture (``vit_tiny``, ``vit_small``, ``vit_base``).
+
+    Raises:
+        ValueError: Unknown architecture name.
+    """
+    arch = ARCH_ALIASES.get(arch, arch)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    embed_dim, depth, num_heads = ARCHITECTURES[arch]
+    params: dict[str, Any] = {
+        "patch_size": patch_size,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "arch": arch,
+    }
+    params.update(overrides)
+    return ViTConfig(**params)
+
+
+def arch_name(embed_dim: int, depth: int, num_heads: int) -> str:
+    """The factory name matching these sizes, or "custom"."""
+    for name, sizes in ARCHITECTURES.items():
+        if sizes == (embed_dim, depth, num_heads):
+            return name
+    return "custom"
+
+
+def _spatial_size(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Height and width of an NCHW tensor as 0-d int64 tensors (dynamic under ONNX tracing)."""
+    shape = torch._shape_as_tensor(x)  # (4,), traced as a Shape op
+    return shape[2], shape[3]
+
+
+class VisionTransformer(nn.Module):
+    """DINO ViT backbone (no classification head).
+
+    Args:
+        config: Architecture.
+        drop_path_rate: Stochastic depth rate, rising linearly per block from 0 (student: 0.1).
+    """
+
+    def __init__(self, config: ViTConfig, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.embed_dim
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.embed_dim))
+        rates = torch.linspace(0, drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(
+                config.embed_dim,
+                config.num_heads,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                norm_eps=config.norm_eps,
+                drop_path_rate=rate,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference init: trunc-normal(0.02) for Linear/pos/cls, LayerNorm (1, 0), conv default."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def prepare_tokens(self, x: Tensor) -> Tensor:
+        """Patch tokens with CLS prepended and position embeddings added: ``[B, 1 + N, D]``."""
+        height, width = _spatial_size(x)
+        tokens = self.patch_embed(x)  # (B, N, D)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+        tokens = torch.cat((cls, tokens), dim=1)  # (B, 1 + N, D)
+        return tokens + interpolate_pos_embed(self.pos_embed, height, width, self.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """CLS embedding after the final norm, ``[B, D]`` (the reference ``forward``)."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """All contract outputs in one pass.
+
+        Every block but the last uses fused attention; the last computes the softmax explicitly.
+
+        Returns:
+            ``cls_embedding [B, D]``, ``patch_features [B, N, D]`` (after the final norm,
+            row-major over H/p rows and W/p columns) and ``attention_maps [B, heads, N]`` (the
+            last block's CLS-query attention over the patch keys).
+        """
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        x, attn = self.blocks[-1].forward_with_attention(x)  # attn: (B, h, 1 + N, 1 + N)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1:], attn[:, :, 0, 1:]
+
+    def get_last_selfattention(self, x: Tensor) -> Tensor:
+        """Reference API: last block's attention ``[B, heads, 1 + N, 1 + N]``."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        _, attn = self.blocks[-1].attn.forward_with_attention(self.blocks[-1].norm1(x))
+        return attn
+
+    def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
+        """Reference API: outputs of the last ``n`` blocks, each after the final norm."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if len(self.blocks) - i <= n:
+                outputs.append(self.norm(x))
+        return outputs
+
+
+def build_vit(config: ViTConfig, drop_path_rate: float = 0.0) -> VisionTransformer:
+    """Construct a :class:`VisionTransformer` from its config."""
+    return VisionTransformer(config, drop_path_rate=drop_path_rate)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Patch grid (rows, cols) of an input in pixels."""
+    return height // patch_size, width // patch_size
+
+
+def infer_num_heads(embed_dim: int) -> int:
+    """Default head count of the released models: ``embed_dim / 64``."""
+    return max(1, math.ceil(embed_dim / HEAD_DIM)) if embed_dim % HEAD_DIM else embed_dim // HEAD_DIM
