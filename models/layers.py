@@ -31,7 +31,7 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens with a strided convolution (rows/cols that do not fill a patch drop)."""
+    """Image to patch tokens with a strided convolution (incomplete rows/cols are dropped)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -55,7 +55,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply fc1, GELU, fc2."""
-        return self.fc2(self.act(self.fc1(x)))
+        out: Tensor = self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class Attention(nn.Module):
@@ -82,7 +83,8 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        projected: Tensor = self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, D)
+        return projected
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Explicit softmax attention, as the reference computes it.
@@ -99,7 +101,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + DropPath(Attn(LN(x)))`` then ``x + DropPath(MLP(LN(x)))``."""
+    """Pre-norm block: ``x + DropPath(Attn(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``."""
 
     def __init__(
         self,
@@ -121,7 +123,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Block with fused attention."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        out: Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
+        return out
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Block with explicit attention; also returns the attention ``[B, heads, N, N]``."""

@@ -1,7 +1,7 @@
 """Position-embedding interpolation with the reference DINO numerics, export-friendly.
 
-The reference (`vision_transformer.py`, ``interpolate_pos_encoding``) resizes the patch grid of
-``pos_embed`` with ``F.interpolate(mode="bicubic", scale_factor=((g_h + 0.1) / s, (g_w + 0.1) / s))``
+The reference (`vision_transformer.py`, ``interpolate_pos_encoding``) resizes the patch grid
+of ``pos_embed`` with ``F.interpolate(mode="bicubic", scale_factor=((g_h+0.1)/s, (g_w+0.1)/s))``
 where ``s = sqrt(N)`` and ``g = size // patch``. Because a scale factor is passed, PyTorch samples
 at ``(dst + 0.5) / scale_factor - 0.5`` (not ``(dst + 0.5) * s / g - 0.5``), with the cubic
 kernel ``a = -0.75`` and indices clamped to the edge. The stored embedding is returned unchanged
@@ -48,7 +48,7 @@ def bicubic_matrix(out_size: Tensor, in_size: int, *, identity: Tensor) -> Tenso
     # scale_factor = (g + 0.1) / s in double, then PyTorch uses float(1.0 / scale_factor).
     scale_factor = (out_size.to(torch.float64) + 0.1) / float(in_size)
     inv_scale = (1.0 / scale_factor).to(torch.float32)
-    dst = torch.arange(out_size, device=device).to(torch.float32)  # (g,)
+    dst = torch.arange(out_size, device=device).to(torch.float32)  # type: ignore[call-overload]  # (g,)
     real = inv_scale * (dst + 0.5) - 0.5
     # guard_index_and_lambda: index = min(floor(real), s - 1), t = clamp(real - index, 0, 1).
     base = torch.clamp(torch.floor(real), max=float(in_size - 1))
@@ -63,7 +63,9 @@ def bicubic_matrix(out_size: Tensor, in_size: int, *, identity: Tensor) -> Tenso
     return torch.where(identity, eye, matrix)
 
 
-def interpolate_pos_embed(pos_embed: Tensor, height: Tensor, width: Tensor, patch_size: int) -> Tensor:
+def interpolate_pos_embed(
+    pos_embed: Tensor, height: Tensor, width: Tensor, patch_size: int
+) -> Tensor:
     """Position embeddings for an input of ``height x width`` pixels (reference numerics).
 
     Args:

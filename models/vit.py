@@ -7,9 +7,8 @@ defaults here: qkv bias, LayerNorm eps 1e-6, exact GELU, MLP ratio 4.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +79,7 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTConfig:
         """Inverse of :meth:`to_dict`, ignoring unknown keys."""
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -136,7 +135,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.embed_dim))
-        rates = torch.linspace(0, drop_path_rate, config.depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
                 config.embed_dim,
@@ -164,6 +163,11 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @property
+    def last_block(self) -> Block:
+        """The final block (the one whose attention is exported)."""
+        return cast(Block, self.blocks[-1])
+
     def prepare_tokens(self, x: Tensor) -> Tensor:
         """Patch tokens with CLS prepended and position embeddings added: ``[B, 1 + N, D]``."""
         height, width = _spatial_size(x)
@@ -177,7 +181,8 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 0]
+        out: Tensor = self.norm(x)[:, 0]
+        return out
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """All contract outputs in one pass.
@@ -192,7 +197,7 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        x, attn = self.blocks[-1].forward_with_attention(x)  # attn: (B, h, 1 + N, 1 + N)
+        x, attn = self.last_block.forward_with_attention(x)  # attn: (B, h, 1 + N, 1 + N)
         x = self.norm(x)
         return x[:, 0], x[:, 1:], attn[:, :, 0, 1:]
 
@@ -201,7 +206,8 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        _, attn = self.blocks[-1].attn.forward_with_attention(self.blocks[-1].norm1(x))
+        last = self.last_block
+        _, attn = last.attn.forward_with_attention(last.norm1(x))
         return attn
 
     def get_intermediate_layers(self, x: Tensor, n: int = 1) -> list[Tensor]:
@@ -231,5 +237,14 @@ def grid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
 
 
 def infer_num_heads(embed_dim: int) -> int:
-    """Default head count of the released models: ``embed_dim / 64``."""
-    return max(1, math.ceil(embed_dim / HEAD_DIM)) if embed_dim % HEAD_DIM else embed_dim // HEAD_DIM
+    """Default head count of the released models: ``embed_dim / 64``.
+
+    Raises:
+        ValueError: ``embed_dim`` is not a multiple of 64, so the head count must be given.
+    """
+    if embed_dim % HEAD_DIM:
+        raise ValueError(
+            f"cannot infer num_heads for embed_dim {embed_dim} (not a multiple of {HEAD_DIM}); "
+            "pass it explicitly (--num-heads)"
+        )
+    return embed_dim // HEAD_DIM

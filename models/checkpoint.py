@@ -1,0 +1,308 @@
+"""Load ViT backbones from every checkpoint format DINO users have.
+
+Supported layouts:
+
+* official backbone-only files (``dino_deitsmall16_pretrain.pth``): a plain teacher state dict;
+* official full training checkpoints: ``{"student": {"module.backbone.*", "module.head.*"},
+  "teacher": {"backbone.*", "head.*"}, "optimizer", "args", ...}``;
+* this project's checkpoints (the same full layout plus ``vit_config``).
+
+Files are read with ``torch.load(weights_only=True)``. Official full checkpoints pickle an
+``argparse.Namespace`` and numpy scalars; those few types are allow-listed. Anything else needs
+``trust=True``, which a user should only pass for files from a source they trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.vit import (
+    ARCH_ALIASES,
+    ARCHITECTURES,
+    VisionTransformer,
+    ViTConfig,
+    arch_name,
+    infer_num_heads,
+)
+
+_PREFIXES = ("module.", "backbone.")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file cannot be read or does not match the architecture."""
+
+
+@dataclass
+class LoadedBackbone:
+    """A backbone loaded from a file.
+
+    Attributes:
+        model: The ViT in eval mode on the CPU.
+        config: Its architecture.
+        sha256: Hex digest of the source file.
+        source: Human-readable description of where the weights came from.
+    """
+
+    model: VisionTransformer
+    config: ViTConfig
+    sha256: str
+    source: str
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safe_globals() -> list[Any]:
+    """Types the official full checkpoints pickle besides tensors."""
+    allowed: list[Any] = [argparse.Namespace, np.dtype, np.ndarray]
+    for name in ("float64", "float32", "int64", "int32", "bool_"):
+        scalar_type = getattr(np, name)
+        allowed.append(scalar_type)
+        allowed.append(type(np.dtype(scalar_type)))
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+
+        # Checkpoints written with numpy 1.x name these numpy.core.multiarray.*.
+        allowed.extend([scalar, _reconstruct])
+        allowed.append((scalar, "numpy.core.multiarray.scalar"))
+        allowed.append((_reconstruct, "numpy.core.multiarray._reconstruct"))
+    except ImportError:  # pragma: no cover - older numpy
+        pass
+    return allowed
+
+
+def read_checkpoint(path: Path, *, trust: bool = False) -> Any:
+    """Read a ``.pth`` file safely.
+
+    Args:
+        path: File to read.
+        trust: Allow arbitrary pickled objects (``weights_only=False``). Only for trusted files.
+
+    Raises:
+        CheckpointError: The file is missing, truncated/corrupt, or needs ``trust``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if trust:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
+            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} contains Python objects that a safe load (torch.load weights_only=True) "
+                f"refuses: {str(err).splitlines()[0]}. Loading it would run code from the file. "
+                "If you trust its source, pass --trust-checkpoint (trust=True)."
+            ) from err
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt file ({err})") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupt ({err})"
+        ) from err
+
+
+def extract_backbone_state_dict(
+    checkpoint: Any, *, checkpoint_key: str = "teacher"
+) -> dict[str, Tensor]:
+    """The backbone weights of a checkpoint, with official key names.
+
+    Takes ``checkpoint[checkpoint_key]`` when present, strips every ``module.`` and
+    ``backbone.`` prefix and drops the DINO head (``head.*``), as the reference
+    ``load_pretrained_weights`` does.
+
+    Raises:
+        CheckpointError: The object holds no state dict, or ``checkpoint_key`` is missing from
+            a full checkpoint.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"expected a state dict, got {type(checkpoint).__name__}")
+    state: Any = checkpoint
+    if checkpoint_key in checkpoint:
+        state = checkpoint[checkpoint_key]
+    elif "student" in checkpoint or "teacher" in checkpoint:
+        keys = sorted(k for k in ("student", "teacher") if k in checkpoint)
+        raise CheckpointError(f"checkpoint has no {checkpoint_key!r} entry; it has {keys}")
+    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        state = checkpoint["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"entry {checkpoint_key!r} is not a state dict")
+    result: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        name = str(key)
+        for prefix in _PREFIXES:
+            name = name.replace(prefix, "")
+        if name.startswith("head.") or name.startswith("fc."):
+            continue
+        result[name] = value
+    if not result:
+        raise CheckpointError("the checkpoint holds no tensors")
+    return result
+
+
+def infer_config(
+    state_dict: Mapping[str, Tensor],
+    *,
+    arch: str = "auto",
+    patch_size: int | None = None,
+    num_heads: int | None = None,
+    stored: Mapping[str, Any] | None = None,
+) -> ViTConfig:
+    """Architecture of a backbone state dict.
+
+    ``embed_dim``, depth, patch size, MLP ratio, qkv bias and the training image size are read
+    from the weights; ``num_heads`` comes from the argument, the stored config, the named arch,
+    or ``embed_dim / 64``.
+
+    Raises:
+        CheckpointError: Required tensors are missing or the values contradict each other.
+    """
+    for key in ("pos_embed", "patch_embed.proj.weight", "cls_token"):
+        if key not in state_dict:
+            raise CheckpointError(
+                f"not a ViT backbone: key {key!r} missing (found {sorted(state_dict)[:8]}...)"
+            )
+    pos_embed = state_dict["pos_embed"]
+    proj = state_dict["patch_embed.proj.weight"]
+    embed_dim = int(pos_embed.shape[-1])
+    weight_patch = int(proj.shape[-1])
+    if patch_size is not None and patch_size != weight_patch:
+        raise CheckpointError(
+            f"--patch-size {patch_size} contradicts the weights (patch_embed kernel {weight_patch})"
+        )
+    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := _BLOCK_RE.match(k))), default=-1)
+    if depth == 0:
+        raise CheckpointError("not a ViT backbone: no blocks.* keys")
+    num_patches = int(pos_embed.shape[1]) - 1
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise CheckpointError(f"pos_embed holds {num_patches} patch entries, not a square grid")
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0
+    qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
+    name = ARCH_ALIASES.get(arch, arch)
+    if name != "auto":
+        if name not in ARCHITECTURES:
+            raise CheckpointError(f"unknown arch {arch!r}; choose auto or {sorted(ARCHITECTURES)}")
+        want_dim, want_depth, want_heads = ARCHITECTURES[name]
+        if (want_dim, want_depth) != (embed_dim, depth):
+            raise CheckpointError(
+                f"--arch {arch} expects embed_dim {want_dim} and depth {want_depth}, but the "
+                f"weights have embed_dim {embed_dim} and depth {depth}"
+            )
+        num_heads = num_heads or want_heads
+    if num_heads is None and stored is not None and "num_heads" in stored:
+        num_heads = int(stored["num_heads"])
+    if num_heads is None:
+        try:
+            num_heads = infer_num_heads(embed_dim)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+    try:
+        return ViTConfig(
+            patch_size=weight_patch,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            img_size=side * weight_patch,
+            in_chans=int(proj.shape[1]),
+            norm_eps=float(stored.get("norm_eps", 1e-6)) if stored else 1e-6,
+            arch=arch_name(embed_dim, depth, num_heads),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"inconsistent architecture: {err}") from err
+
+
+def load_state_dict_strict(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> None:
+    """``load_state_dict(strict=True)`` with an error naming every missing/unexpected/bad key.
+
+    Raises:
+        CheckpointError: The keys or shapes do not match the model.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        if mismatched:
+            parts.append(f"shape mismatches {mismatched}")
+        raise CheckpointError("weights do not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def load_backbone(
+    path: Path,
+    *,
+    checkpoint_key: str = "teacher",
+    arch: str = "auto",
+    patch_size: int | None = None,
+    num_heads: int | None = None,
+    trust: bool = False,
+) -> LoadedBackbone:
+    """Build a ViT and load a checkpoint into it strictly.
+
+    Args:
+        path: A backbone-only file, an official full checkpoint or one of ours.
+        checkpoint_key: Which network of a full checkpoint (``teacher`` or ``student``).
+        arch: ``auto`` (infer from the weights) or a factory name that must match them.
+        patch_size: Optional check of the patch size.
+        num_heads: Head count when it cannot be inferred (``embed_dim / 64`` otherwise).
+        trust: Allow unsafe unpickling (only for trusted files).
+
+    Raises:
+        CheckpointError: With a message naming the problem.
+    """
+    path = Path(path)
+    checkpoint = read_checkpoint(path, trust=trust)
+    state_dict = extract_backbone_state_dict(checkpoint, checkpoint_key=checkpoint_key)
+    stored = checkpoint.get("vit_config") if isinstance(checkpoint, Mapping) else None
+    config = infer_config(
+        state_dict,
+        arch=arch,
+        patch_size=patch_size,
+        num_heads=num_heads,
+        stored=stored if isinstance(stored, Mapping) else None,
+    )
+    model = VisionTransformer(config)
+    load_state_dict_strict(model, {k: v.float() for k, v in state_dict.items()})
+    model.eval()
+    key_note = f" [{checkpoint_key}]" if checkpoint_key in checkpoint else ""
+    return LoadedBackbone(
+        model=model, config=config, sha256=file_sha256(path), source=f"{path.name}{key_note}"
+    )

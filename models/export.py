@@ -1,0 +1,471 @@
+"""Export a DINO ViT to ONNX following :mod:`models.contract`.
+
+``python -m models.export --weights PATH (--output FILE.onnx | --repository DIR --name NAME)``
+
+The exported graph takes ``pixel_values [batch, 3, height, width]`` (dynamic batch, height and
+width) and returns, in one pass, ``cls_embedding``, ``patch_features`` and ``attention_maps``.
+Metadata (architecture, preprocessing recipe, weights hash, reference outputs on synthetic
+images) is written into ``metadata_props``. A parity check against PyTorch runs before the file
+is published; files are written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision import transforms
+
+from models import contract
+from models.checkpoint import CheckpointError, LoadedBackbone, load_backbone
+from models.vit import VisionTransformer
+
+PRECISIONS = ("float32", "float16")
+FP32_MAX_ABS = {
+    contract.CLS_EMBEDDING.name: 1e-4,
+    contract.PATCH_FEATURES.name: 1e-4,
+    contract.ATTENTION_MAPS.name: 1e-6,
+}
+
+
+class ExportError(Exception):
+    """The export failed (parity, checker, or bad arguments)."""
+
+
+class FeatureExtractor(nn.Module):
+    """Wraps the ViT so that the traced graph follows the contract's input and outputs.
+
+    With ``precision="float16"`` the weights are half precision while the graph's inputs and
+    outputs stay float32 (casts at the boundary), so clients see the same contract.
+    """
+
+    def __init__(self, model: VisionTransformer, precision: str = "float32") -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        self.model = model
+        self.dtype = torch.float16 if precision == "float16" else torch.float32
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(cls_embedding, patch_features, attention_maps)`` in float32."""
+        cls, patches, attn = self.model.forward_features(pixel_values.to(self.dtype))
+        return cls.float(), patches.float(), attn.float()
+
+
+@dataclass
+class ExportReport:
+    """What an export produced and measured."""
+
+    path: Path
+    size_bytes: int
+    seconds: float
+    precision: str
+    parity: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One human-readable paragraph."""
+        lines = [
+            f"wrote {self.path} ({self.size_bytes / 1e6:.1f} MB, {self.precision}) "
+            f"in {self.seconds:.1f} s"
+        ]
+        for row in self.parity:
+            lines.append("  parity " + json.dumps(row))
+        return "\n".join(lines)
+
+
+def reference_pixels(recipe: contract.PreprocessingRecipe, case: int) -> Tensor:
+    """DINO's evaluation transform (torchvision on PIL) applied to a synthetic reference image.
+
+    Returns:
+        ``[1, 3, resolution, resolution]`` float32.
+    """
+    width, height, data = contract.reference_image_rgb(case)
+    image = Image.frombytes("RGB", (width, height), data)
+    transform = transforms.Compose(
+        [
+            transforms.Resize(
+                recipe.resize_size, interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.CenterCrop(recipe.resolution),
+            transforms.ToTensor(),
+            transforms.Normalize(recipe.mean, recipe.std),
+        ]
+    )
+    pixels: Tensor = transform(image)
+    return pixels.unsqueeze(0)  # (1, 3, res, res)
+
+
+def _parity_sizes(resolution: int, patch_size: int) -> list[tuple[int, int]]:
+    """The square default size and a non-square one (320x256 for 224 at patch 16)."""
+    return [(resolution, resolution), (resolution + 6 * patch_size, resolution + 2 * patch_size)]
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min())
+
+
+def check_parity(
+    session: ort.InferenceSession,
+    model: VisionTransformer,
+    *,
+    resolution: int,
+    precision: str,
+    batch_sizes: Sequence[int] = (1, 2),
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Compare ONNX Runtime with PyTorch (fp32) on random inputs at two resolutions.
+
+    Returns:
+        One row per (height, width, batch) with the max abs error (and min cosine) per output.
+
+    Raises:
+        ExportError: fp32 errors above the contract's tolerances.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for height, width in _parity_sizes(resolution, model.patch_size):
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, height, width, generator=generator)
+            with torch.no_grad():
+                expected = [t.numpy() for t in model.forward_features(x)]
+            got = session.run(list(contract.OUTPUT_NAMES), {contract.PIXEL_VALUES.name: x.numpy()})
+            row: dict[str, Any] = {"height": height, "width": width, "batch": batch}
+            for spec, exp, out in zip(contract.OUTPUTS, expected, got, strict=True):
+                if out.shape != exp.shape:
+                    raise ExportError(f"{spec.name}: ONNX shape {out.shape} != PyTorch {exp.shape}")
+                row[f"{spec.name}_max_abs"] = float(np.abs(out - exp).max())
+                row[f"{spec.name}_min_cosine"] = _cosine(out, exp)
+            rows.append(row)
+            if precision == "float32":
+                for name, limit in FP32_MAX_ABS.items():
+                    if row[f"{name}_max_abs"] > limit:
+                        raise ExportError(
+                            f"parity check failed: {name} differs from PyTorch by "
+                            f"{row[f'{name}_max_abs']:.3g} > {limit:g} at {height}x{width}, "
+                            f"batch {batch}"
+                        )
+    return rows
+
+
+def build_metadata(
+    model: VisionTransformer,
+    *,
+    resolution: int,
+    precision: str,
+    weights_sha256: str,
+    source: str,
+) -> dict[str, str]:
+    """Metadata for ``metadata_props``, with reference CLS outputs of the synthetic images."""
+    config = model.config
+    if resolution % config.patch_size:
+        raise ExportError(f"resolution {resolution} is not a multiple of patch {config.patch_size}")
+    recipe = contract.PreprocessingRecipe.for_resolution(resolution)
+    embeddings = []
+    for case in range(len(contract.REFERENCE_CASES)):
+        with torch.no_grad():
+            cls = model(reference_pixels(recipe, case))
+        embeddings.append([float(v) for v in cls[0].tolist()])
+    key = contract.MetadataKey
+    return {
+        key.CONTRACT_VERSION: contract.CONTRACT_VERSION,
+        key.ARCH: config.arch,
+        key.PATCH_SIZE: str(config.patch_size),
+        key.EMBED_DIM: str(config.embed_dim),
+        key.DEPTH: str(config.depth),
+        key.NUM_HEADS: str(config.num_heads),
+        key.RESOLUTION: str(resolution),
+        key.IMAGE_MEAN: json.dumps(list(recipe.mean)),
+        key.IMAGE_STD: json.dumps(list(recipe.std)),
+        key.PREPROCESSING: recipe.to_json(),
+        key.WEIGHTS_SHA256: weights_sha256,
+        key.REFERENCE: contract.reference_metadata(
+            resolution=resolution, cls_embeddings=embeddings, precision=precision
+        ),
+        key.PRECISION: precision,
+        key.SOURCE: source,
+    }
+
+
+def _trace(model: VisionTransformer, path: Path, *, resolution: int, precision: str) -> None:
+    wrapper = FeatureExtractor(model, precision).eval()
+    if precision == "float16":
+        wrapper = wrapper.half()
+    example = torch.zeros(1, 3, resolution, resolution)
+    dynamic_axes = {**contract.DYNAMIC_INPUT_AXES, **contract.DYNAMIC_OUTPUT_AXES}
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of torch.export, but it is the
+        # one that keeps height and width symbolic through the pos-embed resampling here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(path),
+            input_names=[contract.PIXEL_VALUES.name],
+            output_names=list(contract.OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+            opset_version=contract.ONNX_OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def export_model(
+    model: VisionTransformer,
+    path: Path,
+    *,
+    resolution: int,
+    precision: str = "float32",
+    weights_sha256: str,
+    source: str,
+    log: bool = False,
+) -> ExportReport:
+    """Export ``model`` to ``path`` (atomically), after checking it against PyTorch.
+
+    Args:
+        model: The backbone (fp32); it is not modified.
+        path: Destination ``.onnx`` file; replaced only when the export succeeded.
+        resolution: Default input size (recorded in the metadata and the recipe).
+        precision: ``float32``, or ``float16`` weights (drift is reported, not enforced).
+        weights_sha256: Digest of the source weights, for the metadata.
+        source: Where the weights came from, for the metadata.
+        log: Print progress to stderr.
+
+    Raises:
+        ExportError: Parity failure, checker failure or bad arguments.
+    """
+    start = time.perf_counter()
+    model = model.float().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        if log:
+            print(f"[export {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr)
+
+    metadata = build_metadata(
+        model,
+        resolution=resolution,
+        precision=precision,
+        weights_sha256=weights_sha256,
+        source=source,
+    )
+    fd, tmp_name = tempfile.mkstemp(prefix=".export-", suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        say(f"tracing ({precision}, resolution {resolution})")
+        if precision == "float16":
+            half = VisionTransformer(model.config)
+            half.load_state_dict(model.state_dict())
+            _trace(half.eval(), tmp, resolution=resolution, precision=precision)
+        else:
+            _trace(model, tmp, resolution=resolution, precision=precision)
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        say("parity check against PyTorch")
+        parity = check_parity(_session(tmp), model, resolution=resolution, precision=precision)
+        os.replace(tmp, path)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    report = ExportReport(
+        path=path,
+        size_bytes=path.stat().st_size,
+        seconds=time.perf_counter() - start,
+        precision=precision,
+        parity=parity,
+        metadata=metadata,
+    )
+    say(report.summary())
+    return report
+
+
+def next_version_dir(repository: Path, name: str) -> Path:
+    """Create and return ``repository/name/<max existing + 1>`` (race-free with ``mkdir``)."""
+    root = Path(repository) / contract.validate_model_name(name)
+    root.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+    version = max(existing, default=0) + 1
+    while True:
+        candidate = root / str(version)
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            version += 1
+
+
+def export_to_repository(
+    model: VisionTransformer,
+    repository: Path,
+    name: str,
+    *,
+    resolution: int,
+    precision: str = "float32",
+    weights_sha256: str,
+    source: str,
+    log: bool = False,
+) -> ExportReport:
+    """Export into ``repository/name/<next version>/model.onnx`` (Triton's layout).
+
+    The version directory is created first; the model file appears in it by an atomic rename
+    once it is complete and checked, so a watching service never reads half a file.
+    """
+    version_dir = next_version_dir(repository, name)
+    try:
+        return export_model(
+            model,
+            version_dir / contract.MODEL_FILENAME,
+            resolution=resolution,
+            precision=precision,
+            weights_sha256=weights_sha256,
+            source=source,
+            log=log,
+        )
+    except Exception:
+        if not any(version_dir.iterdir()):
+            version_dir.rmdir()
+        raise
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m models.export",
+        description="Export a DINO ViT checkpoint to ONNX (CLS, patch features, attention maps).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, help="checkpoint (.pth): official or ours")
+    source.add_argument(
+        "--pretrained",
+        choices=["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"],
+        help="download an official DINO backbone (needs network)",
+    )
+    parser.add_argument("--checkpoint-key", default="teacher", help="network of a full checkpoint")
+    parser.add_argument("--arch", default="auto", help="auto, vit_tiny, vit_small or vit_base")
+    parser.add_argument("--patch-size", type=int, default=None, help="check the patch size")
+    parser.add_argument("--num-heads", type=int, default=None, help="default: embed_dim / 64")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--output", type=Path, help="write this .onnx file")
+    out.add_argument(
+        "--repository", type=Path, default=None, help="model repository (default model_repository)"
+    )
+    parser.add_argument("--name", default="dino_default", help="model name in the repository")
+    parser.add_argument("--fp16", action="store_true", help="half-precision weights")
+    parser.add_argument("--resolution", type=int, default=None, help="default: training size")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow arbitrary pickled objects in the file (only for files you trust)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "dino-features",
+        help="download cache for --pretrained",
+    )
+    return parser
+
+
+def _load_pretrained(name: str, cache_dir: Path) -> LoadedBackbone:
+    from models import pretrained
+
+    path = pretrained.fetch_pretrained(name, cache_dir=cache_dir)
+    spec = pretrained.PRETRAINED[name]
+    loaded = load_backbone(path, arch=spec.arch, patch_size=spec.patch_size)
+    pretrained.verify_structure(loaded.model.state_dict(), spec)
+    loaded.source = f"official {name} ({spec.url})"
+    return loaded
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.pretrained:
+            loaded = _load_pretrained(args.pretrained, args.cache_dir)
+        else:
+            loaded = load_backbone(
+                args.weights,
+                checkpoint_key=args.checkpoint_key,
+                arch=args.arch,
+                patch_size=args.patch_size,
+                num_heads=args.num_heads,
+                trust=args.trust_checkpoint,
+            )
+        resolution = args.resolution or loaded.config.img_size
+        precision = "float16" if args.fp16 else "float32"
+        common: dict[str, Any] = {
+            "resolution": resolution,
+            "precision": precision,
+            "weights_sha256": loaded.sha256,
+            "source": loaded.source,
+            "log": True,
+        }
+        if args.output:
+            report = export_model(loaded.model, args.output, **common)
+        else:
+            repository = args.repository or Path("model_repository")
+            report = export_to_repository(loaded.model, repository, args.name, **common)
+    except (CheckpointError, ExportError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - e.g. download errors: report, don't trace back
+        if type(err).__name__ == "PretrainedError":
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(
+        json.dumps(
+            {
+                "path": str(report.path),
+                "arch": loaded.config.arch,
+                "parameters": params,
+                "size_bytes": report.size_bytes,
+                "seconds": round(report.seconds, 2),
+                "precision": precision,
+                "parity": report.parity,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, infer_config, load_backbone
+from models.vit import VisionTransformer, ViTConfig, vit_config
+
+
+def _head_state(dim: int) -> dict[str, torch.Tensor]:
+    """Keys of the official DINOHead (out_dim kept small)."""
+    return {
+        "mlp.0.weight": torch.randn(16, dim),
+        "mlp.0.bias": torch.zeros(16),
+        "mlp.2.weight": torch.randn(16, 16),
+        "mlp.2.bias": torch.zeros(16),
+        "mlp.4.weight": torch.randn(8, 16),
+        "mlp.4.bias": torch.zeros(8),
+        "last_layer.weight_g": torch.ones(32, 1),
+        "last_layer.weight_v": torch.randn(32, 8),
+    }
+
+
+def _full_checkpoint(student: VisionTransformer, teacher: VisionTransformer) -> dict[str, object]:
+    """The official full-checkpoint layout (main_dino.py save_dict)."""
+    dim = student.embed_dim
+    return {
+        "student": {
+            **{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+            **{f"module.head.{k}": v for k, v in _head_state(dim).items()},
+        },
+        "teacher": {
+            **{f"backbone.{k}": v for k, v in teacher.state_dict().items()},
+            **{f"head.{k}": v for k, v in _head_state(dim).items()},
+        },
+        "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(1e-3), "params": [0]}]},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
+        "dino_loss": {"center": torch.zeros(1, 32)},
+    }
+
+
+def test_official_backbone_only_file_loads_strictly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(vit_config("vit_small", 16))
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_backbone(path)
+    assert loaded.config == vit_config("vit_small", 16)
+    assert not loaded.model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    assert len(loaded.sha256) == 64
+
+
+def test_official_full_checkpoint_teacher_default_and_student_key(
+    tmp_path: Path, tiny_vit_config: ViTConfig
+) -> None:
+    torch.manual_seed(1)
+    student, teacher = VisionTransformer(tiny_vit_config), VisionTransformer(tiny_vit_config)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(_full_checkpoint(student, teacher), path)
+    by_teacher = load_backbone(path, num_heads=2)
+    by_student = load_backbone(path, checkpoint_key="student", num_heads=2)
+    assert torch.equal(by_teacher.model.pos_embed, teacher.pos_embed)
+    assert torch.equal(by_student.model.pos_embed, student.pos_embed)
+    assert "teacher" in by_teacher.source
+
+
+def test_our_checkpoint_restores_config_from_vit_config(tmp_path: Path) -> None:
+    config = ViTConfig(patch_size=4, embed_dim=48, depth=3, num_heads=3, img_size=32, arch="custom")
+    model = VisionTransformer(config)
+    path = tmp_path / "ours.pth"
+    ckpt = _full_checkpoint(model, model)
+    ckpt["vit_config"] = config.to_dict()
+    torch.save(ckpt, path)
+    assert load_backbone(path).config == config
+
+
+def test_missing_teacher_key_is_named(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    path = tmp_path / "student_only.pth"
+    torch.save({"student": tiny_vit.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="no 'teacher' entry"):
+        load_backbone(path, num_heads=2)
+
+
+def test_mismatching_file_names_keys_and_shapes(
+    tmp_path: Path, tiny_vit: VisionTransformer
+) -> None:
+    sd = dict(tiny_vit.state_dict())
+    del sd["norm.weight"]
+    sd["blocks.0.attn.extra"] = torch.zeros(3)
+    sd["blocks.1.mlp.fc2.bias"] = torch.zeros(5)
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(path, num_heads=2)
+    message = str(info.value)
+    assert "missing keys ['norm.weight']" in message
+    assert "unexpected keys ['blocks.0.attn.extra']" in message
+    assert "blocks.1.mlp.fc2.bias: file (5,) vs model (32,)" in message
+
+
+def test_truncated_file_is_reported(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    path = tmp_path / "cut.pth"
+    torch.save(tiny_vit.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_backbone(path, num_heads=2)
+
+
+class _Untrusted:
+    """A pickled object that a weights-only load must refuse."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_unsafe_pickle_needs_trust(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    path = tmp_path / "needs_trust.pth"
+    torch.save({"teacher": tiny_vit.state_dict(), "extra": _Untrusted()}, path)
+    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+        load_backbone(path, num_heads=2)
+    assert load_backbone(path, num_heads=2, trust=True).config.embed_dim == 32
+
+
+def test_missing_file_and_non_vit(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_backbone(tmp_path / "nope.pth")
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match="not a ViT backbone"):
+        load_backbone(path)
+
+
+def test_infer_config_checks(tiny_vit: VisionTransformer) -> None:
+    sd = tiny_vit.state_dict()
+    with pytest.raises(CheckpointError, match="cannot infer num_heads"):
+        infer_config(sd)
+    with pytest.raises(CheckpointError, match="--patch-size 16 contradicts"):
+        infer_config(sd, patch_size=16, num_heads=2)
+    with pytest.raises(CheckpointError, match="expects embed_dim 384"):
+        infer_config(sd, arch="vit_small")
+    config = infer_config(sd, num_heads=2)
+    assert (config.patch_size, config.embed_dim, config.depth, config.img_size) == (8, 32, 2, 32)
+
+
+def test_numpy1_era_pickle_names_load(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    """Official checkpoints were pickled with numpy 1.x: ``numpy.core.multiarray.scalar``."""
+    import zipfile
+
+    path = tmp_path / "old.pth"
+    torch.save(_full_checkpoint(tiny_vit, tiny_vit), path)
+    old = tmp_path / "old_numpy.pth"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(info, data)
+    loaded = load_backbone(old, num_heads=2)
+    assert torch.equal(loaded.model.cls_token, tiny_vit.cls_token)

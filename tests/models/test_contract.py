@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import contract
+
+
+def test_contract_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys; import models.contract; "
+        "bad = [m for m in ('torch', 'numpy', 'onnx', 'onnxruntime', 'PIL') if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_output_order_and_dynamic_axes_follow_specs() -> None:
+    assert contract.OUTPUT_NAMES == ("cls_embedding", "patch_features", "attention_maps")
+    for spec in (*contract.INPUTS, *contract.OUTPUTS):
+        table = {**contract.DYNAMIC_INPUT_AXES, **contract.DYNAMIC_OUTPUT_AXES}[spec.name]
+        assert all(spec.axes[i] == name for i, name in table.items())
+    assert contract.PIXEL_VALUES.dynamic_axes() == {0: "batch", 2: "height", 3: "width"}
+
+
+def test_reference_images_are_deterministic() -> None:
+    a = contract.reference_image_rgb(0)
+    assert a == contract.reference_image_rgb(0)
+    width, height, data = a
+    assert (width, height) == contract.REFERENCE_CASES[0]
+    assert len(data) == width * height * 3
+    assert contract.reference_image_rgb(1)[2] != data
+
+
+def test_recipe_json_round_trip_and_errors() -> None:
+    recipe = contract.PreprocessingRecipe.for_resolution(224)
+    assert recipe.resize_size == 256
+    assert contract.PreprocessingRecipe.from_json(recipe.to_json()) == recipe
+    with pytest.raises(ValueError, match="invalid preprocessing recipe"):
+        contract.PreprocessingRecipe.from_json('{"resolution": 224}')
+
+
+def test_reference_metadata_validation() -> None:
+    text = contract.reference_metadata(
+        resolution=32, cls_embeddings=[[0.5], [1.0]], precision="float32"
+    )
+    data = contract.parse_reference_metadata(text)
+    assert data["cases"][1]["cls_embedding"] == [1.0]
+    with pytest.raises(ValueError, match="invalid reference"):
+        contract.parse_reference_metadata('{"cases": [{"cls_embedding": [NaN]}]}')
+
+
+def test_model_versions_only_count_complete_numeric_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    for version, complete in ((1, True), (2, False), (10, True)):
+        (root / str(version)).mkdir(parents=True)
+        if complete:
+            (root / str(version) / contract.MODEL_FILENAME).write_bytes(b"x")
+    (root / "latest").mkdir()
+    assert contract.model_versions(tmp_path, "m") == [1, 10]
+    assert contract.model_versions(tmp_path, "absent") == []
+    assert contract.model_path(tmp_path, "m", 10) == root / "10" / "model.onnx"
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "-x"])
+def test_model_names_are_single_safe_components(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid model name"):
+        contract.validate_model_name(name)

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from models import contract, export
+from models.export import ExportError, export_model, export_to_repository, read_metadata
+from models.vit import VisionTransformer, ViTConfig, vit_config
+from tests.conftest import TINY_MODEL_NAME
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(session: ort.InferenceSession, x: torch.Tensor) -> list[np.ndarray]:
+    return session.run(list(contract.OUTPUT_NAMES), {contract.PIXEL_VALUES.name: x.numpy()})
+
+
+def test_graph_follows_contract(tiny_model_repository: Path) -> None:
+    path = contract.model_path(tiny_model_repository, TINY_MODEL_NAME, 1)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    inputs = [i.name for i in proto.graph.input]
+    assert inputs == [contract.PIXEL_VALUES.name]
+    assert [o.name for o in proto.graph.output] == list(contract.OUTPUT_NAMES)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (48, 40), (24, 64)])
+def test_onnx_matches_pytorch(
+    tiny_model_repository: Path, batch: int, height: int, width: int
+) -> None:
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit()
+    session = _session(contract.model_path(tiny_model_repository, TINY_MODEL_NAME, 1))
+    x = torch.randn(batch, 3, height, width)
+    with torch.no_grad():
+        expected = model.forward_features(x)
+    for got, exp, tol in zip(_run(session, x), expected, (1e-4, 1e-4, 1e-6), strict=True):
+        assert got.shape == tuple(exp.shape)
+        np.testing.assert_allclose(got, exp.numpy(), rtol=0, atol=tol)
+
+
+def test_metadata_round_trips(tiny_model_repository: Path) -> None:
+    from tests.conftest import make_tiny_vit
+
+    meta = read_metadata(contract.model_path(tiny_model_repository, TINY_MODEL_NAME, 1))
+    assert set(contract.MetadataKey.REQUIRED) <= set(meta)
+    key = contract.MetadataKey
+    assert meta[key.CONTRACT_VERSION] == contract.CONTRACT_VERSION
+    assert (meta[key.PATCH_SIZE], meta[key.EMBED_DIM], meta[key.NUM_HEADS]) == ("8", "32", "2")
+    assert (meta[key.DEPTH], meta[key.RESOLUTION], meta[key.PRECISION]) == ("2", "32", "float32")
+    assert json.loads(meta[key.IMAGE_MEAN]) == list(contract.IMAGE_MEAN)
+    recipe = contract.PreprocessingRecipe.from_json(meta[key.PREPROCESSING])
+    assert recipe == contract.PreprocessingRecipe.for_resolution(32)
+    reference = contract.parse_reference_metadata(meta[key.REFERENCE])
+    model = make_tiny_vit()
+    assert len(reference["cases"]) == len(contract.REFERENCE_CASES)
+    for case in reference["cases"]:
+        with torch.no_grad():
+            cls = model(export.reference_pixels(recipe, case["case"]))[0].numpy()
+        np.testing.assert_allclose(case[contract.CLS_EMBEDDING.name], cls, atol=1e-6)
+
+
+def test_reference_pixels_follow_the_dino_eval_transform() -> None:
+    recipe = contract.PreprocessingRecipe.for_resolution(224)
+    assert recipe.resize_size == 256
+    pixels = export.reference_pixels(recipe, 0)
+    assert pixels.shape == (1, 3, 224, 224)
+    # normalised values: the synthetic image spans the full 0..255 range
+    assert pixels.min() < -1.5 and pixels.max() > 2.0
+
+
+def test_repository_versions_increase_and_are_atomic(
+    tmp_path: Path, tiny_vit: VisionTransformer
+) -> None:
+    common = {"resolution": 32, "weights_sha256": "a" * 64, "source": "test"}
+    first = export_to_repository(tiny_vit, tmp_path, "m", **common)
+    second = export_to_repository(tiny_vit, tmp_path, "m", **common)
+    assert first.path == tmp_path / "m" / "1" / "model.onnx"
+    assert second.path == tmp_path / "m" / "2" / "model.onnx"
+    assert contract.model_versions(tmp_path, "m") == [1, 2]
+    leftovers = [p.name for p in (tmp_path / "m").rglob("*") if p.name.startswith(".export-")]
+    assert leftovers == []
+
+
+def test_failed_parity_publishes_nothing(
+    tmp_path: Path, tiny_vit: VisionTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(export.FP32_MAX_ABS, contract.CLS_EMBEDDING.name, 0.0)
+    with pytest.raises(ExportError, match="parity check failed: cls_embedding"):
+        export_to_repository(
+            tiny_vit, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
+        )
+    assert contract.model_versions(tmp_path, "m") == []
+    assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_fp16_export_reports_drift(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    report = export_model(
+        tiny_vit,
+        tmp_path / "half.onnx",
+        resolution=32,
+        precision="float16",
+        weights_sha256="a" * 64,
+        source="t",
+    )
+    assert read_metadata(report.path)[contract.MetadataKey.PRECISION] == "float16"
+    cosines = [row["cls_embedding_min_cosine"] for row in report.parity]
+    assert len(cosines) == 4 and min(cosines) > 0.999
+    assert max(row["cls_embedding_max_abs"] for row in report.parity) > 0  # really half
+
+
+def test_resolution_must_be_patch_multiple(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    with pytest.raises(ExportError, match="not a multiple"):
+        export_model(tiny_vit, tmp_path / "x.onnx", resolution=30, weights_sha256="", source="")
+
+
+def test_vit_small_onnx_matches_pytorch_at_224_and_320x256(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(vit_config("vit_small", 16)).eval()
+    report = export_model(
+        model, tmp_path / "s16.onnx", resolution=224, weights_sha256="b" * 64, source="t"
+    )
+    sizes = {(row["height"], row["width"]) for row in report.parity}
+    assert sizes == {(224, 224), (320, 256)}
+    for row in report.parity:
+        assert row["cls_embedding_max_abs"] <= 1e-4
+        assert row["patch_features_max_abs"] <= 1e-4
+        assert row["attention_maps_max_abs"] <= 1e-6
+
+
+def test_cli_exports_checkpoint_into_repository(tmp_path: Path, tiny_vit_config: ViTConfig) -> None:
+    model = VisionTransformer(tiny_vit_config)
+    weights = tmp_path / "ckpt.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}}, weights)
+    repo = tmp_path / "repo"
+    argv = ["--weights", str(weights), "--num-heads", "2", "--repository", str(repo)]
+    assert export.main([*argv, "--name", "cli"]) == 0
+    assert contract.model_versions(repo, "cli") == [1]
+    meta = read_metadata(contract.model_path(repo, "cli", 1))
+    assert meta[contract.MetadataKey.RESOLUTION] == "32"
+    assert "ckpt.pth [teacher]" in meta[contract.MetadataKey.SOURCE]
+
+
+def test_cli_reports_bad_input_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert export.main(["--weights", str(bad), "--output", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "x.onnx").exists()
