@@ -1,8 +1,11 @@
-# Two entry points (see README): `make serve` and `make test`. Both build .venv on first use.
+# Two entry points (see README): `make serve` and `make test`. Each builds its own virtualenv on
+# first use: .venv-serve holds only the `serve` extra (no torch), .venv the full `dev` extra.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
 
 .PHONY: serve test lint venv clean
 
@@ -12,10 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e '.[serve]'
+	touch $(SERVE_STAMP)
+
 venv: $(STAMP)
 
-serve: $(STAMP)
-	$(PY) -m service
+serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/python -m service
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -27,4 +36,4 @@ test: lint
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SERVE_VENV)

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms
 
-from models import contract
+from models import contract, pretrained
 from models.checkpoint import CheckpointError, LoadedBackbone, load_backbone
 from models.vit import VisionTransformer
 
@@ -373,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", type=Path, help="checkpoint (.pth): official or ours")
     source.add_argument(
         "--pretrained",
-        choices=["dino_vits16", "dino_vits8", "dino_vitb16", "dino_vitb8"],
+        choices=sorted(pretrained.PRETRAINED),
         help="download an official DINO backbone (needs network)",
     )
     parser.add_argument("--checkpoint-key", default="teacher", help="network of a full checkpoint")
@@ -383,7 +383,10 @@ def _parser() -> argparse.ArgumentParser:
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--output", type=Path, help="write this .onnx file")
     out.add_argument(
-        "--repository", type=Path, default=None, help="model repository (default model_repository)"
+        "--repository",
+        type=Path,
+        default=None,
+        help="model repository (default: $DINO_MODEL_REPOSITORY or model_repository)",
     )
     parser.add_argument("--name", default="dino_default", help="model name in the repository")
     parser.add_argument("--fp16", action="store_true", help="half-precision weights")
@@ -396,16 +399,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        default=Path.home() / ".cache" / "dino-features",
-        help="download cache for --pretrained",
+        default=None,
+        help="download cache for --pretrained (default: $DINO_CACHE_DIR or ~/.cache/dino-features)",
     )
     return parser
 
 
-def _load_pretrained(name: str, cache_dir: Path) -> LoadedBackbone:
-    from models import pretrained
-
-    path = pretrained.fetch_pretrained(name, cache_dir=cache_dir)
+def _load_pretrained(name: str, cache_dir: Path | None) -> LoadedBackbone:
+    path = pretrained.fetch_pretrained(name, cache_dir=cache_dir or pretrained.default_cache_dir())
     spec = pretrained.PRETRAINED[name]
     loaded = load_backbone(path, arch=spec.arch, patch_size=spec.patch_size)
     pretrained.verify_structure(loaded.model.state_dict(), spec)
@@ -440,16 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.output:
             report = export_model(loaded.model, args.output, **common)
         else:
-            repository = args.repository or Path("model_repository")
+            repository = args.repository or Path(
+                os.environ.get("DINO_MODEL_REPOSITORY", "model_repository")
+            )
             report = export_to_repository(loaded.model, repository, args.name, **common)
-    except (CheckpointError, ExportError, ValueError) as err:
+    except (CheckpointError, ExportError, pretrained.PretrainedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - e.g. download errors: report, don't trace back
-        if type(err).__name__ == "PretrainedError":
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
     params = sum(p.numel() for p in loaded.model.parameters())
     print(
         json.dumps(
