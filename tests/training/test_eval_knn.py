@@ -1,0 +1,69 @@
+"""Weighted k-NN against a brute-force numpy implementation; the CLI on ONNX and checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from tests.training.conftest import tiny_args, write_fashion_mnist
+from training.eval_knn import knn_classifier, main
+
+
+def numpy_knn(train_x, train_y, test_x, test_y, k, t, num_classes):
+    top1 = top5 = 0
+    for x, y in zip(test_x, test_y, strict=True):
+        sims = train_x @ x
+        order = np.argsort(-sims, kind="stable")[:k]
+        votes = np.zeros(num_classes)
+        for j in order:
+            votes[train_y[j]] += np.exp(sims[j] / t)
+        ranked = np.argsort(-votes, kind="stable")
+        top1 += ranked[0] == y
+        top5 += y in ranked[: min(5, k)]
+    return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
+
+
+@pytest.mark.parametrize("k", [1, 10, 20, 200])
+def test_knn_matches_brute_force_on_digits(k):
+    digits = load_digits()
+    x = digits.data.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rng = np.random.default_rng(0)
+    x += rng.normal(scale=1e-6, size=x.shape)  # break exact similarity ties
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    train_x, test_x = x[:1200], x[1200:1500]
+    train_y, test_y = digits.target[:1200], digits.target[1200:1500]
+    got = knn_classifier(
+        torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+        torch.from_numpy(test_y), k, 0.07, chunk_size=64,
+    )  # fmt: skip
+    want = numpy_knn(train_x, train_y, test_x, test_y, k, 0.07, 10)
+    assert got == pytest.approx(want)
+    assert got[0] > 85  # digits are easy: a sanity bound
+
+
+def test_cli_on_onnx_model_and_checkpoint(
+    tmp_path, monkeypatch, capsys, tiny_model_repository, image_dir
+):
+    root = write_fashion_mnist(tmp_path / "fm", n_train=60, n_test=20)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    onnx_path = tiny_model_repository / "tiny" / "1" / "model.onnx"
+    assert (
+        main(["--onnx", str(onnx_path), "--dataset", "fashion-mnist", "--nb_knn", "5", "20"]) == 0
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["k"] for r in lines] == [5, 20] and lines[0]["n_test"] == 20
+    assert lines[0]["top1"] > 50  # three classes with class-specific bands
+
+    from training.pretrain import main as pretrain
+
+    out = tmp_path / "run"
+    assert pretrain(tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    argv = ["--checkpoint", str(out / "checkpoint.pth"), "--train_dir", str(image_dir)]
+    assert main([*argv, "--val_dir", str(image_dir), "--nb_knn", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["top1"] == 100.0  # every val image is its own nearest train neighbour

@@ -1,0 +1,76 @@
+"""End-to-end tiny runs of ``training.pretrain`` on CPU: layout, resume, corruption, export."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from models.contract import model_versions
+from tests.training.conftest import tiny_args
+from training.checkpoint import CheckpointCorruptError, load_checkpoint
+from training.pretrain import main
+
+
+def test_full_run_resume_is_exact_and_exports(tmp_path, image_dir):
+    (image_dir / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(tiny_args(image_dir, full)) == 0
+    assert main(tiny_args(image_dir, split, "--max_epochs_this_run", "1")) == 0
+    assert load_checkpoint(split / "checkpoint.pth")["epoch"] == 1
+    repo = tmp_path / "repo"
+    assert main(tiny_args(image_dir, split, "--export-to", str(repo / "tiny"))) == 0
+
+    a = load_checkpoint(full / "checkpoint.pth")
+    b = load_checkpoint(split / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("student", "teacher"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key} {name} differs after resume"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+    # Official full-checkpoint layout, weights-only loadable, plus vit_config.
+    assert (
+        "module.backbone.cls_token" in a["student"] and "module.head.mlp.0.weight" in a["student"]
+    )
+    assert "backbone.pos_embed" in a["teacher"] and "head.last_layer.weight_g" in a["teacher"]
+    assert "head.last_layer.weight_v" in a["teacher"]
+    assert isinstance(a["args"], dict) and a["args"]["out_dim"] == 64
+    assert a["vit_config"]["embed_dim"] == 32 and a["vit_config"]["img_size"] == 32
+    assert a["dino_loss"]["center"].shape == (1, 64)
+    assert (full / "checkpoint0000.pth").is_file() and (full / "config.yaml").is_file()
+
+    epochs = [json.loads(line) for line in (full / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert {"train_loss", "train_lr", "train_wd"} <= epochs[0].keys()
+    assert epochs[-1]["skipped_images"] == 1  # the broken file, skipped and counted
+    steps = (full / "log_steps.jsonl").read_text().splitlines()
+    assert len(steps) == 8 and "momentum" in json.loads(steps[0])  # 18 images // 4 = 4 steps x 2
+
+    # The teacher was exported as a new model version.
+    assert model_versions(repo, "tiny") == [1]
+
+
+def test_truncated_checkpoint_is_detected(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
+    ckpt = out / "checkpoint.pth"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert main(tiny_args(image_dir, out)) == 1
+    assert "corrupted or was cut short" in caplog.text
+    # Without the digest sidecar the torch reader still reports a clear error.
+    (out / "checkpoint.pth.sha256").unlink()
+    try:
+        load_checkpoint(ckpt)
+    except CheckpointCorruptError as err:
+        assert "truncated or corrupted" in str(err)
+    else:
+        raise AssertionError("truncated checkpoint loaded")
+
+
+def test_user_errors_exit_cleanly(tmp_path, capsys):
+    assert main(["--data_path", str(tmp_path / "missing"), "--output_dir", str(tmp_path)]) == 1
+    assert main(["--data_path", "x", "--precision", "fp17"]) == 2
+    assert "precision" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""DINO multi-crop augmentation (Caron et al., 2021, Sec. 3 and ``DataAugmentationDINO``).
+
+Two global crops and N local crops per image, with torchvision transforms v2 on PIL images:
+bicubic RandomResizedCrop, horizontal flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8,
+grayscale with p=0.2, PIL Gaussian blur (radius U(0.1, 2)) with p = 1.0 / 0.1 / 0.5 and
+solarisation (threshold 128) with p=0.2 on the second global crop only, ImageNet normalisation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+from PIL import Image, ImageFilter
+from torch import Tensor
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PILGaussianBlur:
+    """PIL Gaussian blur with radius ~ U(min, max), applied with probability ``p``.
+
+    Draws from Python's ``random`` module, as the reference (``random.random() <= p``).
+    """
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+        self.p = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        """Blur or pass through."""
+        if random.random() > self.p:
+            return img
+        radius = random.uniform(self.radius_min, self.radius_max)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def _flip_and_color() -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply(
+                [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+            ),
+            v2.RandomGrayscale(p=0.2),
+        ]
+    )
+
+
+def _normalize() -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+
+
+class DataAugmentationDINO:
+    """Callable PIL image -> list of crops ``[global_1, global_2, local_1 ... local_N]``.
+
+    Args:
+        global_crops_scale: Area fraction range of the global crops.
+        local_crops_scale: Area fraction range of the local crops.
+        local_crops_number: Number of local crops (0 disables them).
+        global_size: Side of the global crops (224 in the paper).
+        local_size: Side of the local crops (96 in the paper).
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_size: int = 224,
+        local_size: int = 96,
+    ) -> None:
+        self.local_crops_number = local_crops_number
+        bicubic = InterpolationMode.BICUBIC
+
+        def crop(size: int, scale: tuple[float, float]) -> v2.RandomResizedCrop:
+            return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
+
+        self.global_transfo1: Callable[[Image.Image], Tensor] = v2.Compose(
+            [
+                crop(global_size, global_crops_scale),
+                _flip_and_color(),
+                PILGaussianBlur(1.0),
+                _normalize(),
+            ]
+        )
+        self.global_transfo2: Callable[[Image.Image], Tensor] = v2.Compose(
+            [
+                crop(global_size, global_crops_scale),
+                _flip_and_color(),
+                PILGaussianBlur(0.1),
+                v2.RandomSolarize(threshold=128, p=0.2),
+                _normalize(),
+            ]
+        )
+        self.local_transfo: Callable[[Image.Image], Tensor] = v2.Compose(
+            [
+                crop(local_size, local_crops_scale),
+                _flip_and_color(),
+                PILGaussianBlur(0.5),
+                _normalize(),
+            ]
+        )
+
+    @property
+    def ncrops(self) -> int:
+        """Crops per image."""
+        return 2 + self.local_crops_number
+
+    def __call__(self, image: Image.Image) -> list[Tensor]:
+        """Crops of one RGB PIL image, each ``[3, size, size]`` float32 normalised."""
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
+        return crops

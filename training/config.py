@@ -1,0 +1,260 @@
+"""Every option of ``python -m training.pretrain``: defaults, YAML file, then command line.
+
+Flag names are those of the original ``main_dino.py`` (``--arch``, ``--out_dim``,
+``--batch_size_per_gpu`` ...), so a DINO user's command line works unchanged; booleans take
+``true/false`` values as there. ``--config FILE.yaml`` sets any option by its name; flags given on
+the command line override the file. The merged result is saved as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.optim import OPTIMIZERS
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small")
+
+
+class ConfigError(ValueError):
+    """An invalid option value or configuration file (a user mistake, reported without trace)."""
+
+
+def _opt(default: Any, help_text: str, **extra: Any) -> Any:
+    meta = {"help": help_text, **extra}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class PretrainConfig:
+    """All pretraining options (see ``docs/training.md`` for the table)."""
+
+    # Model.
+    arch: str = _opt("vit_small", "ViT size: vit_tiny, vit_small, vit_base (deit_* aliases).")
+    patch_size: int = _opt(16, "Patch size in pixels.")
+    embed_dim: int | None = _opt(None, "Custom token width (overrides --arch).")
+    depth: int | None = _opt(None, "Custom number of blocks (overrides --arch).")
+    num_heads: int | None = _opt(None, "Custom attention heads (overrides --arch).")
+    out_dim: int = _opt(65536, "Dimension of the DINO head output.")
+    norm_last_layer: bool = _opt(True, "Weight-normalise the last layer with g frozen at 1.")
+    momentum_teacher: float = _opt(0.996, "Base EMA momentum of the teacher (cosine to 1).")
+    use_bn_in_head: bool = _opt(False, "BatchNorm in the projection head.")
+    head_hidden_dim: int = _opt(2048, "Hidden width of the head MLP (2048 in the paper).")
+    head_bottleneck_dim: int = _opt(256, "Bottleneck width of the head (256 in the paper).")
+    drop_path_rate: float = _opt(0.1, "Stochastic depth rate of the student.")
+    # Temperatures.
+    warmup_teacher_temp: float = _opt(0.04, "Initial teacher temperature.")
+    teacher_temp: float = _opt(0.04, "Teacher temperature after the warm-up.")
+    warmup_teacher_temp_epochs: int = _opt(0, "Epochs of teacher temperature warm-up.")
+    # Optimisation.
+    precision: str = _opt("auto", "bf16, fp16 (grad scaler) or fp32; auto: bf16 on GPU, else fp32.")
+    use_fp16: bool | None = _opt(None, "Compatibility: true means --precision fp16.")
+    weight_decay: float = _opt(0.04, "Initial weight decay.")
+    weight_decay_end: float = _opt(0.4, "Final weight decay (cosine).")
+    clip_grad: float = _opt(3.0, "Per-tensor gradient norm clip; 0 disables.")
+    batch_size_per_gpu: int = _opt(64, "Images per process and step.")
+    epochs: int = _opt(100, "Training epochs.")
+    freeze_last_layer: int = _opt(1, "Epochs during which the head's last layer is not trained.")
+    lr: float = _opt(0.0005, "Peak learning rate for a total batch of 256 (scaled linearly).")
+    warmup_epochs: int = _opt(10, "Epochs of linear learning-rate warm-up.")
+    min_lr: float = _opt(1e-6, "Final learning rate.")
+    optimizer: str = _opt("adamw", "adamw, sgd or lars.")
+    # Multi-crop.
+    global_crops_scale: tuple[float, float] = _opt((0.4, 1.0), "Scale range of global crops.")
+    local_crops_number: int = _opt(8, "Local crops per image; 0 disables multi-crop.")
+    local_crops_scale: tuple[float, float] = _opt((0.05, 0.4), "Scale range of local crops.")
+    global_crops_size: int = _opt(224, "Side of global crops in pixels (model image size).")
+    local_crops_size: int = _opt(96, "Side of local crops in pixels.")
+    # Data and output.
+    data_path: str = _opt("", "Image folder, or fashion-mnist:train / fashion-mnist:test.")
+    output_dir: str = _opt(".", "Where checkpoints and logs go.")
+    saveckp_freq: int = _opt(20, "Also keep checkpoint{epoch:04}.pth every N epochs.")
+    seed: int = _opt(0, "Random seed (offset by the rank).")
+    num_workers: int = _opt(10, "Data-loading processes per GPU.")
+    # Tooling.
+    device: str = _opt("auto", "auto, cuda or cpu.")
+    compile: bool = _opt(False, "torch.compile the backbones.")
+    resume: bool = _opt(True, "Resume from output_dir/checkpoint.pth when it exists.")
+    max_epochs_this_run: int = _opt(0, "Stop after this many epochs in this invocation (0: no).")
+    log_every: int = _opt(10, "Steps between progress/log updates.")
+    progress: bool = _opt(True, "Show a progress bar.")
+    export_to: str | None = _opt(None, "Export the teacher to model_repository/NAME at the end.")
+    export_every: int = _opt(0, "Also export every K epochs (with --export_to).")
+    dist_url: str = _opt("env://", "Accepted for compatibility; torchrun's env is used.")
+    local_rank: int = _opt(0, "Accepted for compatibility; ignored.")
+
+    def validate(self) -> None:
+        """Check values that argparse cannot.
+
+        Raises:
+            ConfigError: An option is out of range.
+        """
+        if not self.data_path:
+            raise ConfigError("--data_path is required (an image folder or fashion-mnist:train)")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        positive = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_every")
+        for name in positive + ("global_crops_size", "local_crops_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("local_crops_number", "num_workers", "warmup_epochs", "freeze_last_layer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"--warmup_epochs {self.warmup_epochs} > --epochs {self.epochs}")
+        if self.warmup_teacher_temp_epochs > self.epochs:
+            raise ConfigError("--warmup_teacher_temp_epochs exceeds --epochs")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ConfigError(f"--{name} needs 0 < min <= max <= 1, got {low} {high}")
+        if self.global_crops_size % self.patch_size:
+            raise ConfigError(
+                f"--global_crops_size {self.global_crops_size} must be a multiple of "
+                f"--patch_size {self.patch_size}"
+            )
+        if self.local_crops_size < self.patch_size:
+            raise ConfigError("--local_crops_size must be at least --patch_size")
+        if self.export_every < 0 or self.saveckp_freq < 0:
+            raise ConfigError("--export_every and --saveckp_freq must be >= 0")
+
+    @property
+    def resolved_precision(self) -> str:
+        """``precision`` with ``use_fp16`` applied (``auto`` is resolved per device later)."""
+        if self.use_fp16 is not None and self.precision == "auto":
+            return "fp16" if self.use_fp16 else "fp32"
+        return self.precision
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples become lists) for YAML, JSON and checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # type: ignore[no-any-return]
+
+
+def bool_flag(value: str) -> bool:
+    """Parse ``true/false/1/0/yes/no/on/off`` like the reference's ``bool_flag``."""
+    lowered = str(value).lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {value!r} (use true or false)")
+
+
+def _none_or(kind: type) -> Any:
+    def parse(value: str) -> Any:
+        return None if value.lower() in ("none", "null", "") else kind(value)
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (every default suppressed so YAML values are not overridden)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.pretrain",
+        description="DINO self-supervised pretraining of a Vision Transformer.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file of options (CLI flags win).")
+    for f in dataclasses.fields(PretrainConfig):
+        default = (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        )
+        help_text = f"{f.metadata['help']} (default: {default})"
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        if isinstance(default, bool) or f.name == "use_fp16":
+            parser.add_argument(*names, dest=f.name, type=bool_flag, help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(*names, dest=f.name, type=float, nargs=2, help=help_text)
+        elif f.name in ("embed_dim", "depth", "num_heads"):
+            parser.add_argument(*names, dest=f.name, type=_none_or(int), help=help_text)
+        elif f.name == "export_to":
+            parser.add_argument(*names, dest=f.name, type=_none_or(str), help=help_text)
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(*names, dest=f.name, type=kind, help=help_text)
+    return parser
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if isinstance(default, bool) or name == "use_fp16":
+            return bool_flag(str(value)) if not isinstance(value, bool) else value
+        if isinstance(default, tuple):
+            low, high = value
+            return (float(low), float(high))
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int) or name in ("embed_dim", "depth", "num_heads"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not an integer")
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise ConfigError(f"option {name}: invalid value {value!r} ({err})") from err
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping of option names (dashes or underscores) to values.
+
+    Raises:
+        ConfigError: Missing file, invalid YAML, not a mapping, or an unknown option.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then ``--config`` YAML, then command-line flags; validated.
+
+    Raises:
+        ConfigError: Invalid values or configuration file.
+        SystemExit: argparse errors and ``--help`` (argparse's own behaviour).
+    """
+    namespace = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in namespace:
+        values.update(load_yaml(namespace.pop("config")))
+    values.update(namespace)
+    defaults = PretrainConfig()
+    coerced = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
+    config = dataclasses.replace(defaults, **coerced)
+    config.validate()
+    return config
+
+
+def save_config(config: PretrainConfig, path: Path) -> None:
+    """Write the merged configuration as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

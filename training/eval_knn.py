@@ -1,0 +1,305 @@
+"""Weighted k-NN evaluation of CLS features: ``python -m training.eval_knn``.
+
+As the reference ``eval_knn.py`` (Wu et al., 2018; Caron et al., 2021, Sec. 4.1): L2-normalised
+CLS embeddings, cosine similarity to every training feature, the k nearest neighbours vote for
+their label with weight ``exp(sim / T)``, T = 0.07, for k in {10, 20, 100, 200}. The reference's
+quirks (fixed 1000 classes, crash below 100 test images) are fixed.
+
+Features come from a training checkpoint (``--checkpoint``, teacher by default) or an exported
+ONNX model (``--onnx``, preprocessing read from its metadata); images from Fashion-MNIST or an
+ImageFolder train/val pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from models.contract import (
+    CLS_EMBEDDING,
+    PIXEL_VALUES,
+    MetadataKey,
+    PreprocessingRecipe,
+)
+from training.data import DataError, find_images, load_rgb, read_fashion_mnist
+
+logger = logging.getLogger("training.eval_knn")
+
+FloatArray = npt.NDArray[np.float32]
+Extractor = Callable[[FloatArray], FloatArray]
+
+
+@torch.no_grad()
+def knn_classifier(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk_size: int = 1024,
+) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) of the temperature-weighted k-NN vote.
+
+    Args:
+        train_features: ``[N, D]`` L2-normalised training features.
+        train_labels: ``[N]`` integer labels.
+        test_features: ``[M, D]`` L2-normalised test features.
+        test_labels: ``[M]`` integer labels.
+        k: Neighbours (clamped to N).
+        temperature: Vote weights are ``exp(similarity / temperature)``.
+        num_classes: Number of classes (default: from the labels).
+        chunk_size: Test rows per similarity matrix.
+    """
+    k = min(k, len(train_features))
+    if num_classes is None:
+        num_classes = int(max(int(train_labels.max()), int(test_labels.max()))) + 1
+    top1 = top5 = 0
+    for start in range(0, len(test_features), chunk_size):
+        features = test_features[start : start + chunk_size]
+        targets = test_labels[start : start + chunk_size]
+        similarity = features @ train_features.T  # (b, N)
+        distances, indices = similarity.topk(k, dim=1, largest=True, sorted=True)  # (b, k)
+        neighbours = train_labels[indices]  # (b, k)
+        weights = (distances / temperature).exp()
+        votes = torch.zeros(len(features), num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, neighbours, weights)  # (b, C)
+        predictions = votes.argsort(dim=1, descending=True)
+        top1 += int((predictions[:, 0] == targets).sum())
+        hits = predictions[:, : min(5, k)] == targets[:, None]
+        top5 += int(hits.any(dim=1).sum())
+    total = len(test_features)
+    return 100.0 * top1 / total, 100.0 * top5 / total
+
+
+def preprocess(image: Image.Image, recipe: PreprocessingRecipe) -> FloatArray:
+    """Resize the shorter side (bicubic), centre-crop, scale to [0, 1], normalise: ``[3, R, R]``."""
+    image = image.convert("RGB")
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = recipe.resize_size, int(recipe.resize_size * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    res = recipe.resolution
+    left = int(round((size[0] - res) / 2.0))
+    top = int(round((size[1] - res) / 2.0))
+    image = image.crop((left, top, left + res, top + res))
+    pixels: FloatArray = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (R, R, 3)
+    mean, std = np.array(recipe.mean, np.float32), np.array(recipe.std, np.float32)
+    normalised: FloatArray = ((pixels - mean) / std).astype(np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))  # (3, R, R)
+
+
+def torch_extractor(
+    checkpoint: Path, checkpoint_key: str, resolution: int | None
+) -> tuple[Extractor, PreprocessingRecipe]:
+    """CLS features of a checkpoint's backbone (teacher by default) on the CPU or GPU."""
+    from models.checkpoint import load_backbone
+
+    loaded = load_backbone(checkpoint, checkpoint_key=checkpoint_key)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device).eval()
+    recipe = PreprocessingRecipe.for_resolution(resolution or loaded.config.img_size)
+
+    @torch.no_grad()
+    def extract(batch: FloatArray) -> FloatArray:
+        return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()  # type: ignore[no-any-return]
+
+    return extract, recipe
+
+
+def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, PreprocessingRecipe]:
+    """CLS features of an exported model with onnxruntime; the recipe comes from its metadata."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    metadata = session.get_modelmeta().custom_metadata_map
+    if MetadataKey.PREPROCESSING not in metadata:
+        raise DataError(f"{path} has no {MetadataKey.PREPROCESSING} metadata (not our export?)")
+    recipe = PreprocessingRecipe.from_json(metadata[MetadataKey.PREPROCESSING])
+    if resolution:
+        recipe = PreprocessingRecipe.for_resolution(resolution)
+
+    def extract(batch: FloatArray) -> FloatArray:
+        (cls,) = session.run([CLS_EMBEDDING.name], {PIXEL_VALUES.name: batch})
+        return np.asarray(cls, dtype=np.float32)
+
+    return extract, recipe
+
+
+def extract_features(
+    images: Sequence[Callable[[], Image.Image | None]],
+    extract: Extractor,
+    recipe: PreprocessingRecipe,
+    batch_size: int,
+    desc: str,
+) -> tuple[Tensor, list[int]]:
+    """L2-normalised features of the loadable images and the indices that were kept."""
+    chunks: list[FloatArray] = []
+    kept: list[int] = []
+
+    def batches() -> Iterator[tuple[FloatArray, list[int]]]:
+        pixels: list[FloatArray] = []
+        indices: list[int] = []
+        for index, load in enumerate(images):
+            image = load()
+            if image is None:
+                continue
+            pixels.append(preprocess(image, recipe))
+            indices.append(index)
+            if len(pixels) == batch_size:
+                yield np.stack(pixels), indices
+                pixels, indices = [], []
+        if pixels:
+            yield np.stack(pixels), indices
+
+    total = (len(images) + batch_size - 1) // batch_size
+    for batch, indices in tqdm(batches(), total=total, desc=desc, leave=False):
+        chunks.append(extract(batch))
+        kept.extend(indices)
+    if not chunks:
+        raise DataError(f"no readable images for {desc}")
+    features = torch.from_numpy(np.concatenate(chunks)).float()
+    return torch.nn.functional.normalize(features, dim=1, p=2), kept
+
+
+def _array_loader(array: npt.NDArray[np.uint8], index: int) -> Callable[[], Image.Image | None]:
+    return lambda: Image.fromarray(array[index], mode="L").convert("RGB")
+
+
+def _file_loader(path: Path) -> Callable[[], Image.Image | None]:
+    def load() -> Image.Image | None:
+        try:
+            return load_rgb(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            logger.warning("skipping unreadable image %s: %s", path, err)
+            return None
+
+    return load
+
+
+def image_folder(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[Path], list[int], list[str]]:
+    """Images and labels of an ImageFolder layout (one subfolder per class)."""
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory")
+    if classes is None:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class subfolders (ImageFolder layout expected)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in find_images(root / name) if (root / name).is_dir() else []:
+            paths.append(path)
+            labels.append(label)
+    if not paths:
+        raise DataError(f"no images under {root}")
+    return paths, labels, classes
+
+
+def _limit(n: int, limit: int) -> int:
+    return n if limit <= 0 else min(n, limit)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.eval_knn", description="Weighted k-NN evaluation (DINO protocol)."
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", "--pretrained_weights", type=Path, help="Training or backbone checkpoint."
+    )
+    source.add_argument("--onnx", type=Path, help="Exported ONNX model (model.onnx).")
+    parser.add_argument("--checkpoint_key", default="teacher", help="teacher or student.")
+    parser.add_argument("--dataset", choices=["fashion-mnist"], help="Built-in dataset.")
+    parser.add_argument("--train_dir", type=Path, help="ImageFolder training split.")
+    parser.add_argument("--val_dir", type=Path, help="ImageFolder evaluation split.")
+    parser.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--resolution", type=int, default=None, help="Override the crop size.")
+    parser.add_argument("--train_limit", type=int, default=0, help="Use the first N train images.")
+    parser.add_argument("--test_limit", type=int, default=0, help="Use the first N test images.")
+    parser.add_argument("--output", type=Path, help="Also write the results as JSON here.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the evaluation; prints one JSON line per k. Returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    if bool(args.dataset) == bool(args.train_dir or args.val_dir):
+        parser.error("give either --dataset fashion-mnist or --train_dir and --val_dir")
+    if not args.dataset and not (args.train_dir and args.val_dir):
+        parser.error("--train_dir and --val_dir go together")
+    if any(k <= 0 for k in args.nb_knn) or args.temperature <= 0 or args.batch_size <= 0:
+        parser.error("--nb_knn, --temperature and --batch_size must be positive")
+    try:
+        from models.checkpoint import CheckpointError
+    except ImportError:  # pragma: no cover
+        CheckpointError = RuntimeError  # type: ignore[misc,assignment]
+    try:
+        if args.onnx is not None:
+            extract, recipe = onnx_extractor(args.onnx, args.resolution)
+        else:
+            extract, recipe = torch_extractor(args.checkpoint, args.checkpoint_key, args.resolution)
+        if args.dataset:
+            train_x, train_y = read_fashion_mnist("train")
+            test_x, test_y = read_fashion_mnist("test")
+            n_train, n_test = (
+                _limit(len(train_x), args.train_limit),
+                _limit(len(test_x), args.test_limit),
+            )
+            train_loaders = [_array_loader(train_x, i) for i in range(n_train)]
+            test_loaders = [_array_loader(test_x, i) for i in range(n_test)]
+            train_labels, test_labels = list(train_y[:n_train]), list(test_y[:n_test])
+        else:
+            train_paths, train_labels, classes = image_folder(args.train_dir)
+            test_paths, test_labels, _ = image_folder(args.val_dir, classes)
+            train_paths = train_paths[: _limit(len(train_paths), args.train_limit)]
+            test_paths = test_paths[: _limit(len(test_paths), args.test_limit)]
+            train_loaders = [_file_loader(p) for p in train_paths]
+            test_loaders = [_file_loader(p) for p in test_paths]
+        train_f, train_kept = extract_features(
+            train_loaders, extract, recipe, args.batch_size, "train"
+        )
+        test_f, test_kept = extract_features(test_loaders, extract, recipe, args.batch_size, "test")
+    except (DataError, CheckpointError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    train_t = torch.tensor([int(train_labels[i]) for i in train_kept])
+    test_t = torch.tensor([int(test_labels[i]) for i in test_kept])
+    results = []
+    for k in args.nb_knn:
+        top1, top5 = knn_classifier(train_f, train_t, test_f, test_t, k, args.temperature)
+        result = {
+            "k": k,
+            "top1": round(top1, 3),
+            "top5": round(top5, 3),
+            "n_train": len(train_t),
+            "n_test": len(test_t),
+            "temperature": args.temperature,
+        }
+        results.append(result)
+        print(json.dumps(result))
+    if args.output is not None:
+        args.output.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Training observability: JSON-lines logs, TensorBoard scalars and the collapse watch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("training")
+
+EPOCH_LOG = "log.txt"
+STEP_LOG = "log_steps.jsonl"
+
+
+class CollapseWatch:
+    """Warns when DINO collapses to the uniform output.
+
+    A collapsed teacher outputs (nearly) the same uniform distribution for every image: its
+    entropy approaches ``log(out_dim)`` and the loss sticks at that value (11.09 for 65536).
+    Each warning is issued at most once per epoch.
+
+    Args:
+        out_dim: Head output dimension K.
+        entropy_ratio: Warn when the teacher entropy exceeds this fraction of ``log K``.
+        loss_tolerance: Relative distance of the loss to ``log K`` that counts as stuck.
+        patience: Consecutive stuck observations before warning about the loss.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        entropy_ratio: float = 0.98,
+        loss_tolerance: float = 0.01,
+        patience: int = 3,
+    ) -> None:
+        self.log_k = math.log(out_dim)
+        self.entropy_ratio = entropy_ratio
+        self.loss_tolerance = loss_tolerance
+        self.patience = patience
+        self.stuck = 0
+        self.warned_epoch: dict[str, int] = {}
+
+    def _warn_once(self, kind: str, epoch: int, message: str) -> None:
+        if self.warned_epoch.get(kind) != epoch:
+            self.warned_epoch[kind] = epoch
+            logger.warning(message)
+
+    def observe(self, *, epoch: int, loss: float, teacher_entropy: float) -> list[str]:
+        """Record one observation; returns the kinds of collapse detected (possibly empty)."""
+        found = []
+        if teacher_entropy > self.entropy_ratio * self.log_k:
+            found.append("uniform_teacher")
+            self._warn_once(
+                "uniform_teacher",
+                epoch,
+                f"collapse watch: teacher entropy {teacher_entropy:.3f} is near log(out_dim) = "
+                f"{self.log_k:.3f} (uniform outputs). Consider a lower --momentum_teacher, a "
+                "smaller --out_dim, a lower --teacher_temp or a longer --freeze_last_layer.",
+            )
+        if abs(loss - self.log_k) <= self.loss_tolerance * self.log_k:
+            self.stuck += 1
+        else:
+            self.stuck = 0
+        if self.stuck >= self.patience:
+            found.append("loss_stuck")
+            self._warn_once(
+                "loss_stuck",
+                epoch,
+                f"collapse watch: the loss has stayed at {loss:.4f} ~ log(out_dim) = "
+                f"{self.log_k:.4f} for {self.stuck} log intervals; training has likely collapsed.",
+            )
+        return found
+
+
+class RunLog:
+    """Append-only JSON-lines logs (per epoch as the reference's ``log.txt``, per step) and
+    TensorBoard scalars when ``tensorboard`` is installed. Only the main rank writes.
+
+    Args:
+        output_dir: Run folder.
+        enabled: False on ranks other than 0.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.writer: Any = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.info("tensorboard is not installed: no TensorBoard scalars")
+            else:
+                self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        with open(self.output_dir / name, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def step(self, iteration: int, record: dict[str, Any]) -> None:
+        """Log the metrics of one logged step."""
+        if not self.enabled:
+            return
+        self._append(STEP_LOG, {"iteration": iteration, **record})
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(f"step/{key}", value, iteration)
+
+    def epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Log the end-of-epoch averages (``train_loss``, ``train_lr``, ... and ``epoch``)."""
+        if not self.enabled:
+            return
+        self._append(EPOCH_LOG, {**record, "epoch": epoch})
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,600 @@
+"""DINO pretraining: ``python -m training.pretrain`` (one process, or ``torchrun`` for DDP).
+
+The recipe is the reference ``main_dino.py`` (Caron et al., 2021): multi-crop augmentation,
+student/teacher ViTs with DINO heads, the centred and sharpened cross-entropy, per-iteration
+cosine schedules of lr / weight decay / teacher momentum, per-tensor clipping, last-layer freeze
+and the EMA teacher. See ``docs/training.md`` for usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from models.vit import VisionTransformer, ViTConfig, arch_name, vit_config
+from training.augment import DataAugmentationDINO
+from training.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointCorruptError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.config import ConfigError, PretrainConfig, parse_config, save_config
+from training.data import DataError, build_dataset, collate_crops
+from training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    cleanup_distributed,
+    init_distributed,
+    ranks_agree,
+)
+from training.ema import ParameterEMA
+from training.heads import DINOHead
+from training.loss import DINOLoss
+from training.monitor import CollapseWatch, RunLog
+from training.multicrop import MultiCropWrapper
+from training.optim import (
+    build_optimizer,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+)
+from training.schedules import cosine_scheduler
+
+logger = logging.getLogger("training")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (non-finite loss, mismatching checkpoint, too little data)."""
+
+
+def resolve_precision(config: PretrainConfig, device: torch.device) -> str:
+    """``bf16``/``fp16``/``fp32`` for this device (``auto``: bf16 on GPUs that have it).
+
+    Raises:
+        ConfigError: fp16 requested without a CUDA device.
+    """
+    precision = config.resolved_precision
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "--precision fp16 (or --use_fp16 true) needs a CUDA GPU; use bf16 or fp32"
+        )
+    return precision
+
+
+def build_vit_config(config: PretrainConfig) -> ViTConfig:
+    """Architecture from ``--arch`` with optional custom ``embed_dim``/``depth``/``num_heads``.
+
+    Raises:
+        ConfigError: Inconsistent sizes.
+    """
+    overrides: dict[str, Any] = {"img_size": config.global_crops_size}
+    for name in ("embed_dim", "depth", "num_heads"):
+        if getattr(config, name) is not None:
+            overrides[name] = getattr(config, name)
+    try:
+        vit = vit_config(config.arch, config.patch_size, **overrides)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    name = arch_name(vit.embed_dim, vit.depth, vit.num_heads)
+    return ViTConfig.from_dict({**vit.to_dict(), "arch": name})
+
+
+def seed_everything(seed: int, rank: int, epoch: int) -> int:
+    """Seed Python, NumPy and torch from (seed, rank, epoch); returns a derived loader seed.
+
+    Each epoch starts from a state that depends only on these three numbers, so a resumed run
+    draws exactly the same random numbers as an uninterrupted one.
+    """
+    import random
+
+    state = np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[0]))
+    torch.manual_seed(int(state[0]))
+    return int(state[1])
+
+
+def _seed_worker(_worker_id: int) -> None:
+    import random
+
+    seed = torch.initial_seed() % 2**32  # base seed + worker id, distinct per worker
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class Networks:
+    """The networks of a run."""
+
+    student: MultiCropWrapper  # unwrapped
+    student_ddp: nn.Module  # DDP-wrapped when distributed, else the same module
+    teacher: MultiCropWrapper
+
+
+def build_networks(config: PretrainConfig, vit: ViTConfig, info: DistInfo) -> Networks:
+    """Student (drop path) and teacher (none) with DINO heads; the teacher copies the student."""
+
+    def head(norm_last_layer: bool) -> DINOHead:
+        return DINOHead(
+            vit.embed_dim,
+            config.out_dim,
+            use_bn=config.use_bn_in_head,
+            norm_last_layer=norm_last_layer,
+            hidden_dim=config.head_hidden_dim,
+            bottleneck_dim=config.head_bottleneck_dim,
+        )
+
+    student = MultiCropWrapper(
+        VisionTransformer(vit, drop_path_rate=config.drop_path_rate),
+        head(config.norm_last_layer),
+    )
+    teacher = MultiCropWrapper(VisionTransformer(vit), head(True))
+    if config.use_bn_in_head and info.distributed and info.device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # type: ignore[no-untyped-call]
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # type: ignore[no-untyped-call]
+    student.to(info.device)
+    teacher.to(info.device)
+    teacher.load_state_dict(student.state_dict())
+    for param in teacher.parameters():
+        param.requires_grad = False
+    # The teacher stays in train mode, as in the reference (only matters with BatchNorm).
+    if config.compile:
+        student.backbone.compile()
+        teacher.backbone.compile()
+    student_ddp: nn.Module = student
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        student_ddp = DistributedDataParallel(student, device_ids=device_ids)
+    return Networks(student, student_ddp, teacher)
+
+
+def checkpoint_state(
+    *,
+    config: PretrainConfig,
+    vit: ViTConfig,
+    nets: Networks,
+    optimizer: torch.optim.Optimizer,
+    dino_loss: DINOLoss,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+) -> dict[str, Any]:
+    """The official full-checkpoint layout plus ``vit_config`` (all weights-only loadable)."""
+    state: dict[str, Any] = {
+        "student": {f"module.{k}": v for k, v in nets.student.state_dict().items()},
+        "teacher": nets.teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch + 1,
+        "args": config.to_dict(),
+        "dino_loss": dino_loss.state_dict(),
+        "vit_config": vit.to_dict(),
+    }
+    if scaler is not None:
+        state["fp16_scaler"] = scaler.state_dict()
+    return state
+
+
+def restore(
+    state: dict[str, Any],
+    *,
+    nets: Networks,
+    optimizer: torch.optim.Optimizer,
+    dino_loss: DINOLoss,
+    scaler: torch.amp.GradScaler | None,
+    path: Path,
+) -> int:
+    """Load a checkpoint into the run; returns the epoch to start from.
+
+    Raises:
+        TrainingError: The checkpoint was written for another model or optimizer configuration.
+    """
+    student = {k.removeprefix("module."): v for k, v in state["student"].items()}
+    try:
+        nets.student.load_state_dict(student)
+        nets.teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        dino_loss.load_state_dict(state["dino_loss"])
+        if scaler is not None and "fp16_scaler" in state:
+            scaler.load_state_dict(state["fp16_scaler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise TrainingError(
+            f"{path} does not match this run's configuration (arch, out_dim, head or optimizer "
+            f"options differ): {str(err).splitlines()[0]}. Use another --output_dir or "
+            "the options the checkpoint was written with (see config.yaml)."
+        ) from err
+    return int(state["epoch"])
+
+
+def export_teacher(
+    config: PretrainConfig, vit: ViTConfig, teacher: MultiCropWrapper, ckpt: Path, digest: str
+) -> None:
+    """Export the teacher backbone into ``--export_to`` (a new model version)."""
+    from models.export import export_to_repository
+
+    assert config.export_to is not None
+    target = Path(config.export_to)
+    model = VisionTransformer(vit)
+    model.load_state_dict(
+        {k: v.detach().float().cpu() for k, v in teacher.backbone.state_dict().items()}
+    )
+    model.eval()
+    export_to_repository(
+        model,
+        target.parent,
+        target.name,
+        resolution=config.global_crops_size,
+        weights_sha256=digest,
+        source=f"training.pretrain teacher of {ckpt}",
+    )
+    logger.info("exported the teacher backbone to %s", target)
+
+
+class Trainer:
+    """One run: data, networks, optimiser, schedules and the epoch loop."""
+
+    def __init__(self, config: PretrainConfig, info: DistInfo) -> None:
+        self.config = config
+        self.info = info
+        self.device = info.device
+        self.precision = resolve_precision(config, info.device)
+        self.vit = build_vit_config(config)
+        self.output_dir = Path(config.output_dir)
+        self.transform = DataAugmentationDINO(
+            tuple(config.global_crops_scale),  # type: ignore[arg-type]
+            tuple(config.local_crops_scale),  # type: ignore[arg-type]
+            config.local_crops_number,
+            config.global_crops_size,
+            config.local_crops_size,
+        )
+        self.dataset = build_dataset(config.data_path, self.transform)
+        self.sampler: DistributedSampler[Any] = DistributedSampler(
+            self.dataset,
+            num_replicas=info.world_size,
+            rank=info.rank,
+            shuffle=True,
+            seed=config.seed,
+        )
+        self.loader_generator = torch.Generator()
+        self.loader = DataLoader(
+            self.dataset,
+            sampler=self.sampler,
+            batch_size=config.batch_size_per_gpu,
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            collate_fn=collate_crops,
+            worker_init_fn=_seed_worker,
+            generator=self.loader_generator,
+        )
+        self.num_images = len(self.sampler.dataset)  # type: ignore[arg-type]
+        self.niter = len(self.loader)
+        if self.niter == 0:
+            raise DataError(
+                f"{self.num_images} images give no full batch of {config.batch_size_per_gpu} "
+                f"per process over {info.world_size} process(es); lower --batch_size_per_gpu"
+            )
+        # Same initial weights on every rank (the teacher copies the student before DDP
+        # broadcasts rank 0's student); the per-rank seeds are set per epoch.
+        seed_everything(config.seed, 0, -1)
+        self.nets = build_networks(config, self.vit, info)
+        self.ncrops = config.local_crops_number + 2
+        self.dino_loss = DINOLoss(
+            config.out_dim,
+            self.ncrops,
+            config.warmup_teacher_temp,
+            config.teacher_temp,
+            config.warmup_teacher_temp_epochs,
+            config.epochs,
+        ).to(self.device)
+        self.optimizer = build_optimizer(
+            config.optimizer,
+            get_params_groups(self.nets.student),
+            fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        total_batch = config.batch_size_per_gpu * info.world_size
+        self.lr_schedule = cosine_scheduler(
+            config.lr * total_batch / 256.0,
+            config.min_lr,
+            config.epochs,
+            self.niter,
+            warmup_epochs=config.warmup_epochs,
+        )
+        self.wd_schedule = cosine_scheduler(
+            config.weight_decay, config.weight_decay_end, config.epochs, self.niter
+        )
+        self.momentum_schedule = cosine_scheduler(
+            config.momentum_teacher, 1.0, config.epochs, self.niter
+        )
+        self.ema = ParameterEMA(self.nets.student, self.nets.teacher)
+        self.log = RunLog(self.output_dir, enabled=info.is_main)
+        self.watch = CollapseWatch(config.out_dim)
+        self.skipped: set[str] = set()
+        self.start_epoch = 0
+        self.last_digest = ""
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed-precision context for the forward passes and the loss."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def resume(self) -> None:
+        """Continue from ``output_dir/checkpoint.pth`` when it exists."""
+        path = self.output_dir / CHECKPOINT_NAME
+        if not (self.config.resume and path.is_file()):
+            return
+        state = load_checkpoint(path)
+        self.start_epoch = restore(
+            state,
+            nets=self.nets,
+            optimizer=self.optimizer,
+            dino_loss=self.dino_loss,
+            scaler=self.scaler,
+            path=path,
+        )
+        logger.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def train_step(self, crops: list[Tensor], epoch: int, it: int) -> Tensor:
+        """One optimisation step; returns the (detached) loss without synchronising."""
+        config = self.config
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = float(self.lr_schedule[it])
+            if i == 0:  # only the regularised group is decayed
+                group["weight_decay"] = float(self.wd_schedule[it])
+        with self.autocast():
+            teacher_output = self.nets.teacher(crops[:2])  # only the 2 global views
+            student_output = self.nets.student_ddp(crops)
+            loss = self.dino_loss(student_output, teacher_output, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        student = self.nets.student
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if config.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                clip_gradients(student, config.clip_grad)
+            cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if config.clip_grad:
+                clip_gradients(student, config.clip_grad)
+            cancel_gradients_last_layer(epoch, student, config.freeze_last_layer)
+            self.optimizer.step()
+        self.ema.update(float(self.momentum_schedule[it]))
+        detached: Tensor = loss.detach()
+        return detached
+
+    def _note_skipped(self, bad: list[str]) -> None:
+        for path in bad:
+            if path not in self.skipped:
+                self.skipped.add(path)
+                logger.warning("skipped unreadable image %s (%d so far)", path, len(self.skipped))
+
+    def _check_finite(self, loss: float, it: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at iteration {it}; stopping. Try --precision fp32 or bf16, "
+                "a lower --lr, or a longer warm-up (the last checkpoint is intact)."
+            )
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch; returns its averaged metrics."""
+        config = self.config
+        loader_seed = seed_everything(config.seed, self.info.rank, epoch)
+        self.loader_generator.manual_seed(loader_seed)
+        self.sampler.set_epoch(epoch)
+        self.nets.student.train()
+        self.nets.teacher.train()
+        images_per_step = config.batch_size_per_gpu * self.info.world_size
+        loss_sum = torch.zeros((), device=self.device)
+        bar = tqdm(
+            total=self.niter,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (self.info.is_main and config.progress),
+            dynamic_ncols=True,
+        )
+        tick, tick_step = time.perf_counter(), 0
+        img_per_s = 0.0
+        for i, (cpu_crops, bad) in enumerate(self.loader):
+            it = epoch * self.niter + i
+            self._note_skipped(bad)
+            crops = [c.to(self.device, non_blocking=True) for c in cpu_crops]
+            loss = self.train_step(crops, epoch, it)
+            loss_sum += loss
+            bar.update(1)
+            if (i + 1) % config.log_every == 0 or i + 1 == self.niter:
+                loss_value = float(loss)
+                self._check_finite(loss_value, it)
+                now = time.perf_counter()
+                img_per_s = (i + 1 - tick_step) * images_per_step / max(now - tick, 1e-9)
+                tick, tick_step = now, i + 1
+                entropy = float(self.dino_loss.last_teacher_entropy)
+                record = {
+                    "epoch": epoch,
+                    "loss": loss_value,
+                    "lr": float(self.lr_schedule[it]),
+                    "wd": float(self.wd_schedule[it]),
+                    "momentum": float(self.momentum_schedule[it]),
+                    "teacher_entropy": entropy,
+                    "img_per_s": img_per_s,
+                }
+                bar.set_postfix(
+                    loss=f"{loss_value:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    wd=f"{record['wd']:.3f}",
+                    m=f"{record['momentum']:.4f}",
+                    img_s=f"{img_per_s:.0f}",
+                )
+                self.log.step(it, record)
+                self.watch.observe(epoch=epoch, loss=loss_value, teacher_entropy=entropy)
+        bar.close()
+        in_sync = self.check_ranks_in_sync()
+        mean_loss = float(all_reduce_mean(loss_sum / self.niter))
+        self._check_finite(mean_loss, (epoch + 1) * self.niter - 1)
+        last = (epoch + 1) * self.niter - 1
+        return {
+            "train_loss": mean_loss,
+            "train_lr": float(np.mean(self.lr_schedule[epoch * self.niter : last + 1])),
+            "train_wd": float(np.mean(self.wd_schedule[epoch * self.niter : last + 1])),
+            "train_momentum": float(self.momentum_schedule[last]),
+            "teacher_entropy": float(self.dino_loss.last_teacher_entropy),
+            "img_per_s": img_per_s,
+            "skipped_images": len(self.skipped),
+            "world_size": self.info.world_size,
+            "ranks_in_sync": in_sync,
+        }
+
+    @torch.no_grad()
+    def check_ranks_in_sync(self) -> bool:
+        """Verify that student, teacher and centre are bitwise identical on every rank.
+
+        The centre is identical only if every rank averaged the same global batch of teacher
+        outputs (each rank sees different images).
+
+        Raises:
+            TrainingError: The ranks diverged.
+        """
+        if not self.info.distributed:
+            return True
+        fingerprint = torch.stack(
+            [
+                torch.stack([p.double().sum() for p in self.nets.student.parameters()]).sum(),
+                torch.stack([p.double().sum() for p in self.nets.teacher.parameters()]).sum(),
+                self.dino_loss.center.double().sum(),
+                self.dino_loss.center.double().square().sum(),
+            ]
+        )
+        if not ranks_agree(fingerprint):
+            raise TrainingError("the ranks' weights or loss centres diverged; stopping")
+        return True
+
+    def save(self, epoch: int) -> None:
+        """Write ``checkpoint.pth`` (and ``checkpoint{epoch:04}.pth`` every saveckp_freq)."""
+        if not self.info.is_main:
+            return
+        state = checkpoint_state(
+            config=self.config,
+            vit=self.vit,
+            nets=self.nets,
+            optimizer=self.optimizer,
+            dino_loss=self.dino_loss,
+            scaler=self.scaler,
+            epoch=epoch,
+        )
+        self.last_digest = save_checkpoint(state, self.output_dir / CHECKPOINT_NAME)
+        if self.config.saveckp_freq and epoch % self.config.saveckp_freq == 0:
+            save_checkpoint(state, self.output_dir / f"checkpoint{epoch:04}.pth")
+
+    def export(self) -> None:
+        """Export the teacher (main rank only)."""
+        if self.info.is_main and self.config.export_to:
+            export_teacher(
+                self.config,
+                self.vit,
+                self.nets.teacher,
+                self.output_dir / CHECKPOINT_NAME,
+                self.last_digest,
+            )
+
+    def run(self) -> int:
+        """The epoch loop; returns the exit status."""
+        config = self.config
+        logger.info(
+            "training %s (%s) on %s x%d, %s, %d images, %d iterations/epoch, %d crops",
+            self.vit.arch,
+            f"dim {self.vit.embed_dim}, depth {self.vit.depth}, patch {self.vit.patch_size}",
+            self.device,
+            self.info.world_size,
+            self.precision,
+            self.num_images,
+            self.niter,
+            self.ncrops,
+        )
+        self.resume()
+        if self.start_epoch >= config.epochs:
+            logger.info("nothing to do: the checkpoint already finished %d epochs", config.epochs)
+            return 0
+        for done_this_run, epoch in enumerate(range(self.start_epoch, config.epochs), start=1):
+            stats = self.train_epoch(epoch)
+            self.save(epoch)
+            self.log.epoch(epoch, stats)
+            logger.info("epoch %d: %s", epoch, {k: round(v, 6) for k, v in stats.items()})
+            final = epoch + 1 == config.epochs
+            if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
+                self.export()
+            limit = config.max_epochs_this_run
+            if limit and done_this_run >= limit and not final:
+                logger.info("stopping after %d epochs (--max_epochs_this_run)", done_this_run)
+                return 0
+        self.export()
+        return 0
+
+
+def _setup_logging(is_main: bool) -> None:
+    """Log INFO on rank 0 and warnings only elsewhere, to stderr (once per process)."""
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run pretraining; returns the process exit status (0 ok, 1 failure, 2 bad options)."""
+    try:
+        config = parse_config(list(argv) if argv is not None else None)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        info = init_distributed(config.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _setup_logging(info.is_main)
+    try:
+        output_dir = Path(config.output_dir)
+        if info.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, output_dir / "config.yaml")
+        trainer = Trainer(config, info)
+        try:
+            return trainer.run()
+        finally:
+            trainer.log.close()
+    except ConfigError as err:
+        logger.error("error: %s", err)
+        return 2
+    except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
+        logger.error("error: %s", err)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME)
+        return 130
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
