@@ -1,0 +1,40 @@
+"""``python -m service``: read ``DINO_*`` settings and run the server with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def main() -> int:
+    """Start the server; returns a process exit status."""
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        print(f"invalid DINO_* settings:\n{err}", file=sys.stderr)
+        return 2
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Pillow warns about every odd tag in a user's file; the decoder already turns real damage
+    # into 400 answers, so these would only flood the log.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn returns normally when the lifespan startup failed (for example DINO_DEVICE=cuda
+    # without a usable GPU); make that a failing exit status.
+    return 0 if server.started else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Dynamic batching across requests, with admission control.
+
+Images from concurrent requests are queued in groups keyed by (model, processed height,
+processed width): only same-size images of the same model version can share an inference
+call. One scheduler task takes the group whose oldest image waited longest, lets it fill for up
+to ``max_queue_delay`` (or until ``max_batch_size`` images), and runs it in a dedicated
+inference thread so the event loop stays free. While a batch runs, the next one accumulates, so
+under load batches form without any added delay (continuous batching).
+
+Admission is counted in images from the moment a request's images are accepted (before they
+are decoded) until its answer is built; beyond ``capacity`` the request is refused with 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.contract import OUTPUT_NAMES
+from service.errors import InferenceFailedError, NotReadyError, OverloadedError
+from service.metrics import Metrics
+from service.runtime import OnnxModel
+
+logger = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray  # (3, H, W)
+    outputs: tuple[str, ...]
+    model: OnnxModel
+    future: asyncio.Future[Outputs]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Queue, scheduler and admission control.
+
+    Args:
+        max_batch_size: Most images per inference call.
+        max_queue_delay_s: Longest an image waits for companions.
+        capacity: Most images admitted at once (429 beyond).
+        retry_after_s: ``Retry-After`` sent with a 429.
+        metrics: Where to record queue depth, waits, batch sizes and inference time.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        capacity: int,
+        retry_after_s: int,
+        metrics: Metrics,
+    ) -> None:
+        self._max_batch_size = max_batch_size
+        self._delay = max_queue_delay_s
+        self._capacity = capacity
+        self._retry_after_s = retry_after_s
+        self._metrics = metrics
+        self._groups: dict[tuple[OnnxModel, int, int], deque[_Item]] = {}
+        self._queued = 0
+        self._admitted = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+    async def start(self) -> None:
+        """Start the scheduler task (inside the running loop)."""
+        self._task = asyncio.create_task(self._schedule(), name="batcher")
+
+    async def stop(self) -> None:
+        """Stop scheduling and fail whatever is still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for group in self._groups.values():
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(NotReadyError("the service is shutting down"))
+        self._groups.clear()
+        self._executor.shutdown(wait=True)
+
+    @contextlib.contextmanager
+    def admitted(self, count: int) -> Iterator[None]:
+        """Hold ``count`` images of capacity for the duration of a request.
+
+        Raises:
+            OverloadedError: Admitting them would exceed the capacity.
+        """
+        if self._admitted + count > self._capacity:
+            raise OverloadedError(
+                f"the service is at capacity ({self._admitted} of {self._capacity} images in "
+                f"flight); retry in {self._retry_after_s} s",
+                retry_after_s=self._retry_after_s,
+            )
+        self._admitted += count
+        self._metrics.in_flight.set(self._admitted)
+        try:
+            yield
+        finally:
+            self._admitted -= count
+            self._metrics.in_flight.set(self._admitted)
+
+    async def submit(
+        self, model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]
+    ) -> list[Outputs]:
+        """Queue images (all of one request) and wait for their outputs.
+
+        Args:
+            model: The model snapshot the request started with.
+            pixels: ``[3, H, W]`` arrays.
+            outputs: Contract output names wanted.
+
+        Returns:
+            One dict per image, output name -> array without the batch axis.
+        """
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outputs]] = []
+        for array in pixels:
+            future: asyncio.Future[Outputs] = loop.create_future()
+            key = (model, int(array.shape[1]), int(array.shape[2]))
+            self._groups.setdefault(key, deque()).append(_Item(array, outputs, model, future))
+            futures.append(future)
+        self._queued += len(pixels)
+        self._metrics.queue_depth.set(self._queued)
+        self._wake.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _schedule(self) -> None:
+        while True:
+            if not self._groups:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+            group = self._groups[key]
+            deadline = group[0].enqueued + self._delay
+            while len(group) < self._max_batch_size:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+            taken = [group.popleft() for _ in range(min(len(group), self._max_batch_size))]
+            if not group:
+                del self._groups[key]
+            self._queued -= len(taken)
+            self._metrics.queue_depth.set(self._queued)
+            live = [item for item in taken if not item.future.done()]  # skip cancelled requests
+            if live:
+                await self._execute(live)
+
+    async def _execute(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        for item in items:
+            self._metrics.queue_wait.observe(started - item.enqueued)
+        self._metrics.batch_size.observe(len(items))
+        wanted = {name for item in items for name in item.outputs}
+        outputs = tuple(name for name in OUTPUT_NAMES if name in wanted)
+        model = items[0].model
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                self._executor, _infer, model, [item.pixels for item in items], outputs
+            )
+        except Exception as err:
+            logger.exception("inference failed on a batch of %d images", len(items))
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(InferenceFailedError(f"inference failed: {err}"))
+            return
+        self._metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
+        for row, item in enumerate(items):
+            if not item.future.done():
+                item.future.set_result({name: result[name][row] for name in item.outputs})
+
+
+def _infer(model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]) -> Outputs:
+    batch = np.stack(pixels)  # (B, 3, H, W)
+    return model.run(batch, outputs)

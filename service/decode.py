@@ -1,0 +1,129 @@
+"""Image bytes -> RGB PIL image, refusing bad input with domain errors.
+
+The pixel budget is checked from the header (``Image.open`` reads only the header) before any
+pixel is decoded, so a decompression bomb never allocates its pixels. Animated images give
+their first frame, EXIF orientation is applied, and every mode ends as 8-bit RGB (alpha is
+dropped like torchvision's ``pil_loader``, which DINO trains with).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageTooLargeError,
+    NotAnImageError,
+    UnsupportedImageFormatError,
+)
+
+SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> Image.Image:
+    """Decode one uploaded image to RGB.
+
+    Args:
+        data: The file's bytes.
+        max_pixels: Largest ``width * height`` accepted.
+        index: Position of the image in the request, carried into errors.
+
+    Returns:
+        A loaded 8-bit RGB image with EXIF orientation applied.
+
+    Raises:
+        EmptyImageError: Zero bytes.
+        NotAnImageError: No supported decoder recognises the bytes.
+        UnsupportedImageFormatError: A recognised format outside :data:`SUPPORTED_FORMATS`.
+        ImageTooLargeError: More than ``max_pixels`` pixels.
+        CorruptImageError: Truncated or corrupt pixel data.
+    """
+    if not data:
+        raise EmptyImageError("the image is empty (0 bytes)", index=index)
+    image = _open(data, max_pixels=max_pixels, index=index)
+    try:
+        image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
+        image.load()
+        image = _apply_orientation(image)
+        return to_rgb(image)
+    except (ImageTooLargeError, CorruptImageError):
+        raise
+    except Exception as err:  # any decoder failure on user bytes is the user's
+        raise CorruptImageError(
+            f"the {image.format or 'image'} data is truncated or corrupt: {_describe(err)}",
+            index=index,
+        ) from err
+
+
+def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
+    """Read the header only and enforce the format list and the pixel budget."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"the image is too large: {err}", index=index) from err
+    except UnidentifiedImageError as err:
+        raise NotAnImageError(
+            f"the data is not an image in a supported format ({', '.join(SUPPORTED_FORMATS)})",
+            index=index,
+        ) from err
+    except Exception as err:  # malformed headers raise assorted errors
+        message = f"the image header is corrupt: {_describe(err)}"
+        raise CorruptImageError(message, index=index) from err
+    if image.format not in SUPPORTED_FORMATS:
+        raise UnsupportedImageFormatError(
+            f"image format {image.format} is not supported; use one of "
+            f"{', '.join(SUPPORTED_FORMATS)}",
+            index=index,
+        )
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"the image has an invalid size {width}x{height}", index=index)
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image has {width}x{height} = {width * height} pixels, more than the limit "
+            f"of {max_pixels}",
+            index=index,
+        )
+    return image
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip per the EXIF orientation tag; a broken EXIF block is ignored."""
+    try:
+        transposed = ImageOps.exif_transpose(image)
+    except Exception:  # unreadable EXIF: keep the stored orientation
+        return image
+    return transposed if transposed is not None else image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    16-bit and 32-bit integer greyscale is scaled from 0..65535 to 0..255, float greyscale is
+    clipped to 0..255, palette images go through RGBA (so transparency is resolved), CMYK and
+    the rest use PIL's conversion. Alpha is dropped.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("P", "PA"):
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text[:200]

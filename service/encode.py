@@ -1,0 +1,111 @@
+"""Model outputs -> the ``/embed`` JSON body (shapes per image, JSON lists or base64)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models.contract import ATTENTION_MAPS, CLS_EMBEDDING, PATCH_FEATURES
+from service.options import EmbedOptions
+
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's sizes and raw outputs (no batch axis).
+
+    Attributes:
+        index: Position in the request.
+        original_size: ``(width, height)`` after EXIF orientation.
+        processed_size: ``(width, height)`` fed to the model.
+        grid: ``(rows, cols)`` of patches.
+        outputs: Contract name -> ``[D]``, ``[N, D]`` or ``[heads, N]`` float32.
+    """
+
+    index: int
+    original_size: tuple[int, int]
+    processed_size: tuple[int, int]
+    grid: tuple[int, int]
+    outputs: dict[str, np.ndarray]
+
+
+def shape_outputs(record: ImageRecord, *, normalize: bool) -> dict[str, np.ndarray]:
+    """Reshape to the response layout and normalise the CLS embedding if asked.
+
+    Returns:
+        ``cls_embedding [D]``, ``patch_features [rows, cols, D]``,
+        ``attention_maps [heads, rows, cols]`` (whichever were requested), float32.
+    """
+    rows, cols = record.grid
+    shaped: dict[str, np.ndarray] = {}
+    for name, value in record.outputs.items():
+        if name == CLS_EMBEDDING.name:
+            vector = value.astype(np.float32)
+            if normalize:
+                vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            shaped[name] = vector
+        elif name == PATCH_FEATURES.name:
+            shaped[name] = value.reshape(rows, cols, value.shape[-1])  # (N, D) -> (rows, cols, D)
+        elif name == ATTENTION_MAPS.name:
+            shaped[name] = value.reshape(value.shape[0], rows, cols)  # (heads, N) -> (heads, r, c)
+    return shaped
+
+
+def encode_array(value: np.ndarray, *, encoding: str, dtype: str) -> Any:
+    """One tensor as a nested JSON list or a base64 object."""
+    cast = value.astype(_NUMPY_DTYPES[dtype], copy=False)
+    if encoding == "base64":
+        return {
+            "encoding": "base64",
+            "dtype": dtype,
+            "shape": list(cast.shape),
+            "data": base64.b64encode(np.ascontiguousarray(cast).tobytes()).decode("ascii"),
+        }
+    return cast.tolist()
+
+
+def encode_response(
+    *,
+    model: dict[str, Any],
+    options: EmbedOptions,
+    resolution: int,
+    records: list[ImageRecord],
+) -> bytes:
+    """Serialise a complete ``EmbedResponse`` body.
+
+    Raises:
+        ValueError: An output holds NaN or infinity (the model is broken).
+    """
+    results = []
+    for record in records:
+        item: dict[str, Any] = {
+            "index": record.index,
+            "original_size": _size(record.original_size),
+            "processed_size": _size(record.processed_size),
+            "grid": {"rows": record.grid[0], "cols": record.grid[1]},
+        }
+        for name, value in shape_outputs(record, normalize=options.normalize).items():
+            item[name] = encode_array(value, encoding=options.encoding, dtype=options.dtype)
+        results.append(item)
+    body = {
+        "model": model,
+        "options": {
+            "outputs": list(options.outputs),
+            "normalize": options.normalize,
+            "resolution": resolution,
+            "crop": options.crop,
+            "encoding": options.encoding,
+            "dtype": options.dtype,
+        },
+        "results": results,
+    }
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _size(size: tuple[int, int]) -> dict[str, int]:
+    return {"width": size[0], "height": size[1]}

@@ -1,0 +1,150 @@
+"""Domain errors of the service, each with its HTTP status and a stable error code.
+
+Every error answers ``{"error": {"code": ..., "message": ..., "index": ...}}``; ``index`` names
+the offending image (0-based, in request order) when there is one, else it is null.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: a client-visible failure with an HTTP status and a code.
+
+    Args:
+        message: Human-readable explanation naming the bad value.
+        index: Position of the offending image in the request, if any.
+    """
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, index: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.index = index
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers."""
+        return {}
+
+
+class InvalidOptionError(ServiceError):
+    """An unknown option name or an invalid option value."""
+
+    status = 422
+    code = "invalid_option"
+
+
+class NoImagesError(ServiceError):
+    """The request carried no image."""
+
+    status = 422
+    code = "no_images"
+
+
+class TooManyImagesError(ServiceError):
+    """More images than ``max_images_per_request``."""
+
+    status = 422
+    code = "too_many_images"
+
+
+class BodyTooLargeError(ServiceError):
+    """The request body exceeds ``max_body_bytes``."""
+
+    status = 413
+    code = "body_too_large"
+
+
+class ImageTooLargeError(ServiceError):
+    """An image has more pixels than ``max_image_pixels`` (refused before decoding)."""
+
+    status = 413
+    code = "image_too_large"
+
+
+class EmptyImageError(ServiceError):
+    """A zero-byte image part."""
+
+    status = 400
+    code = "empty_image"
+
+
+class NotAnImageError(ServiceError):
+    """Bytes that no supported image decoder recognises."""
+
+    status = 400
+    code = "not_an_image"
+
+
+class CorruptImageError(ServiceError):
+    """A recognised image whose pixel data is truncated or corrupt."""
+
+    status = 400
+    code = "corrupt_image"
+
+
+class UnsupportedImageFormatError(ServiceError):
+    """An image format outside the supported list (PNG, JPEG, WebP, BMP, GIF, TIFF)."""
+
+    status = 415
+    code = "unsupported_image_format"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """A request ``Content-Type`` other than multipart/form-data or image/*."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class MalformedRequestError(ServiceError):
+    """A body that cannot be parsed (for example broken multipart framing)."""
+
+    status = 400
+    code = "malformed_request"
+
+
+class UnauthorizedError(ServiceError):
+    """Missing or wrong API key."""
+
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        """Ask for a bearer token."""
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class OverloadedError(ServiceError):
+    """The bounded queue is full; retry later.
+
+    Args:
+        message: Explanation.
+        retry_after_s: Seconds the client should wait.
+    """
+
+    status = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        """Tell the client when to retry."""
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NotReadyError(ServiceError):
+    """No model is loaded (yet)."""
+
+    status = 503
+    code = "not_ready"
+
+
+class InferenceFailedError(ServiceError):
+    """The inference engine failed on a batch (a server fault, not the client's)."""
+
+    status = 500
+    code = "inference_failed"

@@ -1,0 +1,137 @@
+"""Parsing and validation of ``/embed`` options (form fields or query parameters)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+from models.contract import ATTENTION_MAPS, CLS_EMBEDDING, OUTPUT_NAMES, PATCH_FEATURES
+from service.errors import InvalidOptionError
+from service.preprocess import Crop, round_to_patch
+
+Encoding = Literal["json", "base64"]
+DType = Literal["float32", "float16"]
+
+OUTPUT_ALIASES: dict[str, str] = {
+    "cls": CLS_EMBEDDING.name,
+    "patch": PATCH_FEATURES.name,
+    "attention": ATTENTION_MAPS.name,
+    CLS_EMBEDDING.name: CLS_EMBEDDING.name,
+    PATCH_FEATURES.name: PATCH_FEATURES.name,
+    ATTENTION_MAPS.name: ATTENTION_MAPS.name,
+}
+OPTION_NAMES: tuple[str, ...] = ("outputs", "normalize", "resolution", "crop", "encoding", "dtype")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Validated options of one request.
+
+    Attributes:
+        outputs: Contract output names, in contract order.
+        normalize: L2-normalise the CLS embedding.
+        resolution: Requested resolution (None: the model's default), not yet rounded.
+        crop: ``center`` or ``none``.
+        encoding: ``json`` or ``base64``.
+        dtype: ``float32`` or ``float16``.
+    """
+
+    outputs: tuple[str, ...] = (CLS_EMBEDDING.name,)
+    normalize: bool = False
+    resolution: int | None = None
+    crop: Crop = "center"
+    encoding: Encoding = "json"
+    dtype: DType = "float32"
+
+
+def parse_options(raw: dict[str, list[str]]) -> EmbedOptions:
+    """Validate raw option values.
+
+    Args:
+        raw: Option name -> values, merged from the query string and the form.
+
+    Raises:
+        InvalidOptionError: Unknown name, repeated scalar option, or invalid value.
+    """
+    unknown = sorted(set(raw) - set(OPTION_NAMES))
+    if unknown:
+        raise InvalidOptionError(
+            f"unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options are {', '.join(OPTION_NAMES)} (and the file field 'images')"
+        )
+    for name, values in raw.items():
+        if name != "outputs" and len(values) > 1:
+            raise InvalidOptionError(f"option {name!r} was given {len(values)} times; give it once")
+    single = {name: values[0].strip() for name, values in raw.items() if name != "outputs"}
+    return EmbedOptions(
+        outputs=_parse_outputs(raw.get("outputs", [])),
+        normalize=_parse_bool(single.get("normalize", "false")),
+        resolution=_parse_resolution(single.get("resolution", "")),
+        crop=cast(Crop, _choice("crop", single.get("crop", "center"), ("center", "none"))),
+        encoding=cast(
+            Encoding, _choice("encoding", single.get("encoding", "json"), ("json", "base64"))
+        ),
+        dtype=cast(DType, _choice("dtype", single.get("dtype", "float32"), ("float32", "float16"))),
+    )
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise InvalidOptionError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _parse_outputs(values: list[str]) -> tuple[str, ...]:
+    if not values:
+        return (CLS_EMBEDDING.name,)
+    wanted = set()
+    for value in values:
+        for part in value.split(","):
+            token = part.strip()
+            if token not in OUTPUT_ALIASES:
+                raise InvalidOptionError(
+                    f"outputs={token!r} is not one of cls, patch, attention"
+                    f" (or {', '.join(OUTPUT_NAMES)})"
+                )
+            wanted.add(OUTPUT_ALIASES[token])
+    return tuple(name for name in OUTPUT_NAMES if name in wanted)
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InvalidOptionError(f"normalize={value!r} is not a boolean (true/false)")
+
+
+def _parse_resolution(value: str) -> int | None:
+    if value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidOptionError(f"resolution={value!r} is not an integer") from None
+
+
+def resolve_resolution(
+    requested: int | None, *, default: int, patch_size: int, max_resolution: int
+) -> int:
+    """The resolution to use: the model's default, or the request rounded to a patch multiple.
+
+    Raises:
+        InvalidOptionError: Outside ``[patch_size, max_resolution]`` after rounding.
+    """
+    if requested is None:
+        return default
+    rounded = round_to_patch(requested, patch_size)
+    limit = max(patch_size, (max_resolution // patch_size) * patch_size)
+    if requested < 1 or rounded > limit:
+        raise InvalidOptionError(
+            f"resolution={requested} is outside the limits: it must round to a multiple of "
+            f"the patch size {patch_size} between {patch_size} and {limit}"
+        )
+    return rounded

@@ -1,0 +1,125 @@
+"""RGB image -> ``pixel_values`` following the model's :class:`PreprocessingRecipe`.
+
+Two geometries:
+
+* ``center``: DINO's evaluation transform, exactly as torchvision does it on PIL images:
+  resize the shorter side to ``resize_size`` (the longer side truncated to an integer), then
+  crop ``resolution x resolution`` from the centre.
+* ``none``: keep the whole image. The shorter side goes to ``resolution``, the longer side
+  follows the aspect ratio (capped at ``max_side``), and both sides are rounded to the nearest
+  patch multiple; the small aspect change from that rounding is the only distortion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from models.contract import PreprocessingRecipe, resize_for_crop
+
+Crop = Literal["center", "none"]
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's pixels go.
+
+    Attributes:
+        resized: ``(width, height)`` after the resize.
+        crop_box: ``(left, top, right, bottom)`` of the crop in the resized image, or None.
+        size: ``(width, height)`` fed to the model; both multiples of the patch size.
+    """
+
+    resized: tuple[int, int]
+    crop_box: tuple[int, int, int, int] | None
+    size: tuple[int, int]
+
+
+def round_to_patch(value: float, patch_size: int) -> int:
+    """Nearest multiple of ``patch_size``, at least one patch."""
+    return max(patch_size, int(round(value / patch_size)) * patch_size)
+
+
+def plan_geometry(
+    width: int,
+    height: int,
+    *,
+    recipe: PreprocessingRecipe,
+    resolution: int,
+    crop: Crop,
+    patch_size: int,
+    max_side: int,
+) -> Geometry:
+    """Compute the resize and crop of a ``width x height`` image.
+
+    Args:
+        width: Original width.
+        height: Original height.
+        recipe: The model's recipe (its ``resize_size`` applies at its own resolution).
+        resolution: Requested side (a patch multiple): crop side, or shorter side for ``none``.
+        crop: ``center`` or ``none``.
+        patch_size: The model's patch size.
+        max_side: Largest processed side for ``none``.
+
+    Returns:
+        The geometry.
+    """
+    if crop == "center":
+        short_target = (
+            recipe.resize_size if resolution == recipe.resolution else resize_for_crop(resolution)
+        )
+        resized = _resize_shorter(width, height, short_target)
+        left = int(round((resized[0] - resolution) / 2.0))
+        top = int(round((resized[1] - resolution) / 2.0))
+        box = (left, top, left + resolution, top + resolution)
+        return Geometry(resized=resized, crop_box=box, size=(resolution, resolution))
+    limit = max(patch_size, (max_side // patch_size) * patch_size)
+    scale = resolution / min(width, height)
+    if max(width, height) * scale > limit:
+        scale = limit / max(width, height)
+    new_width = min(round_to_patch(width * scale, patch_size), limit)
+    new_height = min(round_to_patch(height * scale, patch_size), limit)
+    return Geometry(resized=(new_width, new_height), crop_box=None, size=(new_width, new_height))
+
+
+def _resize_shorter(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision's ``Resize(int)``: shorter side to ``size``, longer side truncated."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def to_pixels(image: Image.Image, geometry: Geometry, recipe: PreprocessingRecipe) -> np.ndarray:
+    """Resize, crop and normalise an RGB image.
+
+    Returns:
+        ``[3, height, width]`` float32, ``(x / 255 - mean) / std``.
+
+    Raises:
+        ValueError: The recipe names an unknown interpolation.
+    """
+    try:
+        resample = INTERPOLATIONS[recipe.interpolation]
+    except KeyError as err:
+        raise ValueError(f"unknown interpolation {recipe.interpolation!r}") from err
+    if image.size != geometry.resized:
+        image = image.resize(geometry.resized, resample)
+    if geometry.crop_box is not None:
+        image = image.crop(geometry.crop_box)
+    rgb = np.asarray(image, dtype=np.float32)  # (H, W, 3)
+    std = np.asarray(recipe.std, dtype=np.float32)
+    mean = np.asarray(recipe.mean, dtype=np.float32)
+    scaled = (rgb / np.float32(255.0) - mean) / std  # (H, W, 3)
+    return np.ascontiguousarray(scaled.transpose(2, 0, 1))  # (3, H, W)

@@ -1,0 +1,236 @@
+"""Watches the model repository and swaps models without downtime.
+
+Layout (Triton's): ``<repository>/<name>/<version>/model.onnx``. With the ``latest`` policy the
+service serves the newest version that loads and passes its checks, never going below a version
+it serves while that version still exists (deleting the newest version rolls back). With
+``pinned`` it serves exactly one version.
+
+A candidate is loaded beside the serving model (in a worker thread), checked and warmed up by
+:func:`service.runtime.load_model`, and only then swapped in by one assignment. Requests hold
+the model they started with, so in-flight work finishes on the old one. A candidate that fails
+is recorded with the file's (mtime, size) fingerprint and not retried until the file changes
+(or ``POST /admin/reload`` forces it); the failure shows in ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.contract import model_path, model_versions
+from service.metrics import Metrics
+from service.runtime import DeviceUnavailableError, ModelLoadError, OnnxModel, load_model
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[..., OnnxModel]
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A version that could not be served."""
+
+    version: int
+    error: str
+    fingerprint: tuple[int, int] | None
+    at: float
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What one repository scan did."""
+
+    changed: bool
+    serving_version: int | None
+    error: str | None
+
+
+def _fingerprint(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+class ModelManager:
+    """Owns the serving model and its refresh.
+
+    Args:
+        settings: Repository, policy, device and warm-up settings.
+        metrics: Where to publish the model info and load outcomes.
+        loader: The function that loads and checks a model (``load_model``).
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader = load_model) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._loader = loader
+        self._current: OnnxModel | None = None
+        self._loaded_at: float | None = None
+        self._failures: dict[int, LoadFailure] = {}
+        self._last_error: str | None = None
+        self._last_refresh: float | None = None
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def current(self) -> OnnxModel | None:
+        """The model new requests use (None until one has loaded)."""
+        return self._current
+
+    async def start(self) -> None:
+        """Load the initial model and start polling.
+
+        Raises:
+            DeviceUnavailableError: ``DINO_DEVICE=cuda`` and CUDA could not be bound.
+        """
+        await self.refresh(fatal_device_errors=True)
+        if self._current is None:
+            logger.warning(
+                "no servable version of %r in %s yet; not ready (%s)",
+                self._settings.model_name,
+                self._settings.model_repository,
+                self._last_error or "repository empty",
+            )
+        if self._settings.poll_interval_s > 0:
+            self._poller = asyncio.create_task(self._poll(), name="model-poller")
+
+    async def stop(self) -> None:
+        """Stop polling."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                logger.exception("repository poll failed")
+
+    def _candidates(self, versions: list[int]) -> list[int]:
+        settings = self._settings
+        if settings.version_policy == "pinned":
+            return [v for v in versions if v == settings.model_version]
+        current = self._current
+        ordered = sorted(versions, reverse=True)
+        if current is not None and current.version in versions:
+            return [v for v in ordered if v > current.version]
+        return ordered
+
+    async def refresh(
+        self, *, force: bool = False, fatal_device_errors: bool = False
+    ) -> RefreshResult:
+        """Scan the repository and swap in a better version if one loads.
+
+        Args:
+            force: Retry versions that failed before even if their file did not change.
+            fatal_device_errors: Raise :class:`DeviceUnavailableError` instead of recording it.
+
+        Returns:
+            Whether the serving model changed, which version serves, and the last error.
+        """
+        settings = self._settings
+        async with self._lock:
+            self._last_refresh = time.time()
+            versions = model_versions(settings.model_repository, settings.model_name)
+            for version in self._candidates(versions):
+                if self._current is not None and version == self._current.version:
+                    break
+                path = model_path(settings.model_repository, settings.model_name, version)
+                fingerprint = _fingerprint(path)
+                failure = self._failures.get(version)
+                if failure is not None and failure.fingerprint == fingerprint and not force:
+                    continue
+                try:
+                    model = await asyncio.to_thread(
+                        self._loader,
+                        path,
+                        name=settings.model_name,
+                        version=version,
+                        device=settings.device,
+                        intra_op_threads=settings.intra_op_threads,
+                        warmup_batch_sizes=settings.warmup_batch_sizes,
+                    )
+                except DeviceUnavailableError as err:
+                    if fatal_device_errors:
+                        raise
+                    self._record_failure(version, fingerprint, err)
+                except ModelLoadError as err:
+                    self._record_failure(version, fingerprint, err)
+                else:
+                    self._swap(model)
+                    return RefreshResult(True, version, None)
+            serving = self._current.version if self._current is not None else None
+            return RefreshResult(False, serving, self._last_error)
+
+    def _record_failure(
+        self, version: int, fingerprint: tuple[int, int] | None, err: Exception
+    ) -> None:
+        message = f"version {version}: {err}"
+        self._failures[version] = LoadFailure(version, str(err), fingerprint, time.time())
+        self._last_error = message
+        self._metrics.model_loads.labels("failed").inc()
+        serving = self._current.version if self._current is not None else None
+        logger.error("refused model %s (still serving version %s)", message, serving)
+
+    def _swap(self, model: OnnxModel) -> None:
+        previous = self._current
+        self._current = model  # one assignment: new requests see the new model from here on
+        self._loaded_at = time.time()
+        self._failures.pop(model.version, None)
+        self._metrics.model_loads.labels("loaded").inc()
+        self._metrics.set_model(
+            name=model.name,
+            version=model.version,
+            sha256=model.metadata.weights_sha256,
+            provider=model.provider,
+        )
+        logger.info(
+            "serving %s version %d on %s (was %s)",
+            model.name,
+            model.version,
+            model.provider,
+            previous.version if previous is not None else "none",
+        )
+
+    def describe(self) -> dict[str, object]:
+        """State for ``/v1/models``: policy, loaded model, every version's state, errors."""
+        settings = self._settings
+        versions = set(model_versions(settings.model_repository, settings.model_name))
+        versions |= set(self._failures)
+        current = self._current
+        if current is not None:
+            versions.add(current.version)
+        rows: list[dict[str, object]] = []
+        for version in sorted(versions):
+            failure = self._failures.get(version)
+            if current is not None and version == current.version:
+                state, error = "serving", None
+            elif failure is not None:
+                state, error = "failed", failure.error
+            else:
+                state, error = "available", None
+            rows.append({"version": version, "state": state, "error": error})
+        return {
+            "name": settings.model_name,
+            "repository": str(settings.model_repository),
+            "version_policy": settings.version_policy,
+            "pinned_version": settings.model_version,
+            "device": settings.device,
+            "ready": current is not None,
+            "loaded_at": self._loaded_at,
+            "last_refresh": self._last_refresh,
+            "last_error": self._last_error,
+            "versions": rows,
+        }

@@ -1,0 +1,357 @@
+"""One ONNX model on onnxruntime: provider choice, contract check, self-check and warm-up.
+
+A model only serves after :func:`load_model` has (1) bound the intended execution provider,
+(2) checked the graph's inputs/outputs against :mod:`models.contract`, (3) parsed its metadata,
+(4) re-computed the reference images' CLS embeddings through this service's own decode and
+preprocessing path and compared them with the outputs recorded at export, and (5) run warm-up
+batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from models import contract
+from service.preprocess import INTERPOLATIONS, plan_geometry, to_pixels
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class ModelLoadError(Exception):
+    """The model file cannot be served (unreadable, contract mismatch, self-check failure)."""
+
+
+class DeviceUnavailableError(ModelLoadError):
+    """``DINO_DEVICE=cuda`` but the CUDA provider is not available or not bound."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The parsed ``metadata_props`` of an exported model."""
+
+    contract_version: str
+    arch: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    resolution: int
+    recipe: contract.PreprocessingRecipe
+    weights_sha256: str
+    precision: str
+    source: str
+    reference: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """Outcome of the load-time reference comparison."""
+
+    cases: int
+    max_abs_error: float
+    min_cosine: float
+    tolerance_abs: float
+    tolerance_cosine: float
+
+
+def parse_metadata(props: dict[str, str]) -> ModelMetadata:
+    """Validate and parse the contract's metadata keys.
+
+    Raises:
+        ModelLoadError: A key is missing or malformed, or the contract version differs.
+    """
+    key = contract.MetadataKey
+    missing = [name for name in key.REQUIRED if name not in props]
+    if missing:
+        raise ModelLoadError(f"metadata lacks {', '.join(missing)}")
+    if props[key.CONTRACT_VERSION] != contract.CONTRACT_VERSION:
+        raise ModelLoadError(
+            f"contract version {props[key.CONTRACT_VERSION]!r} is not the supported "
+            f"{contract.CONTRACT_VERSION!r}"
+        )
+    try:
+        patch_size = int(props[key.PATCH_SIZE])
+        embed_dim = int(props[key.EMBED_DIM])
+        depth = int(props[key.DEPTH])
+        num_heads = int(props[key.NUM_HEADS])
+        resolution = int(props[key.RESOLUTION])
+        recipe = contract.PreprocessingRecipe.from_json(props[key.PREPROCESSING])
+        reference = contract.parse_reference_metadata(props[key.REFERENCE])
+    except ValueError as err:
+        raise ModelLoadError(f"malformed metadata: {err}") from err
+    if min(patch_size, embed_dim, depth, num_heads, resolution) < 1:
+        raise ModelLoadError("metadata sizes must be positive")
+    if resolution % patch_size or recipe.resolution != resolution:
+        raise ModelLoadError(
+            f"resolution {resolution} / recipe {recipe.resolution} / patch {patch_size} disagree"
+        )
+    if recipe.interpolation not in INTERPOLATIONS:
+        raise ModelLoadError(f"unknown interpolation {recipe.interpolation!r} in the recipe")
+    if reference.get("crop", "center") != "center" or not reference["cases"]:
+        raise ModelLoadError("reference outputs must be centre-crop cases")
+    return ModelMetadata(
+        contract_version=props[key.CONTRACT_VERSION],
+        arch=props[key.ARCH],
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        resolution=resolution,
+        recipe=recipe,
+        weights_sha256=props[key.WEIGHTS_SHA256],
+        precision=props[key.PRECISION],
+        source=props.get(key.SOURCE, ""),
+        reference=reference,
+    )
+
+
+def check_contract(session: ort.InferenceSession, metadata: ModelMetadata) -> None:
+    """Compare the graph's inputs and outputs with :mod:`models.contract`.
+
+    Raises:
+        ModelLoadError: Names, ranks or static sizes differ.
+    """
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [spec.name for spec in contract.INPUTS]:
+        raise ModelLoadError(
+            f"inputs {[i.name for i in inputs]} differ from the contract's "
+            f"{[spec.name for spec in contract.INPUTS]}"
+        )
+    shape = inputs[0].shape
+    if len(shape) != contract.PIXEL_VALUES.rank or (isinstance(shape[1], int) and shape[1] != 3):
+        raise ModelLoadError(f"input shape {shape} is not [batch, 3, height, width]")
+    outputs = {o.name: o for o in session.get_outputs()}
+    expected = {
+        contract.CLS_EMBEDDING.name: (contract.CLS_EMBEDDING.rank, metadata.embed_dim),
+        contract.PATCH_FEATURES.name: (contract.PATCH_FEATURES.rank, metadata.embed_dim),
+        contract.ATTENTION_MAPS.name: (contract.ATTENTION_MAPS.rank, None),
+    }
+    for name, (rank, last_dim) in expected.items():
+        if name not in outputs:
+            raise ModelLoadError(f"output {name!r} is missing (outputs: {sorted(outputs)})")
+        shape = outputs[name].shape
+        if len(shape) != rank:
+            raise ModelLoadError(f"output {name!r} has rank {len(shape)}, contract says {rank}")
+        if last_dim is not None and isinstance(shape[-1], int) and shape[-1] != last_dim:
+            raise ModelLoadError(f"output {name!r} has width {shape[-1]}, metadata {last_dim}")
+    heads = outputs[contract.ATTENTION_MAPS.name].shape[1]
+    if isinstance(heads, int) and heads != metadata.num_heads:
+        raise ModelLoadError(f"attention has {heads} heads, metadata says {metadata.num_heads}")
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA device node exists (cheap test before asking for CUDA)."""
+    return any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def requested_providers(device: str) -> list[str | tuple[str, dict[str, Any]]]:
+    """Execution providers to request for ``device`` (``auto``, ``cuda`` or ``cpu``).
+
+    ``auto`` asks for CUDA only when the CUDA provider is compiled in and a GPU device node
+    exists, so a CPU-only machine never tries (and never logs) a failing CUDA load.
+
+    Raises:
+        DeviceUnavailableError: ``cuda`` was asked for but this onnxruntime has no CUDA provider.
+    """
+    available = ort.get_available_providers()
+    cuda = (
+        CUDA,
+        {
+            "device_id": 0,
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "do_copy_in_default_stream": True,
+        },
+    )
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        if CUDA not in available:
+            raise DeviceUnavailableError(
+                f"DINO_DEVICE=cuda but this onnxruntime offers only {available} "
+                "(install onnxruntime-gpu)"
+            )
+        return [cuda, CPU]
+    if CUDA in available and gpu_present():
+        return [cuda, CPU]
+    return [CPU]
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_image(case: int) -> Image.Image:
+    width, height, data = contract.reference_image_rgb(case)
+    return Image.frombytes("RGB", (width, height), data)
+
+
+class OnnxModel:
+    """A loaded, checked model.
+
+    Args:
+        session: The onnxruntime session.
+        metadata: Parsed metadata.
+        name: Model name in the repository.
+        version: Version number.
+        path: File it was read from.
+        file_sha256: Digest of the ONNX file.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        metadata: ModelMetadata,
+        *,
+        name: str,
+        version: int,
+        path: Path,
+        file_sha256: str,
+    ) -> None:
+        self.session = session
+        self.metadata = metadata
+        self.name = name
+        self.version = version
+        self.path = path
+        self.file_sha256 = file_sha256
+        self.provider: str = session.get_providers()[0]
+        self.self_check: SelfCheck | None = None
+        input_type = session.get_inputs()[0].type
+        self._input_dtype = np.float16 if input_type == "tensor(float16)" else np.float32
+
+    def run(self, pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Run one batch.
+
+        Args:
+            pixels: ``[B, 3, H, W]`` float32.
+            outputs: Contract output names wanted.
+
+        Returns:
+            Output name -> float32 array (``[B, D]``, ``[B, N, D]``, ``[B, heads, N]``).
+        """
+        feed = {contract.PIXEL_VALUES.name: pixels.astype(self._input_dtype, copy=False)}
+        values = self.session.run(list(outputs), feed)
+        return {
+            name: np.asarray(value, dtype=np.float32)
+            for name, value in zip(outputs, values, strict=True)
+        }
+
+    def check_reference(self) -> SelfCheck:
+        """Compare CLS outputs on the reference images with the exported ones.
+
+        Raises:
+            ModelLoadError: An embedding is off by more than the recorded tolerances.
+        """
+        reference = self.metadata.reference
+        resolution = int(reference["resolution"])
+        if resolution % self.metadata.patch_size:
+            raise ModelLoadError(f"reference resolution {resolution} is not a patch multiple")
+        batch, expected = [], []
+        for case in reference["cases"]:
+            index = int(case["case"])
+            if not 0 <= index < len(contract.REFERENCE_CASES):
+                raise ModelLoadError(f"unknown reference case {index}")
+            image = _reference_image(index)
+            geometry = plan_geometry(
+                image.width,
+                image.height,
+                recipe=self.metadata.recipe,
+                resolution=resolution,
+                crop="center",
+                patch_size=self.metadata.patch_size,
+                max_side=resolution,
+            )
+            batch.append(to_pixels(image, geometry, self.metadata.recipe))
+            expected.append(np.asarray(case[contract.CLS_EMBEDDING.name], dtype=np.float64))
+        got = self.run(np.stack(batch), (contract.CLS_EMBEDDING.name,))[contract.CLS_EMBEDDING.name]
+        tol_abs = float(reference["max_abs_error"])
+        tol_cos = float(reference["min_cosine"])
+        worst_abs, worst_cos = 0.0, 1.0
+        for row, want in zip(got.astype(np.float64), expected, strict=True):
+            if row.shape != want.shape:
+                raise ModelLoadError(f"reference width {want.shape} vs output {row.shape}")
+            worst_abs = max(worst_abs, float(np.max(np.abs(row - want))))
+            denom = float(np.linalg.norm(row) * np.linalg.norm(want)) or 1.0
+            worst_cos = min(worst_cos, float(row @ want) / denom)
+        result = SelfCheck(len(batch), worst_abs, worst_cos, tol_abs, tol_cos)
+        if not (worst_abs <= tol_abs and worst_cos >= tol_cos) or math.isnan(worst_abs):
+            raise ModelLoadError(
+                f"self-check failed: reference CLS max abs error {worst_abs:.3g} "
+                f"(allowed {tol_abs:.3g}), min cosine {worst_cos:.6f} (required {tol_cos})"
+            )
+        return result
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run zero batches at the default resolution so the first request is not slow."""
+        side = self.metadata.resolution
+        for size in batch_sizes:
+            self.run(np.zeros((size, 3, side, side), np.float32), contract.OUTPUT_NAMES)
+
+
+def load_model(
+    path: Path,
+    *,
+    name: str,
+    version: int,
+    device: str,
+    intra_op_threads: int = 0,
+    warmup_batch_sizes: tuple[int, ...] = (1,),
+) -> OnnxModel:
+    """Load, check, self-check and warm up one model file.
+
+    Raises:
+        DeviceUnavailableError: ``device="cuda"`` and CUDA could not be bound.
+        ModelLoadError: Anything else that makes the model unfit to serve.
+    """
+    providers = requested_providers(device)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {path}: {err}") from err
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: node placement notes are not news
+    try:
+        session = ort.InferenceSession(data, options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types for bad graphs
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {err}") from err
+    bound = session.get_providers()
+    if device == "cuda" and bound[0] != CUDA:
+        raise DeviceUnavailableError(
+            f"DINO_DEVICE=cuda but onnxruntime bound {bound}; the CUDA provider needs the CUDA 13 "
+            "and cuDNN 9 libraries on the library path"
+        )
+    if device == "auto" and len(providers) > 1 and bound[0] != CUDA:
+        logger.warning("a GPU is present but the CUDA provider could not be bound; using the CPU")
+    metadata = parse_metadata(session.get_modelmeta().custom_metadata_map)
+    check_contract(session, metadata)
+    model = OnnxModel(
+        session,
+        metadata,
+        name=name,
+        version=version,
+        path=Path(path),
+        file_sha256=hashlib.sha256(data).hexdigest(),
+    )
+    try:
+        model.self_check = model.check_reference()
+        model.warm_up(warmup_batch_sizes)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # a graph that fails at run time is unfit as well
+        raise ModelLoadError(f"inference failed during the self-check: {err}") from err
+    return model

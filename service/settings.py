@@ -1,0 +1,113 @@
+"""Service configuration from ``DINO_*`` environment variables (pydantic-settings).
+
+Build a :class:`Settings` in ``main``/``create_app``, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.contract import validate_model_name
+
+Device = Literal["auto", "cuda", "cpu"]
+VersionPolicy = Literal["latest", "pinned"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is read from ``DINO_<FIELD NAME>``.
+
+    Attributes:
+        host: Interface to bind (``0.0.0.0`` in a container).
+        port: TCP port.
+        log_level: Python logging level name.
+        model_repository: Root of the model repository (``<name>/<version>/model.onnx``).
+        model_name: Which model of the repository to serve.
+        version_policy: ``latest`` serves the newest version that loads and passes its checks;
+            ``pinned`` serves exactly ``model_version``.
+        model_version: The pinned version (required with ``version_policy=pinned``).
+        poll_interval_s: How often the repository is rescanned; 0 disables polling.
+        device: ``auto`` (CUDA when it can be bound, else CPU), ``cuda`` (fail unless CUDA is
+            really bound) or ``cpu``.
+        intra_op_threads: onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
+        decode_workers: Threads that decode and resize images; 0 means one per CPU core.
+        max_body_bytes: Largest request body accepted (413 beyond).
+        max_images_per_request: Most images in one request (422 beyond).
+        max_image_pixels: Largest width*height accepted, checked before pixels are decoded.
+        max_resolution: Largest processed side in pixels (``resolution`` and ``crop=none``).
+        max_batch_size: Most images in one inference call.
+        max_queue_delay_ms: Longest an image waits for companions before its batch runs.
+        max_queue_images: Images admitted (decoding, queued or running) before 429.
+        retry_after_s: ``Retry-After`` seconds sent with a 429.
+        api_keys: Accepted bearer keys, comma-separated; empty disables authentication.
+        warmup_batch_sizes: Batch sizes run at the default resolution before a model serves.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DINO_", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    model_repository: Path = Path("model_repository")
+    model_name: str = "dino_default"
+    version_policy: VersionPolicy = "latest"
+    model_version: int | None = Field(default=None, ge=1)
+    poll_interval_s: float = Field(default=10.0, ge=0)
+
+    device: Device = "auto"
+    intra_op_threads: int = Field(default=0, ge=0)
+    decode_workers: int = Field(default=0, ge=0)
+
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_images_per_request: int = Field(default=32, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_resolution: int = Field(default=1024, ge=8)
+
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    max_queue_images: int = Field(default=256, ge=1)
+    retry_after_s: int = Field(default=1, ge=0)
+
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    warmup_batch_sizes: Annotated[tuple[int, ...], NoDecode] = (1,)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("warmup_batch_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(int(size) for size in value.split(",") if size.strip())
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return validate_model_name(value)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.version_policy == "pinned" and self.model_version is None:
+            raise ValueError("DINO_VERSION_POLICY=pinned needs DINO_MODEL_VERSION")
+        if self.max_images_per_request > self.max_queue_images:
+            raise ValueError(
+                f"DINO_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must not exceed "
+                f"DINO_MAX_QUEUE_IMAGES ({self.max_queue_images})"
+            )
+        if any(size < 1 for size in self.warmup_batch_sizes):
+            raise ValueError("DINO_WARMUP_BATCH_SIZES must be positive integers")
+        return self
+
+    def worker_count(self) -> int:
+        """Decode/resize threads to start."""
+        return self.decode_workers or max(os.cpu_count() or 1, 1)

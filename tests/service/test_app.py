@@ -1,0 +1,429 @@
+"""The HTTP API against a real uvicorn server and the tiny exported model."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from models.contract import model_path
+from service.decode import decode_image
+from service.preprocess import plan_geometry, to_pixels
+from service.runtime import parse_metadata
+from service.schemas import EmbedResponse, ErrorResponse, ModelsResponse
+from tests.conftest import TINY_MODEL_NAME
+from tests.service.conftest import (
+    LiveServer,
+    encode,
+    gradient_rgb,
+    jpeg_bytes,
+    png_bytes,
+    run_server,
+    tiny_settings,
+)
+
+ALL_OUTPUTS = "cls,patch,attention"
+
+
+def post_images(
+    server: LiveServer, images: list[bytes], data: dict[str, Any] | None = None, **kwargs: Any
+) -> httpx.Response:
+    files = [
+        ("images", (f"{i}.img", blob, "application/octet-stream")) for i, blob in enumerate(images)
+    ]
+    return server.client.post("/embed", files=files, data=data or {}, **kwargs)
+
+
+def decode_array(value: Any) -> np.ndarray:
+    """A response array (nested list or base64 object) as numpy."""
+    if isinstance(value, dict):
+        dtype = {"float32": "<f4", "float16": "<f2"}[value["dtype"]]
+        raw = np.frombuffer(base64.b64decode(value["data"]), dtype=dtype)
+        return raw.reshape(value["shape"]).astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
+
+
+def assert_error(
+    response: httpx.Response, status: int, code: str, index: int | None = None
+) -> None:
+    assert response.status_code == status, response.text
+    body = ErrorResponse.model_validate(response.json())
+    assert body.error.code == code
+    assert body.error.index == index
+    assert body.error.message
+
+
+@pytest.fixture(scope="module")
+def direct_session(tiny_model_repository: Path) -> ort.InferenceSession:
+    path = model_path(tiny_model_repository, TINY_MODEL_NAME, 1)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_direct(
+    session: ort.InferenceSession, blob: bytes, *, resolution: int, crop: str
+) -> dict[str, np.ndarray]:
+    """The oracle: the same pixels through the ONNX file, one image at a time."""
+    metadata = parse_metadata(session.get_modelmeta().custom_metadata_map)
+    image = decode_image(blob, max_pixels=10**8)
+    geometry = plan_geometry(
+        image.width,
+        image.height,
+        recipe=metadata.recipe,
+        resolution=resolution,
+        crop=crop,  # type: ignore[arg-type]
+        patch_size=metadata.patch_size,
+        max_side=1024,
+    )
+    pixels = to_pixels(image, geometry, metadata.recipe)[None]
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {"pixel_values": pixels})
+    return {name: value[0] for name, value in zip(names, values, strict=True)}
+
+
+def test_default_request_returns_cls_and_model_info(live: LiveServer) -> None:
+    response = post_images(live, [png_bytes(40, 30)])
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = EmbedResponse.model_validate(response.json())
+    assert body.model.name == TINY_MODEL_NAME
+    assert body.model.version == 1
+    assert body.model.sha256 == "0" * 64
+    assert (body.model.embed_dim, body.model.patch_size, body.model.num_heads) == (32, 8, 2)
+    assert body.model.execution_provider == "CPUExecutionProvider"
+    (result,) = body.results
+    assert (result.original_size.width, result.original_size.height) == (40, 30)
+    assert (result.processed_size.width, result.processed_size.height) == (32, 32)
+    assert (result.grid.rows, result.grid.cols) == (4, 4)
+    assert isinstance(result.cls_embedding, list) and len(result.cls_embedding) == 32
+    assert result.patch_features is None and result.attention_maps is None
+    assert body.options.outputs == ["cls_embedding"]
+
+
+@pytest.mark.parametrize("crop", ["center", "none"])
+def test_outputs_equal_running_onnx_directly(
+    live: LiveServer, direct_session: ort.InferenceSession, crop: str
+) -> None:
+    blobs = [png_bytes(40, 30, seed=1), jpeg_bytes(33, 57, seed=2), png_bytes(64, 64, seed=3)]
+    response = post_images(live, blobs, {"outputs": ALL_OUTPUTS, "crop": crop, "resolution": "40"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["index"] for r in body["results"]] == [0, 1, 2]
+    for blob, result in zip(blobs, body["results"], strict=True):
+        expected = run_direct(direct_session, blob, resolution=40, crop=crop)
+        rows, cols = result["grid"]["rows"], result["grid"]["cols"]
+        assert result["processed_size"] == {"width": cols * 8, "height": rows * 8}
+        cls = decode_array(result["cls_embedding"])
+        patch = decode_array(result["patch_features"])
+        attention = decode_array(result["attention_maps"])
+        assert patch.shape == (rows, cols, 32)
+        assert attention.shape == (2, rows, cols)
+        np.testing.assert_allclose(cls, expected["cls_embedding"], atol=1e-5)
+        np.testing.assert_allclose(
+            patch.reshape(rows * cols, 32), expected["patch_features"], atol=1e-5
+        )  # (rows, cols, D) -> (N, D), row-major as the contract
+        np.testing.assert_allclose(
+            attention.reshape(2, rows * cols), expected["attention_maps"], atol=1e-5
+        )
+
+
+def test_crop_none_keeps_aspect_and_rounds_to_patches(live: LiveServer) -> None:
+    response = post_images(live, [png_bytes(90, 30)], {"crop": "none", "outputs": "patch"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    # shorter side 30 -> 32, longer 96 (3:1 kept), both multiples of 8
+    assert result["processed_size"] == {"width": 96, "height": 32}
+    assert result["grid"] == {"rows": 4, "cols": 12}
+    assert np.asarray(result["patch_features"]).shape == (4, 12, 32)
+
+
+def test_resolution_is_rounded_to_a_patch_multiple(live: LiveServer) -> None:
+    response = post_images(live, [png_bytes()], params={"resolution": "45"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["options"]["resolution"] == 48
+    assert body["results"][0]["processed_size"] == {"width": 48, "height": 48}
+    assert body["results"][0]["grid"] == {"rows": 6, "cols": 6}
+
+
+def test_normalize_gives_unit_cls(live: LiveServer) -> None:
+    raw = decode_array(post_images(live, [png_bytes()]).json()["results"][0]["cls_embedding"])
+    response = post_images(live, [png_bytes()], {"normalize": "true"})
+    unit = decode_array(response.json()["results"][0]["cls_embedding"])
+    assert abs(float(np.linalg.norm(unit)) - 1.0) < 1e-5
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_base64_encoding_matches_json(live: LiveServer, dtype: str) -> None:
+    blob = png_bytes(50, 40, seed=4)
+    as_json = post_images(live, [blob], {"outputs": ALL_OUTPUTS}).json()["results"][0]
+    response = post_images(
+        live, [blob], {"outputs": ALL_OUTPUTS, "encoding": "base64", "dtype": dtype}
+    )
+    assert response.status_code == 200, response.text
+    result = EmbedResponse.model_validate(response.json()).results[0]
+    for name, shape in [
+        ("cls_embedding", [32]),
+        ("patch_features", [4, 4, 32]),
+        ("attention_maps", [2, 4, 4]),
+    ]:
+        value = getattr(result, name)
+        assert value.dtype == dtype and value.shape == shape
+        tolerance = 1e-7 if dtype == "float32" else 2e-3
+        np.testing.assert_allclose(
+            decode_array(value.model_dump()),
+            decode_array(as_json[name]),
+            rtol=tolerance,
+            atol=tolerance,
+        )
+
+
+def test_float16_json_values_are_half_precision(live: LiveServer) -> None:
+    response = post_images(live, [png_bytes()], {"dtype": "float16"})
+    values = np.asarray(response.json()["results"][0]["cls_embedding"], dtype=np.float64)
+    np.testing.assert_array_equal(values, values.astype(np.float16).astype(np.float64))
+
+
+def test_raw_image_body_equals_multipart(live: LiveServer) -> None:
+    blob = jpeg_bytes(48, 36, seed=5)
+    raw = live.client.post(
+        "/embed", content=blob, headers={"content-type": "image/jpeg"}, params={"outputs": "cls"}
+    )
+    assert raw.status_code == 200, raw.text
+    multipart = post_images(live, [blob])
+    assert raw.json()["results"] == multipart.json()["results"]
+
+
+def test_options_from_query_and_form_combine(live: LiveServer) -> None:
+    response = post_images(
+        live,
+        [png_bytes()],
+        {"outputs": "patch"},
+        params={"outputs": "attention", "dtype": "float16"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["options"]["outputs"] == ["patch_features", "attention_maps"]
+    assert body["options"]["dtype"] == "float16"
+    assert "cls_embedding" not in body["results"][0]
+
+
+def test_repeated_outputs_field(live: LiveServer) -> None:
+    files = [("images", ("a.png", png_bytes(), "image/png"))]
+    response = live.client.post("/embed", files=files, data={"outputs": ["cls", "attention"]})
+    assert response.status_code == 200, response.text
+    assert response.json()["options"]["outputs"] == ["cls_embedding", "attention_maps"]
+
+
+@pytest.mark.parametrize(
+    ("data", "params"),
+    [
+        ({"colour": "red"}, {}),
+        ({}, {"batch": "2"}),
+        ({"outputs": "cls,logits"}, {}),
+        ({"normalize": "maybe"}, {}),
+        ({"resolution": "big"}, {}),
+        ({"resolution": "4096"}, {}),
+        ({"resolution": "0"}, {}),
+        ({"crop": "left"}, {}),
+        ({"encoding": "msgpack"}, {}),
+        ({"dtype": "bfloat16"}, {}),
+        ({"crop": "none"}, {"crop": "center"}),
+    ],
+)
+def test_invalid_options_answer_422(
+    live: LiveServer, data: dict[str, str], params: dict[str, str]
+) -> None:
+    response = post_images(live, [png_bytes()], data, params=params)
+    assert_error(response, 422, "invalid_option")
+
+
+def test_image_errors_name_the_bad_image(live: LiveServer) -> None:
+    good = png_bytes()
+    truncated = jpeg_bytes(64, 64)[:300]
+    corrupt = bytearray(png_bytes(64, 64))
+    corrupt[60:200] = bytes(140)
+    cases = [
+        (b"", 400, "empty_image"),
+        (b"this is plain text, not an image", 400, "not_an_image"),
+        (truncated, 400, "corrupt_image"),
+        (bytes(corrupt), 400, "corrupt_image"),
+        (encode(Image.fromarray(gradient_rgb(8, 8)), "PPM"), 415, "unsupported_image_format"),
+    ]
+    for blob, status, code in cases:
+        response = post_images(live, [good, blob, good])
+        assert_error(response, status, code, index=1)
+
+
+def test_a_bad_image_changes_nothing_else(live: LiveServer) -> None:
+    batches = live.metric("dino_batch_size_count")
+    images = live.metric("dino_images_total")
+    response = post_images(live, [png_bytes(), b"garbage"])
+    assert_error(response, 400, "not_an_image", index=1)
+    assert live.metric("dino_batch_size_count") == batches  # nothing reached inference
+    assert live.metric("dino_images_total") == images
+    assert live.metric("dino_rejected_images_total", {"code": "not_an_image"}) >= 1
+    assert post_images(live, [png_bytes()]).status_code == 200
+
+
+def test_request_errors(live: LiveServer) -> None:
+    assert_error(
+        live.client.post("/embed", content=b"{}", headers={"content-type": "application/json"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert_error(live.client.post("/embed"), 415, "unsupported_media_type")
+    assert_error(live.client.post("/embed", data={"outputs": "cls"}), 415, "unsupported_media_type")
+    assert_error(
+        live.client.post("/embed", files=[("other", ("a.png", png_bytes(), "image/png"))]),
+        422,
+        "invalid_option",
+    )
+    assert_error(
+        live.client.post("/embed", files={"note": (None, "x")}, data={"outputs": "cls"}),
+        422,
+        "no_images",
+    )
+    assert_error(
+        live.client.post(
+            "/embed",
+            content=b"--xyz\r\nbroken",
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        ),
+        400,
+        "malformed_request",
+    )
+    assert_error(live.client.get("/nope"), 404, "not_found")
+    assert_error(live.client.get("/embed"), 405, "method_not_allowed")
+
+
+def test_formats_are_accepted(live: LiveServer) -> None:
+    rgb = Image.fromarray(gradient_rgb(40, 30))
+    blobs = [
+        encode(rgb, "PNG"),
+        encode(rgb, "JPEG"),
+        encode(rgb, "WEBP"),
+        encode(rgb, "BMP"),
+        encode(rgb, "GIF"),
+        encode(rgb, "TIFF"),
+        encode(rgb.convert("CMYK"), "JPEG"),
+        encode(rgb.convert("RGBA"), "PNG"),
+        encode(rgb.convert("P"), "PNG"),
+    ]
+    response = post_images(live, blobs)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == len(blobs)
+
+
+def test_health_readiness_models_metrics_docs(live: LiveServer) -> None:
+    assert live.client.get("/healthz").json() == {"status": "alive"}
+    ready = live.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True
+    assert ready.json()["execution_provider"] == "CPUExecutionProvider"
+    models = ModelsResponse.model_validate(live.client.get("/v1/models").json())
+    assert models.ready and models.loaded is not None
+    assert models.loaded.version == 1 and models.loaded.default_resolution == 32
+    assert models.loaded.preprocessing.resize_size == 37
+    assert models.loaded.self_check is not None
+    assert models.loaded.self_check.max_abs_error <= models.loaded.self_check.tolerance_abs
+    assert [v.state for v in models.versions] == ["serving"]
+    post_images(live, [png_bytes()])
+    text = live.client.get("/metrics").text
+    for name in [
+        "dino_http_requests_total",
+        "dino_http_request_duration_seconds",
+        "dino_queue_depth",
+        "dino_queue_wait_seconds",
+        "dino_batch_size",
+        "dino_images_in_flight",
+        'dino_stage_duration_seconds_count{stage="decode"}',
+        'dino_stage_duration_seconds_count{stage="preprocess"}',
+        'dino_stage_duration_seconds_count{stage="inference"}',
+        'dino_stage_duration_seconds_count{stage="encode"}',
+        'dino_model_info{execution_provider="CPUExecutionProvider",name="tiny",version="1"',
+    ]:
+        assert name in text, name
+    assert live.metric("dino_http_requests_total", {"route": "/embed", "status": "200"}) >= 1
+    spec = live.client.get("/openapi.json").json()
+    body = spec["paths"]["/embed"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body and "image/*" in body
+    assert live.client.get("/docs").status_code == 200
+
+
+def test_web_page_is_served_or_404(live: LiveServer) -> None:
+    response = live.client.get("/")
+    static = Path(__file__).resolve().parents[2] / "service" / "static" / "index.html"
+    if static.is_file():
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+    else:
+        assert_error(response, 404, "not_found")
+    assert_error(live.client.get("/static/does-not-exist.js"), 404, "not_found")
+
+
+def test_web_page_absent_answers_404(
+    tiny_model_repository: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("service.app.STATIC_DIR", tmp_path / "missing")
+    with run_server(tiny_settings(tiny_model_repository)) as server:
+        assert_error(server.client.get("/"), 404, "not_found")
+        assert_error(server.client.get("/static/app.js"), 404, "not_found")
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_model_repository: Path) -> Iterator[LiveServer]:
+    settings = tiny_settings(
+        tiny_model_repository,
+        max_body_bytes=40_000,
+        max_images_per_request=3,
+        max_image_pixels=100 * 100,
+        api_keys="alpha, beta",
+    )
+    with run_server(settings) as server:
+        yield server
+
+
+def test_limits(strict: LiveServer) -> None:
+    auth = {"Authorization": "Bearer beta"}
+    ok = post_images(strict, [png_bytes()], headers=auth)
+    assert ok.status_code == 200, ok.text
+    assert_error(post_images(strict, [png_bytes()] * 4, headers=auth), 422, "too_many_images")
+    noise = np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8)
+    big_body = encode(Image.fromarray(noise), "PNG")
+    assert len(big_body) > 40_000
+    assert_error(post_images(strict, [big_body], headers=auth), 413, "body_too_large")
+    too_many_pixels = encode(Image.fromarray(gradient_rgb(101, 100)), "PNG")
+    response = post_images(strict, [png_bytes(), too_many_pixels], headers=auth)
+    assert_error(response, 413, "image_too_large", index=1)
+
+
+def test_api_keys(strict: LiveServer) -> None:
+    client = strict.client
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    for route in ["/v1/models", "/metrics"]:
+        assert_error(client.get(route), 401, "unauthorized")
+        assert_error(
+            client.get(route, headers={"Authorization": "Bearer gamma"}), 401, "unauthorized"
+        )
+        assert client.get(route, headers={"Authorization": "Bearer alpha"}).status_code == 200
+    response = post_images(strict, [png_bytes()])
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_error(client.post("/admin/reload"), 401, "unauthorized")
+    assert (
+        client.post("/admin/reload", headers={"Authorization": "Bearer alpha"}).status_code == 200
+    )
+    assert_error(
+        post_images(strict, [png_bytes()], headers={"Authorization": "Basic YWxwaGE="}),
+        401,
+        "unauthorized",
+    )

@@ -1,0 +1,73 @@
+"""Dynamic batching across requests and back-pressure (429), observed through /metrics."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from tests.service.conftest import png_bytes, run_server, tiny_settings, wait_for
+
+
+def _post(url: str, blob: bytes, params: dict[str, str], barrier: threading.Barrier) -> int:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        barrier.wait()
+        files = [("images", ("a.png", blob, "image/png"))]
+        return client.post("/embed", files=files, params=params).status_code
+
+
+def test_concurrent_requests_share_inference_calls(tiny_model_repository: Path) -> None:
+    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=1500, max_batch_size=16)
+    with run_server(settings) as server:
+        batches = server.metric("dino_batch_size_count")  # warm-up runs outside the batcher
+        images = server.metric("dino_batch_size_sum")
+        requests = [({"resolution": "32"}, seed) for seed in range(6)]
+        requests += [({"resolution": "48"}, seed) for seed in range(6)]
+        barrier = threading.Barrier(len(requests))
+        with ThreadPoolExecutor(len(requests)) as pool:
+            statuses = list(
+                pool.map(
+                    lambda job: _post(server.url, png_bytes(seed=job[1]), job[0], barrier),
+                    requests,
+                )
+            )
+        assert statuses == [200] * len(requests)
+        calls = server.metric("dino_batch_size_count") - batches
+        assert server.metric("dino_batch_size_sum") - images == len(requests)
+        # Two processed sizes -> at least two calls; far fewer calls than requests.
+        assert 2 <= calls <= 4, calls
+        assert server.metric("dino_batch_size_bucket", {"le": "2.0"}) < calls + batches
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_model_repository: Path) -> None:
+    settings = tiny_settings(
+        tiny_model_repository,
+        max_queue_images=4,
+        max_images_per_request=4,
+        max_queue_delay_ms=1500,
+        max_batch_size=64,
+        retry_after_s=7,
+    )
+    with run_server(settings) as server:
+        barrier = threading.Barrier(1)
+        files = [("images", (f"{i}.png", png_bytes(seed=i), "image/png")) for i in range(4)]
+
+        def first() -> int:
+            barrier.wait()
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                return client.post("/embed", files=files).status_code
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(first)
+            wait_for(lambda: server.metric("dino_queue_depth") == 4)
+            refused = server.client.post("/embed", files=files[:1])
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "7"
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert server.metric("dino_images_in_flight") == 4
+            assert pending.result() == 200
+        assert server.metric("dino_images_in_flight") == 0
+        assert server.client.post("/embed", files=files[:1]).status_code == 200
+        assert server.metric("dino_http_requests_total", {"route": "/embed", "status": "429"}) == 1

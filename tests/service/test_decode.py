@@ -1,0 +1,181 @@
+"""Decoding uploads: every supported format and mode, refusals, and fuzzed bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.decode import decode_image
+from service.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageTooLargeError,
+    NotAnImageError,
+    ServiceError,
+    UnsupportedImageFormatError,
+)
+from tests.service.conftest import encode, gradient_rgb
+
+LIMIT = 10**7
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
+
+
+def rgb_image(width: int = 24, height: int = 16) -> Image.Image:
+    return Image.fromarray(gradient_rgb(width, height))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_round_trip(fmt: str) -> None:
+    image = rgb_image()
+    params = {"lossless": True} if fmt == "WEBP" else {}
+    decoded = decode_image(encode(image, fmt, **params), max_pixels=LIMIT)
+    assert decoded.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_jpeg_decodes_close_to_the_source() -> None:
+    image = rgb_image(64, 48)
+    decoded = decode_image(encode(image, "JPEG", quality=95), max_pixels=LIMIT)
+    assert decoded.size == (64, 48)
+    error = np.abs(np.asarray(decoded, np.int16) - np.asarray(image, np.int16))
+    assert error.mean() < 4
+
+
+def test_gif_gives_the_first_frame() -> None:
+    red = Image.new("RGB", (10, 10), (255, 0, 0))
+    blue = Image.new("RGB", (10, 10), (0, 0, 255))
+    buffer = io.BytesIO()
+    red.save(buffer, format="GIF", save_all=True, append_images=[blue], duration=10, loop=0)
+    decoded = decode_image(buffer.getvalue(), max_pixels=LIMIT)
+    assert decoded.mode == "RGB"
+    assert np.asarray(decoded)[5, 5].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("orientation", "expected_size"), [(1, (30, 20)), (3, (30, 20)), (6, (20, 30)), (8, (20, 30))]
+)
+def test_exif_orientation_is_applied(orientation: int, expected_size: tuple[int, int]) -> None:
+    image = Image.new("RGB", (30, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 5, 5))  # white marker in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = decode_image(encode(image, "JPEG", exif=exif, quality=100), max_pixels=LIMIT)
+    assert decoded.size == expected_size
+    corners = {
+        1: (1, 1),
+        3: (expected_size[0] - 2, expected_size[1] - 2),  # rotated 180
+        6: (expected_size[0] - 2, 1),  # rotated 90 clockwise on display
+        8: (1, expected_size[1] - 2),
+    }
+    x, y = corners[orientation]
+    assert np.asarray(decoded)[y, x, 0] > 200
+
+
+def test_modes_become_rgb() -> None:
+    image = rgb_image()
+    cmyk = decode_image(encode(image.convert("CMYK"), "JPEG", quality=100), max_pixels=LIMIT)
+    assert cmyk.mode == "RGB"
+    rgba = image.convert("RGBA")
+    rgba.putalpha(0)
+    decoded = decode_image(encode(rgba, "PNG"), max_pixels=LIMIT)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(image))  # alpha dropped
+    palette = image.convert("P", palette=Image.Palette.ADAPTIVE)
+    assert decode_image(encode(palette, "PNG"), max_pixels=LIMIT).mode == "RGB"
+    grey = decode_image(encode(image.convert("L"), "PNG"), max_pixels=LIMIT)
+    assert grey.mode == "RGB"
+    assert decode_image(encode(image.convert("LA"), "PNG"), max_pixels=LIMIT).mode == "RGB"
+    assert decode_image(encode(image.convert("1"), "PNG"), max_pixels=LIMIT).mode == "RGB"
+
+
+def test_sixteen_bit_greyscale_is_scaled() -> None:
+    values = np.array([[0, 257 * 128, 65535]], dtype=np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    for fmt in ["PNG", "TIFF"]:
+        decoded = decode_image(encode(image, fmt), max_pixels=LIMIT)
+        assert decoded.mode == "RGB"
+        assert np.asarray(decoded)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_refusals() -> None:
+    with pytest.raises(EmptyImageError):
+        decode_image(b"", max_pixels=LIMIT)
+    with pytest.raises(NotAnImageError):
+        decode_image(b"%PDF-1.4 definitely not an image", max_pixels=LIMIT)
+    with pytest.raises(CorruptImageError):
+        decode_image(encode(rgb_image(64, 64), "JPEG")[:200], max_pixels=LIMIT)
+    with pytest.raises(UnsupportedImageFormatError):
+        decode_image(encode(rgb_image(), "PPM"), max_pixels=LIMIT)
+    with pytest.raises(ImageTooLargeError, match="24x16"):
+        decode_image(encode(rgb_image(), "PNG"), max_pixels=24 * 16 - 1)
+    assert decode_image(encode(rgb_image(), "PNG"), max_pixels=24 * 16).size == (24, 16)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width x height`` followed by a tiny IDAT: a bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [5_000, 50_000])
+def test_decompression_bombs_are_refused_from_the_header(side: int) -> None:
+    # The body is ~100 bytes: a refusal that names the size proves no pixel was decoded.
+    with pytest.raises(ImageTooLargeError, match="pixels"):
+        decode_image(_png_header_only(side, side), max_pixels=LIMIT, index=3)
+
+
+def test_errors_carry_the_index() -> None:
+    with pytest.raises(ServiceError) as info:
+        decode_image(b"\x00\x01", max_pixels=LIMIT, index=7)
+    assert info.value.index == 7
+
+
+_SEEDS = [encode(rgb_image(12, 9), fmt) for fmt in ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]]
+
+
+def _check_decoder(data: bytes) -> None:
+    try:
+        image = decode_image(data, max_pixels=10**6)
+    except ServiceError as err:
+        assert err.status in (400, 413, 415)
+        assert err.message
+    else:
+        assert image.mode == "RGB" and image.width * image.height <= 10**6
+        image.tobytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=512))
+def test_fuzz_random_bytes_only_raise_domain_errors(data: bytes) -> None:
+    _check_decoder(data)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(range(len(_SEEDS))),
+    edits=st.lists(st.tuples(st.integers(0, 4096), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 4096)),
+)
+def test_fuzz_mutated_images_only_raise_domain_errors(
+    seed: int, edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    data = bytearray(_SEEDS[seed])
+    for position, value in edits:
+        data[position % len(data)] = value
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    _check_decoder(bytes(data))

@@ -1,0 +1,60 @@
+"""Option parsing and resolution rounding."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import InvalidOptionError
+from service.options import EmbedOptions, parse_options, resolve_resolution
+
+
+def test_defaults() -> None:
+    assert parse_options({}) == EmbedOptions()
+    assert EmbedOptions().outputs == ("cls_embedding",)
+
+
+def test_every_option() -> None:
+    options = parse_options(
+        {
+            "outputs": ["attention, cls", "patch_features"],
+            "normalize": ["Yes"],
+            "resolution": [" 100 "],
+            "crop": ["none"],
+            "encoding": ["base64"],
+            "dtype": ["float16"],
+        }
+    )
+    assert options == EmbedOptions(
+        outputs=("cls_embedding", "patch_features", "attention_maps"),
+        normalize=True,
+        resolution=100,
+        crop="none",
+        encoding="base64",
+        dtype="float16",
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"size": ["1"]}, "unknown option"),
+        ({"crop": ["none", "center"]}, "given 2 times"),
+        ({"outputs": [""]}, "outputs=''"),
+        ({"normalize": ["2"]}, "normalize='2'"),
+        ({"resolution": ["1.5"]}, "resolution='1.5'"),
+        ({"encoding": ["JSON"]}, "encoding='JSON'"),
+    ],
+)
+def test_errors_name_the_bad_value(raw: dict[str, list[str]], fragment: str) -> None:
+    with pytest.raises(InvalidOptionError, match=fragment):
+        parse_options(raw)
+
+
+def test_resolution_rounding_and_limits() -> None:
+    assert resolve_resolution(None, default=224, patch_size=16, max_resolution=1024) == 224
+    assert resolve_resolution(230, default=224, patch_size=16, max_resolution=1024) == 224
+    assert resolve_resolution(1, default=224, patch_size=16, max_resolution=1024) == 16
+    assert resolve_resolution(1030, default=224, patch_size=16, max_resolution=1024) == 1024
+    for bad in (0, -5, 1041, 10**9):
+        with pytest.raises(InvalidOptionError, match="limits"):
+            resolve_resolution(bad, default=224, patch_size=16, max_resolution=1024)

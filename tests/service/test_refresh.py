@@ -1,0 +1,195 @@
+"""Model repository watching: zero-downtime refresh, refused broken versions, readiness."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from models.contract import MODEL_FILENAME, model_path
+from models.export import export_to_repository
+from tests.conftest import TINY_MODEL_NAME, make_tiny_vit
+from tests.service.conftest import (
+    LiveServer,
+    copy_repository,
+    png_bytes,
+    run_server,
+    tiny_settings,
+    wait_for,
+)
+
+
+def _models(server: LiveServer) -> dict[str, Any]:
+    body: dict[str, Any] = server.client.get("/v1/models").json()
+    return body
+
+
+def _states(server: LiveServer) -> dict[int, str]:
+    return {row["version"]: row["state"] for row in _models(server)["versions"]}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".incoming")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def test_refresh_during_a_stream_of_requests(tiny_model_repository: Path, tmp_path: Path) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    settings = tiny_settings(repository, poll_interval_s=0.1)
+    with run_server(settings) as server:
+        stop = threading.Event()
+        statuses: Counter[int] = Counter()
+        versions: Counter[int] = Counter()
+        cls_by_version: dict[int, list[float]] = {}
+        blob = png_bytes(seed=7)
+
+        def stream() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                while not stop.is_set():
+                    response = client.post(
+                        "/embed", files=[("images", ("a.png", blob, "image/png"))]
+                    )
+                    statuses[response.status_code] += 1
+                    if response.status_code == 200:
+                        body = response.json()
+                        version = body["model"]["version"]
+                        versions[version] += 1
+                        cls_by_version[version] = body["results"][0]["cls_embedding"]
+
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: versions[1] >= 5)
+            export_to_repository(
+                make_tiny_vit(seed=1),
+                repository,
+                TINY_MODEL_NAME,
+                resolution=32,
+                weights_sha256="1" * 64,
+                source="tests: second version",
+            )
+            wait_for(lambda: versions[2] >= 5)
+            assert _states(server) == {1: "available", 2: "serving"}
+
+            # A corrupt version 3 and a half-written version 4 never replace version 2.
+            good = model_path(repository, TINY_MODEL_NAME, 2).read_bytes()
+            _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), b"not an onnx file")
+            half = model_path(repository, TINY_MODEL_NAME, 4)
+            half.parent.mkdir()
+            half.write_bytes(good[: len(good) // 2])
+            wait_for(
+                lambda: _states(server).get(3) == "failed" and _states(server).get(4) == "failed"
+            )
+            served_before = versions[2]
+            wait_for(lambda: versions[2] >= served_before + 5)
+            models = _models(server)
+            assert models["ready"] and models["loaded"]["version"] == 2
+            assert "version 4" in models["last_error"] or "version 3" in models["last_error"]
+            assert server.client.get("/readyz").json()["version"] == 2
+
+            # Once the half-written file is complete it is picked up.
+            half.write_bytes(good)
+            wait_for(lambda: versions[4] >= 3)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert set(statuses) == {200}, statuses
+        assert set(versions) == {1, 2, 4}
+        assert cls_by_version[1] != cls_by_version[2]
+        assert server.metric("dino_model_loads_total", {"outcome": "failed"}) == 2
+        assert server.metric("dino_model_info", {"version": "4"}) == 1
+        assert server.metric("dino_model_info", {"version": "2"}) == 0
+
+
+def test_readiness_follows_the_repository(tiny_model_repository: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    with run_server(tiny_settings(repository, poll_interval_s=0.1)) as server:
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["ready"] is False
+        embed = server.client.post(
+            "/embed", files=[("images", ("a.png", png_bytes(), "image/png"))]
+        )
+        assert embed.status_code == 503
+        assert embed.json()["error"]["code"] == "not_ready"
+        assert server.client.get("/healthz").status_code == 200
+        assert server.metric("dino_model_ready") == 0
+
+        # A broken model keeps the service not ready, with the reason visible.
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 1), b"\x08\x01garbage")
+        wait_for(lambda: _states(server).get(1) == "failed")
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503 and "version 1" in ready.json()["reason"]
+
+        source = model_path(tiny_model_repository, TINY_MODEL_NAME, 1)
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 2), source.read_bytes())
+        wait_for(lambda: server.client.get("/readyz").status_code == 200)
+        assert server.client.get("/readyz").json()["version"] == 2
+        assert server.metric("dino_model_ready") == 1
+        embed = server.client.post(
+            "/embed", files=[("images", ("a.png", png_bytes(), "image/png"))]
+        )
+        assert embed.status_code == 200
+
+
+def test_admin_reload_pinned_and_rollback(tiny_model_repository: Path, tmp_path: Path) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    source = model_path(repository, TINY_MODEL_NAME, 1)
+    with run_server(tiny_settings(repository)) as server:  # polling off
+        shutil.copytree(source.parent, source.parent.with_name("2"))
+        assert server.client.get("/readyz").json()["version"] == 1
+        reload = server.client.post("/admin/reload").json()
+        assert reload == {"changed": True, "serving_version": 2, "error": None}
+        # Deleting the serving version rolls back to the newest remaining one.
+        shutil.rmtree(source.parent.with_name("2"))
+        assert server.client.post("/admin/reload").json()["serving_version"] == 1
+        # A broken newer version is refused, and reported by the reload.
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 5), b"junk")
+        reload = server.client.post("/admin/reload").json()
+        assert reload["changed"] is False and reload["serving_version"] == 1
+        assert "version 5" in reload["error"]
+    pinned = tiny_settings(repository, version_policy="pinned", model_version=1)
+    shutil.copytree(source.parent, source.parent.with_name("3"))
+    with run_server(pinned) as server:
+        models = _models(server)
+        assert models["loaded"]["version"] == 1 and models["version_policy"] == "pinned"
+        assert server.client.post("/admin/reload").json()["serving_version"] == 1
+    assert (source.parent.with_name("3") / MODEL_FILENAME).is_file()
+
+
+def test_in_flight_requests_finish_on_the_old_model(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    settings = tiny_settings(repository, max_queue_delay_ms=1500, max_batch_size=64)
+    with run_server(settings) as server:
+        result: dict[str, Any] = {}
+
+        def slow_request() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                files = [("images", ("a.png", png_bytes(), "image/png"))]
+                result["response"] = client.post("/embed", files=files)
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        wait_for(lambda: server.metric("dino_queue_depth") == 1)
+        source = model_path(repository, TINY_MODEL_NAME, 1)
+        shutil.copytree(source.parent, source.parent.with_name("2"))
+        started = time.monotonic()
+        assert server.client.post("/admin/reload").json()["serving_version"] == 2
+        thread.join()
+        assert time.monotonic() - started < 5
+        response = result["response"]
+        assert response.status_code == 200
+        assert response.json()["model"]["version"] == 1  # queued before the swap

@@ -1,0 +1,174 @@
+"""Loading a model: contract check, metadata, load-time self-check, device selection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from models.contract import CONTRACT_VERSION, MetadataKey, model_path
+from service.runtime import (
+    CPU,
+    DeviceUnavailableError,
+    ModelLoadError,
+    gpu_present,
+    load_model,
+    requested_providers,
+)
+from tests.conftest import TINY_MODEL_NAME
+
+no_gpu = pytest.mark.skipif(gpu_present(), reason="needs a machine without an NVIDIA GPU")
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_model_repository: Path) -> Path:
+    return model_path(tiny_model_repository, TINY_MODEL_NAME, 1)
+
+
+def _variant(source: Path, destination: Path, edit: object) -> Path:
+    proto = onnx.load(str(source))
+    edit(proto)  # type: ignore[operator]
+    onnx.save(proto, str(destination))
+    return destination
+
+
+def _set_meta(proto: onnx.ModelProto, key: str, value: str | None) -> None:
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != key]
+    del proto.metadata_props[:]
+    for k, v in kept + ([(key, value)] if value is not None else []):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def test_load_checks_and_runs(tiny_path: Path) -> None:
+    model = load_model(tiny_path, name="tiny", version=1, device="cpu", warmup_batch_sizes=(1, 3))
+    assert model.provider == CPU
+    assert model.self_check is not None and model.self_check.cases == 2
+    assert model.self_check.max_abs_error < 1e-4 and model.self_check.min_cosine > 0.9999
+    assert (model.metadata.patch_size, model.metadata.embed_dim, model.metadata.num_heads) == (
+        8,
+        32,
+        2,
+    )
+    out = model.run(np.zeros((2, 3, 40, 24), np.float32), ("cls_embedding", "attention_maps"))
+    assert out["cls_embedding"].shape == (2, 32)
+    assert out["attention_maps"].shape == (2, 2, 15)  # (B, heads, 5 x 3 patches)
+
+
+def test_tampered_reference_outputs_are_refused(tiny_path: Path, tmp_path: Path) -> None:
+    def tamper(proto: onnx.ModelProto) -> None:
+        reference = json.loads(
+            {p.key: p.value for p in proto.metadata_props}[MetadataKey.REFERENCE]
+        )
+        reference["cases"][0]["cls_embedding"][0] += 0.01
+        _set_meta(proto, MetadataKey.REFERENCE, json.dumps(reference))
+
+    path = _variant(tiny_path, tmp_path / "tampered.onnx", tamper)
+    with pytest.raises(ModelLoadError, match="self-check failed"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        (MetadataKey.PREPROCESSING, None, "metadata lacks"),
+        (MetadataKey.CONTRACT_VERSION, CONTRACT_VERSION + "9", "contract version"),
+        (MetadataKey.PATCH_SIZE, "seven", "malformed metadata"),
+        (MetadataKey.RESOLUTION, "36", "disagree"),
+        (MetadataKey.REFERENCE, "{}", "malformed metadata"),
+    ],
+)
+def test_bad_metadata_is_refused(
+    tiny_path: Path, tmp_path: Path, key: str, value: str | None, fragment: str
+) -> None:
+    path = _variant(tiny_path, tmp_path / "bad.onnx", lambda p: _set_meta(p, key, value))
+    with pytest.raises(ModelLoadError, match=fragment):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_contract_mismatch_is_refused(tiny_path: Path, tmp_path: Path) -> None:
+    def rename(proto: onnx.ModelProto) -> None:
+        for node in proto.graph.node:
+            node.output[:] = ["cls" if o == "cls_embedding" else o for o in node.output]
+        for output in proto.graph.output:
+            if output.name == "cls_embedding":
+                output.name = "cls"
+
+    path = _variant(tiny_path, tmp_path / "renamed.onnx", rename)
+    with pytest.raises(ModelLoadError, match="'cls_embedding' is missing"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_unreadable_files_are_refused(tmp_path: Path) -> None:
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(b"\x00garbage")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(garbage, name="tiny", version=1, device="cpu")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_model(tmp_path / "absent.onnx", name="tiny", version=1, device="cpu")
+
+
+def test_cpu_device_requests_only_the_cpu() -> None:
+    assert requested_providers("cpu") == [CPU]
+
+
+@no_gpu
+def test_auto_uses_the_cpu_quietly_without_a_gpu(tiny_path: Path) -> None:
+    assert requested_providers("auto") == [CPU]
+    code = (
+        "from pathlib import Path; from service.runtime import load_model; "
+        f"m = load_model(Path({str(tiny_path)!r}), name='t', version=1, device='auto'); "
+        "print(m.provider)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == CPU
+    assert result.stderr.strip() == ""  # no error-level noise from a CUDA provider
+
+
+@no_gpu
+def test_cuda_device_fails_at_start_without_a_gpu(
+    tiny_path: Path, tiny_model_repository: Path
+) -> None:
+    with pytest.raises(DeviceUnavailableError, match="DINO_DEVICE=cuda"):
+        load_model(tiny_path, name="tiny", version=1, device="cuda")
+    env = {
+        **os.environ,
+        "DINO_DEVICE": "cuda",
+        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
+        "DINO_MODEL_NAME": TINY_MODEL_NAME,
+        "DINO_PORT": "0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "DINO_DEVICE=cuda" in result.stderr
+
+
+def test_invalid_settings_exit_with_a_message() -> None:
+    env = {**os.environ, "DINO_VERSION_POLICY": "pinned"}
+    env.pop("DINO_MODEL_VERSION", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "DINO_MODEL_VERSION" in result.stderr
