@@ -5,8 +5,12 @@
     host sync per tensor, the pairwise loss loop and a per-parameter Python EMA loop.
 (b) "optimised": our step: fused attention, bf16 autocast (fp16 + scaler with --precision fp16),
     fused AdamW, foreach clipping and EMA, the factored loss.
-Both run the same math on synthetic crops already on the device. Then the CPU augmentation's
-images/s per core. No network needed.
+Both run the same math on synthetic crops already on the device. Then the multi-crop
+augmentation, for 2x224 + 10x96 crops and for a Fashion-MNIST-like setting (28x28 images,
+2x32 + 6x16 crops): the CPU path's images/s per core (PIL, one thread; the default setting from
+500x375 photos) and the batched device-side path's images/s (``training.gpu_augment``, on the
+GPU, or on every CPU thread without CUDA; the default setting from 256x256 uint8 canvases, as
+the loader cuts them for 224 crops). No network needed.
 
     python bench/train_throughput.py            # CUDA defaults: ViT-S/16, 2x224 + 10x96, batch 64
     python bench/train_throughput.py --tiny     # seconds on a CPU
@@ -31,7 +35,9 @@ from torch import Tensor, nn
 from models.layers import Attention
 from models.vit import VisionTransformer, vit_config
 from training.augment import DataAugmentationDINO
+from training.data import canvas_transform
 from training.ema import ParameterEMA
+from training.gpu_augment import BatchedMultiCrop
 from training.heads import DINOHead
 from training.loss import DINOLoss
 from training.multicrop import MultiCropWrapper
@@ -53,11 +59,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", choices=["bf16", "fp16"], default="bf16", help="optimised step")
     p.add_argument("--compile", action="store_true", help="torch.compile the optimised backbones")
     p.add_argument("--aug_images", type=int, default=40, help="images for the CPU pipeline bench")
+    p.add_argument("--aug_batch", type=int, default=64, help="batch of the batched augmentation")
+    p.add_argument("--aug_steps", type=int, default=20, help="timed batches of it")
     args = p.parse_args()
     if args.tiny:
         args.arch, args.patch_size, args.batch, args.out_dim = "tiny", 8, 8, 1024
         args.global_size, args.local_size, args.local_crops = 32, 16, 4
-        args.steps, args.warmup, args.aug_images = 5, 1, 10
+        args.steps, args.warmup, args.aug_images = 5, 1, 4
+        args.aug_batch, args.aug_steps = 4, 2
     return args
 
 
@@ -221,27 +230,81 @@ def synthetic_photo(seed: int) -> Image.Image:
     return Image.fromarray(img)
 
 
-def bench_cpu_augmentation(args) -> dict[str, Any]:
+AUG_SETTINGS = {
+    # name: (global size, local size, local crops, global scale, local scale, canvas side)
+    "2x224+10x96": (224, 96, 10, (0.4, 1.0), (0.05, 0.4), 256),
+    "fashion_mnist_2x32+6x16": (32, 16, 6, (0.4, 1.0), (0.1, 0.4), 28),
+}
+
+
+def source_images(name: str, count: int) -> list[Image.Image]:
+    """500x375 photos for the default setting, 28x28 grayscale-as-RGB for the small one."""
+    if AUG_SETTINGS[name][5] == 28:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 255, (count, 28, 28)).astype(np.uint8)
+        return [Image.fromarray(img, mode="L").convert("RGB") for img in images]
+    return [synthetic_photo(i) for i in range(count)]
+
+
+def bench_cpu_augmentation(args, name: str) -> dict[str, Any]:
+    """The reference PIL pipeline on one thread (plus the gpu path's loader canvas cut)."""
+    g_size, l_size, n_local, g_scale, l_scale, canvas = AUG_SETTINGS[name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    aug = DataAugmentationDINO(
-        local_crops_number=args.local_crops,
-        global_size=args.global_size,
-        local_size=args.local_size,
-    )
-    images = [synthetic_photo(i) for i in range(min(args.aug_images, 8))]
+    aug = DataAugmentationDINO(g_scale, l_scale, n_local, g_size, l_size)
+    images = source_images(name, min(args.aug_images, 8))
     aug(images[0])
     start = time.perf_counter()
     for i in range(args.aug_images):
         aug(images[i % len(images)])
     elapsed = time.perf_counter() - start
+    cut = canvas_transform(None if canvas == 28 else canvas)
+    start = time.perf_counter()
+    for i in range(args.aug_images):
+        cut(images[i % len(images)])
+    cut_elapsed = time.perf_counter() - start
     torch.set_num_threads(threads)
     return {
         "bench": "cpu_augmentation",
+        "setting": name,
         "ms_per_image_per_core": round(1000 * elapsed / args.aug_images, 2),
         "img_per_s_per_core": round(args.aug_images / elapsed, 2),
-        "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
-        "source_image": "500x375",
+        "canvas_ms_per_image_per_core": round(1000 * cut_elapsed / args.aug_images, 3),
+        "crops": f"2x{g_size} + {n_local}x{l_size}",
+        "source_image": f"{images[0].width}x{images[0].height}",
+    }
+
+
+def bench_batched_augmentation(args, name: str, device: torch.device) -> dict[str, Any]:
+    """``BatchedMultiCrop`` on uint8 canvases already on the device."""
+    g_size, l_size, n_local, g_scale, l_scale, canvas = AUG_SETTINGS[name]
+    batch = args.aug_batch if canvas != 28 else 4 * args.aug_batch
+    cut = canvas_transform(None if canvas == 28 else canvas)
+    images = source_images(name, min(batch, 8))
+    canvases = torch.stack([cut(images[i % len(images)]) for i in range(batch)]).to(device)
+    aug = BatchedMultiCrop(g_scale, l_scale, n_local, g_size, l_size)
+    generator = torch.Generator(device=device).manual_seed(0)
+    cuda = device.type == "cuda"
+    for _ in range(2):
+        aug(canvases, generator)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.aug_steps):
+        aug(canvases, generator)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    hw = torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()}"
+    return {
+        "bench": "batched_augmentation",
+        "setting": name,
+        "img_per_s": round(batch * args.aug_steps / elapsed, 2),
+        "ms_per_batch": round(1000 * elapsed / args.aug_steps, 2),
+        "batch": batch,
+        "crops": f"2x{g_size} + {n_local}x{l_size}",
+        "canvas": f"{canvas}x{canvas} uint8",
+        "device": hw,
     }
 
 
@@ -280,7 +343,16 @@ def main() -> None:
             torch.cuda.empty_cache()
     ratio = results["optimised"]["img_per_s"] / results["reference"]["img_per_s"]
     print(json.dumps({"bench": "speedup", "optimised_over_reference": round(ratio, 3)}), flush=True)
-    print(json.dumps(bench_cpu_augmentation(args)), flush=True)
+    del student, teacher, crops
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    aug_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in AUG_SETTINGS:
+        cpu = bench_cpu_augmentation(args, name)
+        print(json.dumps(cpu), flush=True)
+        batched = bench_batched_augmentation(args, name, aug_device)
+        batched["cpu_cores_equivalent"] = round(batched["img_per_s"] / cpu["img_per_s_per_core"], 1)
+        print(json.dumps(batched), flush=True)
 
 
 if __name__ == "__main__":

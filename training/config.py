@@ -20,6 +20,7 @@ import yaml
 from training.optim import OPTIMIZERS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUGMENT_DEVICES = ("auto", "cpu", "gpu")
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "deit_tiny", "deit_small")
 
 
@@ -74,6 +75,16 @@ class PretrainConfig:
     local_crops_scale: tuple[float, float] = _opt((0.05, 0.4), "Scale range of local crops.")
     global_crops_size: int = _opt(224, "Side of global crops in pixels (model image size).")
     local_crops_size: int = _opt(96, "Side of local crops in pixels.")
+    augment_device: str = _opt(
+        "auto",
+        "Multi-crop on cpu (loader workers, PIL) or gpu (batched on the training device); "
+        "auto: gpu when training on CUDA.",
+    )
+    canvas_size: int = _opt(
+        0,
+        "gpu augmentation: side of the square uint8 canvas the loader cuts (shorter side "
+        "resized, random square); 0: global_crops_size * 8/7, Fashion-MNIST as is.",
+    )
     # Data and output.
     data_path: str = _opt("", "Image folder, or fashion-mnist:train / fashion-mnist:test.")
     output_dir: str = _opt(".", "Where checkpoints and logs go.")
@@ -104,6 +115,12 @@ class PretrainConfig:
             raise ConfigError(f"--arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.augment_device not in AUGMENT_DEVICES:
+            raise ConfigError(
+                f"--augment_device {self.augment_device!r} is not one of {AUGMENT_DEVICES}"
+            )
+        if self.canvas_size < 0:
+            raise ConfigError(f"--canvas_size must be >= 0, got {self.canvas_size}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         positive = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_every")

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
 
 logger = logging.getLogger(__name__)
 
@@ -179,3 +180,38 @@ def collate_crops(
     crops = [torch.stack([sample[0][i] for sample in batch]) for i in range(ncrops)]
     bad = [path for _, paths in batch for path in paths]
     return crops, bad
+
+
+def canvas_transform(size: int | None) -> Transform:
+    """PIL RGB image -> uint8 ``[3, S, S]`` canvas for the batched device-side augmentation.
+
+    The shorter side is resized to ``size`` (PIL bicubic, antialiased) and a random
+    ``size x size`` square is cut (torch's RNG, seeded per worker and epoch). ``None`` keeps the
+    image as it is (for sources whose images all share one size, such as Fashion-MNIST).
+    """
+    steps: list[Any] = []
+    if size is not None:
+        steps = [
+            v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomCrop(size),
+        ]
+    transform: Transform = v2.Compose([*steps, v2.PILToTensor()])
+    return transform
+
+
+def collate_canvases(
+    batch: Sequence[tuple[Tensor, tuple[str, ...]]],
+) -> tuple[Tensor, list[str]]:
+    """Stack uint8 canvases into ``[B, 3, H, W]``; gather the skipped paths.
+
+    Raises:
+        DataError: The canvases differ in size (a canvas size is needed for this source).
+    """
+    sizes = {tuple(sample[0].shape) for sample in batch}
+    if len(sizes) > 1:
+        raise DataError(
+            f"images of different sizes {sorted(sizes)} in one batch; set --canvas_size"
+        )
+    canvases = torch.stack([sample[0] for sample in batch])
+    bad = [path for _, paths in batch for path in paths]
+    return canvases, bad

@@ -34,7 +34,15 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import ConfigError, PretrainConfig, parse_config, save_config
-from training.data import DataError, build_dataset, collate_crops
+from training.data import (
+    FASHION_MNIST_PREFIX,
+    DataError,
+    Transform,
+    build_dataset,
+    canvas_transform,
+    collate_canvases,
+    collate_crops,
+)
 from training.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -43,6 +51,7 @@ from training.distributed import (
     ranks_agree,
 )
 from training.ema import ParameterEMA
+from training.gpu_augment import BatchedMultiCrop
 from training.heads import DINOHead
 from training.loss import DINOLoss
 from training.monitor import CollapseWatch, RunLog
@@ -80,6 +89,22 @@ def resolve_precision(config: PretrainConfig, device: torch.device) -> str:
     return precision
 
 
+def resolve_augment_device(config: PretrainConfig, device: torch.device) -> str:
+    """``cpu`` or ``gpu`` (the batched path on the training device; ``auto``: gpu on CUDA)."""
+    if config.augment_device == "auto":
+        return "gpu" if device.type == "cuda" else "cpu"
+    return config.augment_device
+
+
+def resolve_canvas_size(config: PretrainConfig) -> int | None:
+    """Canvas side for the batched augmentation; ``None``: Fashion-MNIST's native 28x28."""
+    if config.canvas_size:
+        return config.canvas_size
+    if config.data_path.startswith(FASHION_MNIST_PREFIX):
+        return None
+    return round(config.global_crops_size * 8 / 7)
+
+
 def build_vit_config(config: PretrainConfig) -> ViTConfig:
     """Architecture from ``--arch`` with optional custom ``embed_dim``/``depth``/``num_heads``.
 
@@ -111,6 +136,11 @@ def seed_everything(seed: int, rank: int, epoch: int) -> int:
     np.random.seed(int(state[0]))
     torch.manual_seed(int(state[0]))
     return int(state[1])
+
+
+def augment_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the device-side augmentation generator for (seed, rank, epoch)."""
+    return int(np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(3)[2])
 
 
 def _seed_worker(_worker_id: int) -> None:
@@ -257,13 +287,24 @@ class Trainer:
         self.precision = resolve_precision(config, info.device)
         self.vit = build_vit_config(config)
         self.output_dir = Path(config.output_dir)
-        self.transform = DataAugmentationDINO(
-            tuple(config.global_crops_scale),  # type: ignore[arg-type]
-            tuple(config.local_crops_scale),  # type: ignore[arg-type]
+        crop_args = (
+            tuple(config.global_crops_scale),
+            tuple(config.local_crops_scale),
             config.local_crops_number,
             config.global_crops_size,
             config.local_crops_size,
         )
+        self.augment_device = resolve_augment_device(config, info.device)
+        # gpu: the loader only decodes (and cuts a canvas); the crops are made on the device.
+        self.gpu_augment: BatchedMultiCrop | None = None
+        self.augment_generator = torch.Generator(device=self.device)
+        if self.augment_device == "gpu":
+            self.gpu_augment = BatchedMultiCrop(*crop_args)  # type: ignore[arg-type]
+            self.transform: Transform = canvas_transform(resolve_canvas_size(config))
+            collate: Any = collate_canvases
+        else:
+            self.transform = DataAugmentationDINO(*crop_args)  # type: ignore[arg-type]
+            collate = collate_crops
         self.dataset = build_dataset(config.data_path, self.transform)
         self.sampler: DistributedSampler[Any] = DistributedSampler(
             self.dataset,
@@ -280,7 +321,7 @@ class Trainer:
             num_workers=config.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
-            collate_fn=collate_crops,
+            collate_fn=collate,
             worker_init_fn=_seed_worker,
             generator=self.loader_generator,
         )
@@ -354,6 +395,14 @@ class Trainer:
         )
         logger.info("resumed from %s at epoch %d", path, self.start_epoch)
 
+    @torch.no_grad()
+    def device_crops(self, batch: Any) -> list[Tensor]:
+        """The loader's batch as crops on the device (augmented here on the gpu path)."""
+        if self.gpu_augment is None:
+            return [c.to(self.device, non_blocking=True) for c in batch]
+        canvases = batch.to(self.device, non_blocking=True)  # [B, 3, H, W] uint8
+        return self.gpu_augment(canvases, self.augment_generator)
+
     def train_step(self, crops: list[Tensor], epoch: int, it: int) -> Tensor:
         """One optimisation step; returns the (detached) loss without synchronising."""
         config = self.config
@@ -403,6 +452,7 @@ class Trainer:
         config = self.config
         loader_seed = seed_everything(config.seed, self.info.rank, epoch)
         self.loader_generator.manual_seed(loader_seed)
+        self.augment_generator.manual_seed(augment_seed(config.seed, self.info.rank, epoch))
         self.sampler.set_epoch(epoch)
         self.nets.student.train()
         self.nets.teacher.train()
@@ -416,10 +466,10 @@ class Trainer:
         )
         tick, tick_step = time.perf_counter(), 0
         img_per_s = 0.0
-        for i, (cpu_crops, bad) in enumerate(self.loader):
+        for i, (batch, bad) in enumerate(self.loader):
             it = epoch * self.niter + i
             self._note_skipped(bad)
-            crops = [c.to(self.device, non_blocking=True) for c in cpu_crops]
+            crops = self.device_crops(batch)
             loss = self.train_step(crops, epoch, it)
             loss_sum += loss
             bar.update(1)
@@ -521,7 +571,8 @@ class Trainer:
         """The epoch loop; returns the exit status."""
         config = self.config
         logger.info(
-            "training %s (%s) on %s x%d, %s, %d images, %d iterations/epoch, %d crops",
+            "training %s (%s) on %s x%d, %s, %d images, %d iterations/epoch, %d crops (%s "
+            "augmentation)",
             self.vit.arch,
             f"dim {self.vit.embed_dim}, depth {self.vit.depth}, patch {self.vit.patch_size}",
             self.device,
@@ -530,6 +581,7 @@ class Trainer:
             self.num_images,
             self.niter,
             self.ncrops,
+            self.augment_device,
         )
         self.resume()
         if self.start_epoch >= config.epochs:
