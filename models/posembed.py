@@ -32,7 +32,9 @@ def _cubic_far(t: Tensor) -> Tensor:
     return ((_CUBIC_A * t - 5 * _CUBIC_A) * t + 8 * _CUBIC_A) * t - 4 * _CUBIC_A
 
 
-def bicubic_matrix(out_size: Tensor, in_size: int, *, identity: Tensor) -> Tensor:
+def bicubic_matrix(
+    out_size: Tensor, in_size: int, *, identity: Tensor, device: torch.device
+) -> Tensor:
     """Interpolation matrix of PyTorch's bicubic resize with the DINO scale factor.
 
     Args:
@@ -40,14 +42,14 @@ def bicubic_matrix(out_size: Tensor, in_size: int, *, identity: Tensor) -> Tenso
         in_size: Stored grid length ``s`` (14 for 224/16).
         identity: 0-d bool tensor; when true the identity matrix is returned (the reference
             skips interpolation), which requires ``out_size == in_size``.
+        device: Where to build the matrix (the sizes may live on the CPU: no device sync).
 
     Returns:
         Float32 matrix ``[g, s]`` such that ``resized = M @ grid`` along that axis.
     """
-    device = identity.device
     # scale_factor = (g + 0.1) / s in double, then PyTorch uses float(1.0 / scale_factor).
     scale_factor = (out_size.to(torch.float64) + 0.1) / float(in_size)
-    inv_scale = (1.0 / scale_factor).to(torch.float32)
+    inv_scale = (1.0 / scale_factor).to(device=device, dtype=torch.float32)
     dst = torch.arange(out_size, device=device).to(torch.float32)  # type: ignore[call-overload]  # (g,)
     real = inv_scale * (dst + 0.5) - 0.5
     # guard_index_and_lambda: index = min(floor(real), s - 1), t = clamp(real - index, 0, 1).
@@ -60,7 +62,7 @@ def bicubic_matrix(out_size: Tensor, in_size: int, *, identity: Tensor) -> Tenso
         tap = torch.clamp(base + (k - 1), 0.0, float(in_size - 1))  # (g,)
         matrix = matrix + (tap[:, None] == cols[None, :]).to(torch.float32) * w[:, None]
     eye = (dst[:, None] == cols[None, :]).to(torch.float32)  # (g, s)
-    return torch.where(identity, eye, matrix)
+    return torch.where(identity.to(device), eye, matrix)
 
 
 def interpolate_pos_embed(
@@ -86,8 +88,9 @@ def interpolate_pos_embed(
     grid_h = torch.div(height, patch_size, rounding_mode="floor")
     grid_w = torch.div(width, patch_size, rounding_mode="floor")
     identity = (grid_h * grid_w == num_stored) & (height == width)
-    rows = bicubic_matrix(grid_h, side, identity=identity)  # (g_h, s)
-    cols = bicubic_matrix(grid_w, side, identity=identity)  # (g_w, s)
+    device = pos_embed.device
+    rows = bicubic_matrix(grid_h, side, identity=identity, device=device)  # (g_h, s)
+    cols = bicubic_matrix(grid_w, side, identity=identity, device=device)  # (g_w, s)
     cls_pos = pos_embed[:, :1]
     grid = pos_embed[0, 1:].to(torch.float32).reshape(side, side, dim)  # (s, s, D)
     resized = torch.einsum("ia,jb,abd->ijd", rows, cols, grid)  # (g_h, g_w, D)

@@ -145,8 +145,12 @@ def extract_features(
     recipe: PreprocessingRecipe,
     batch_size: int,
     desc: str,
+    prepare: Callable[[Image.Image], FloatArray] | None = None,
 ) -> tuple[Tensor, list[int]]:
-    """L2-normalised features of the loadable images and the indices that were kept."""
+    """L2-normalised features of the loadable images and the indices that were kept.
+
+    ``prepare`` replaces the recipe's preprocessing (used for the raw-pixel baseline).
+    """
     chunks: list[FloatArray] = []
     kept: list[int] = []
 
@@ -157,7 +161,7 @@ def extract_features(
             image = load()
             if image is None:
                 continue
-            pixels.append(preprocess(image, recipe))
+            pixels.append(prepare(image) if prepare else preprocess(image, recipe))
             indices.append(index)
             if len(pixels) == batch_size:
                 yield np.stack(pixels), indices
@@ -214,6 +218,15 @@ def _limit(n: int, limit: int) -> int:
     return n if limit <= 0 else min(n, limit)
 
 
+def _raw_pixels(image: Image.Image) -> FloatArray:
+    """The image's own pixels, flattened (the raw-pixel baseline)."""
+    return np.asarray(image, dtype=np.float32).reshape(-1)
+
+
+def _identity(batch: FloatArray) -> FloatArray:
+    return batch
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.eval_knn", description="Weighted k-NN evaluation (DINO protocol)."
@@ -223,6 +236,11 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", "--pretrained_weights", type=Path, help="Training or backbone checkpoint."
     )
     source.add_argument("--onnx", type=Path, help="Exported ONNX model (model.onnx).")
+    source.add_argument(
+        "--raw_pixels",
+        action="store_true",
+        help="Baseline: the images' own pixels (no resize) as features.",
+    )
     parser.add_argument("--checkpoint_key", default="teacher", help="teacher or student.")
     parser.add_argument("--dataset", choices=["fashion-mnist"], help="Built-in dataset.")
     parser.add_argument("--train_dir", type=Path, help="ImageFolder training split.")
@@ -253,7 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         CheckpointError = RuntimeError  # type: ignore[misc,assignment]
     try:
-        if args.onnx is not None:
+        prepare: Callable[[Image.Image], FloatArray] | None = None
+        extract: Extractor
+        if args.raw_pixels:
+            recipe = PreprocessingRecipe.for_resolution(args.resolution or 224)
+            prepare, extract = _raw_pixels, _identity
+        elif args.onnx is not None:
             extract, recipe = onnx_extractor(args.onnx, args.resolution)
         else:
             extract, recipe = torch_extractor(args.checkpoint, args.checkpoint_key, args.resolution)
@@ -275,9 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_loaders = [_file_loader(p) for p in train_paths]
             test_loaders = [_file_loader(p) for p in test_paths]
         train_f, train_kept = extract_features(
-            train_loaders, extract, recipe, args.batch_size, "train"
+            train_loaders, extract, recipe, args.batch_size, "train", prepare
         )
-        test_f, test_kept = extract_features(test_loaders, extract, recipe, args.batch_size, "test")
+        test_f, test_kept = extract_features(
+            test_loaders, extract, recipe, args.batch_size, "test", prepare
+        )
     except (DataError, CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

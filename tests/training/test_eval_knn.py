@@ -67,3 +67,25 @@ def test_cli_on_onnx_model_and_checkpoint(
     assert main([*argv, "--val_dir", str(image_dir), "--nb_knn", "1"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["top1"] == 100.0  # every val image is its own nearest train neighbour
+
+
+def test_raw_pixel_baseline_matches_numpy(tmp_path, monkeypatch, capsys):
+    import gzip
+
+    root = write_fashion_mnist(tmp_path / "fm", n_train=60, n_test=20, seed=3)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    assert main(["--raw_pixels", "--dataset", "fashion-mnist", "--nb_knn", "5"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    def load(prefix, offset, shape):
+        with gzip.open(root / prefix) as f:
+            return np.frombuffer(f.read(), np.uint8, offset=offset).reshape(shape)
+
+    train_x = load("train-images-idx3-ubyte.gz", 16, (60, -1)).astype(np.float64)
+    test_x = load("t10k-images-idx3-ubyte.gz", 16, (20, -1)).astype(np.float64)
+    train_y = load("train-labels-idx1-ubyte.gz", 8, (60,))
+    test_y = load("t10k-labels-idx1-ubyte.gz", 8, (20,))
+    train_x /= np.linalg.norm(train_x, axis=1, keepdims=True)
+    test_x /= np.linalg.norm(test_x, axis=1, keepdims=True)
+    want = numpy_knn(train_x, train_y, test_x, test_y, 5, 0.07, 3)
+    assert (got["top1"], got["top5"]) == pytest.approx(want)
