@@ -7,13 +7,14 @@ value stored here is a tensor, a number, a string or a container of those).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from models.checkpoint import file_sha256
 
 CHECKPOINT_NAME = "checkpoint.pth"
 DIGEST_SUFFIX = ".sha256"
@@ -22,15 +23,6 @@ REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "dino_loss")
 
 class CheckpointCorruptError(RuntimeError):
     """A checkpoint cannot be read back: truncated, modified or not a DINO checkpoint."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -60,7 +52,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        digest = sha256_file(Path(tmp))
+        digest = file_sha256(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -82,7 +74,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     digest_file = path.with_name(path.name + DIGEST_SUFFIX)
     if digest_file.is_file():
         recorded = digest_file.read_text().split()[0] if digest_file.read_text().strip() else ""
-        actual = sha256_file(path)
+        actual = file_sha256(path)
         if recorded != actual:
             raise CheckpointCorruptError(
                 f"checkpoint {path} is corrupted or was cut short: its SHA-256 {actual[:12]}... "
