@@ -4,7 +4,9 @@ Starts ``python -m service`` on a loopback port with a model repository, uploads
 several client concurrencies (CLS only and CLS+patch+attention, json and base64 encodings),
 and reports images/s with p50/p99 latency. In the same run it times the bare onnxruntime
 session on batches of the sizes the service actually formed (read from its batch-size
-histogram) on the same preprocessed pixels, and prints the ratio service / raw.
+histogram) on the same preprocessed pixels, and prints the ratio service / raw. The JSON
+report also holds, per level, the mean of each ``Server-Timing`` stage the service reported
+(read, decode, queue, infer, encode, total).
 
 Examples:
     python bench/serve_throughput.py --tiny                 # seconds, for a smoke run
@@ -118,6 +120,14 @@ def _histogram(text: str) -> tuple[float, float]:
     return total, count
 
 
+def _server_timing(header: str, totals: dict[str, float]) -> None:
+    """Add the ``name;dur=<ms>`` entries of a ``Server-Timing`` header to ``totals``."""
+    for entry in header.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        if name and duration:
+            totals[name] = totals.get(name, 0.0) + float(duration)
+
+
 async def _level(
     url: str,
     blobs: list[bytes],
@@ -128,6 +138,7 @@ async def _level(
     params: dict[str, str],
 ) -> dict[str, Any]:
     latencies: list[float] = []
+    stage_totals: dict[str, float] = {}
     failures = 0
     next_index = 0
     deadline = time.perf_counter() + seconds
@@ -146,6 +157,7 @@ async def _level(
                 await response.aread()
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
+                    _server_timing(response.headers.get("server-timing", ""), stage_totals)
                 else:
                     failures += 1
 
@@ -153,8 +165,11 @@ async def _level(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
     latencies.sort()
+    done = max(len(latencies), 1)
     return {
         "requests": len(latencies),
+        # mean per request of each Server-Timing stage (read, decode, queue, infer, encode)
+        "server_stages_ms": {name: total / done for name, total in stage_totals.items()},
         "failures": failures,
         "images_per_s": len(latencies) / wall if wall > 0 else 0.0,
         "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),

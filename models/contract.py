@@ -283,7 +283,12 @@ def model_versions(repository: Path, name: str) -> list[int]:
         return []
     versions = []
     for child in root.iterdir():
-        if child.name.isdigit() and int(child.name) > 0 and (child / MODEL_FILENAME).is_file():
+        if (
+            child.name.isascii()
+            and child.name.isdigit()
+            and int(child.name) > 0
+            and (child / MODEL_FILENAME).is_file()
+        ):
             versions.append(int(child.name))
     return sorted(versions)
 

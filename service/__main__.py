@@ -27,7 +27,11 @@ def main() -> int:
     warnings.filterwarnings("ignore", module=r"PIL\.")
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_keep_alive=settings.keep_alive_s,
     )
     server = uvicorn.Server(config)
     server.run()

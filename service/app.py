@@ -1,8 +1,8 @@
 """The HTTP application: ``create_app(settings)`` builds a FastAPI app with its lifespan.
 
-Routes: ``POST /embed``, ``GET /healthz``, ``GET /readyz``, ``GET /v1/models``, ``GET /metrics``,
-``POST /admin/reload``, the web page at ``/`` and ``/static/*``, and the OpenAPI docs.
-Domain errors (:mod:`service.errors`) become ``{"error": {"code", "message", "index"}}``.
+Routes: ``POST /embed``, ``GET|HEAD /healthz``, ``GET|HEAD /readyz``, ``GET /v1/models``,
+``GET /metrics``, ``POST /admin/reload``, the web page at ``/`` and ``/static/*``, and the OpenAPI
+docs. Domain errors (:mod:`service.errors`) become ``{"error": {"code", "message", "index"}}``.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batcher import Batcher
+from service.batcher import Batcher, attention_bytes
 from service.decode import decode_image
 from service.encode import ImageRecord, encode_response
-from service.errors import NotReadyError, ServiceError, UnauthorizedError
+from service.errors import NotReadyError, ServiceError, TooManyTokensError, UnauthorizedError
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, parse_options, resolve_resolution
@@ -47,7 +47,7 @@ from service.schemas import (
     ReloadResponse,
 )
 from service.settings import Settings
-from service.upload import parse_upload, read_body
+from service.upload import BodyBudget, parse_upload, read_body
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class ServiceState:
     manager: ModelManager
     batcher: Batcher
     pool: ThreadPoolExecutor
+    bodies: BodyBudget
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,30 @@ class _Prepared:
     pixels: np.ndarray  # (3, H, W)
     original_size: tuple[int, int]
     processed_size: tuple[int, int]
+
+
+class _Timer:
+    """Durations of a request's stages, for the ``Server-Timing`` header."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._last = self.started
+        self.stages: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        """Close the stage that began at the previous mark (or at the start)."""
+        now = time.perf_counter()
+        self.stages.append((name, now - self._last))
+        self._last = now
+
+    def add(self, name: str, seconds: float) -> None:
+        """Record a stage measured elsewhere."""
+        self.stages.append((name, seconds))
+
+    def header(self) -> str:
+        """``name;dur=<ms>`` entries, then ``total``."""
+        entries = [*self.stages, ("total", time.perf_counter() - self.started)]
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in entries)
 
 
 def _state(request: Request) -> ServiceState:
@@ -92,8 +117,10 @@ def require_key(
         return
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise UnauthorizedError("this route needs an API key: send 'Authorization: Bearer <key>'")
-    presented = credentials.credentials.encode("utf-8")
-    matches = [hmac.compare_digest(presented, key.encode("utf-8")) for key in keys]
+    # Starlette decodes header bytes as latin-1, so this recovers the bytes on the wire; the
+    # configured keys are ASCII (checked by Settings), so only the same bytes can match.
+    presented = credentials.credentials.encode("latin-1")
+    matches = [hmac.compare_digest(presented, key.encode("ascii")) for key in keys]
     if not any(matches):
         raise UnauthorizedError("the API key is not valid")
 
@@ -102,12 +129,14 @@ router = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_key)])
 
 
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=HealthResponse, tags=["health"])
 async def healthz() -> HealthResponse:
     """Liveness: the process answers."""
     return HealthResponse()
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=ReadyResponse,
@@ -115,7 +144,11 @@ async def healthz() -> HealthResponse:
     tags=["health"],
 )
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: a model is loaded, contract-checked, self-checked and warmed up."""
+    """Readiness: a model is loaded, contract-checked, self-checked and warmed up.
+
+    Every field is always present: ``reason`` is null when ready; ``model``, ``version`` and
+    ``execution_provider`` are null when not.
+    """
     manager = _state(request).manager
     model = manager.current
     if model is None:
@@ -169,68 +202,128 @@ async def embed(request: Request) -> Response:
     state = _state(request)
     settings = state.settings
     loop = asyncio.get_running_loop()
-    body = await read_body(request, max_bytes=settings.max_body_bytes)
-    upload = await loop.run_in_executor(
-        state.pool,
-        functools.partial(
-            parse_upload,
-            body,
-            content_type=request.headers.get("content-type", ""),
-            query=request.query_params.multi_items(),
-            max_images=settings.max_images_per_request,
-        ),
-    )
-    options = parse_options(upload.options)
-    model = state.manager.current
-    if model is None:
-        raise NotReadyError("no model is loaded yet; see /readyz and /v1/models")
-    resolution = resolve_resolution(
-        options.resolution,
-        default=model.metadata.resolution,
-        patch_size=model.metadata.patch_size,
-        max_resolution=settings.max_resolution,
-    )
-    with state.batcher.admitted(len(upload.images)):
-        jobs = [
-            loop.run_in_executor(
-                state.pool,
-                functools.partial(
-                    _prepare, data, index, model, options, resolution, settings, state.metrics
-                ),
-            )
-            for index, data in enumerate(upload.images)
-        ]
-        prepared = await asyncio.gather(*jobs, return_exceptions=True)
-        for outcome in prepared:  # in request order: the first bad image is reported
-            if isinstance(outcome, BaseException):
-                raise outcome
-        ready = [p for p in prepared if isinstance(p, _Prepared)]
-        outputs = await state.batcher.submit(model, [p.pixels for p in ready], options.outputs)
-        patch = model.metadata.patch_size
-        records = [
-            ImageRecord(
-                index=index,
-                original_size=p.original_size,
-                processed_size=p.processed_size,
-                grid=(p.processed_size[1] // patch, p.processed_size[0] // patch),
-                outputs=out,
-            )
-            for index, (p, out) in enumerate(zip(ready, outputs, strict=True))
-        ]
-        started = time.perf_counter()
-        content = await loop.run_in_executor(
+    timer = _Timer()
+    with state.bodies.reservation() as reservation:
+        body = await read_body(
+            request,
+            max_bytes=settings.max_body_bytes,
+            reservation=reservation,
+            timeout_s=settings.body_timeout_s,
+        )
+        upload = await loop.run_in_executor(
             state.pool,
             functools.partial(
-                encode_response,
-                model=_summary(model),
-                options=options,
-                resolution=resolution,
-                records=records,
+                parse_upload,
+                body,
+                content_type=request.headers.get("content-type", ""),
+                query=request.query_params.multi_items(),
+                max_images=settings.max_images_per_request,
             ),
         )
-        state.metrics.stage_seconds.labels("encode").observe(time.perf_counter() - started)
-    state.metrics.images.inc(len(records))
-    return Response(content, media_type="application/json")
+        del body  # the parts are copies; the reservation still counts their bytes
+        timer.mark("read")
+        options = parse_options(upload.options)
+        model = state.manager.current
+        if model is None:
+            raise NotReadyError("no model is loaded yet; see /readyz and /v1/models")
+        resolution = resolve_resolution(
+            options.resolution,
+            default=model.metadata.resolution,
+            patch_size=model.metadata.patch_size,
+            max_resolution=settings.max_resolution,
+        )
+        if options.crop == "center":  # every image has this size: refuse before decoding
+            check_attention_budget(model, (resolution, resolution), settings, index=None)
+        with state.batcher.admitted(len(upload.images)):
+            content = await _embed_admitted(state, model, upload.images, options, resolution, timer)
+    state.metrics.images.inc(len(upload.images))
+    return Response(
+        content, media_type="application/json", headers={"Server-Timing": timer.header()}
+    )
+
+
+async def _embed_admitted(
+    state: ServiceState,
+    model: OnnxModel,
+    images: list[bytes],
+    options: EmbedOptions,
+    resolution: int,
+    timer: _Timer,
+) -> bytes:
+    """Decode, preprocess, infer and encode the images of one admitted request."""
+    loop = asyncio.get_running_loop()
+    settings = state.settings
+    jobs = [
+        loop.run_in_executor(
+            state.pool,
+            functools.partial(
+                _prepare, data, index, model, options, resolution, settings, state.metrics
+            ),
+        )
+        for index, data in enumerate(images)
+    ]
+    prepared = await asyncio.gather(*jobs, return_exceptions=True)
+    for outcome in prepared:  # in request order: the first bad image is reported
+        if isinstance(outcome, BaseException):
+            raise outcome
+    ready = [p for p in prepared if isinstance(p, _Prepared)]
+    timer.mark("decode")
+    submitted = time.perf_counter()
+    results = await state.batcher.submit(model, [p.pixels for p in ready], options.outputs)
+    infer = max(result.infer_s for result in results)
+    timer.add("queue", max(time.perf_counter() - submitted - infer, 0.0))
+    timer.add("infer", infer)
+    patch = model.metadata.patch_size
+    records = [
+        ImageRecord(
+            index=index,
+            original_size=p.original_size,
+            processed_size=p.processed_size,
+            grid=(p.processed_size[1] // patch, p.processed_size[0] // patch),
+            outputs=result.outputs,
+        )
+        for index, (p, result) in enumerate(zip(ready, results, strict=True))
+    ]
+    started = time.perf_counter()
+    content = await loop.run_in_executor(
+        state.pool,
+        functools.partial(
+            encode_response,
+            model=_summary(model),
+            options=options,
+            resolution=resolution,
+            records=records,
+        ),
+    )
+    encoded = time.perf_counter() - started
+    state.metrics.stage_seconds.labels("encode").observe(encoded)
+    timer.add("encode", encoded)
+    return content
+
+
+def check_attention_budget(
+    model: OnnxModel, size: tuple[int, int], settings: Settings, *, index: int | None
+) -> None:
+    """Refuse an image whose attention matrix alone exceeds ``max_batch_attention_bytes``.
+
+    Raises:
+        TooManyTokensError: Its cost is over the budget.
+    """
+    meta = model.metadata
+    width, height = size
+    cost = attention_bytes(
+        width=width, height=height, patch_size=meta.patch_size, num_heads=meta.num_heads
+    )
+    budget = settings.max_batch_attention_bytes
+    if cost > budget:
+        tokens = (width // meta.patch_size) * (height // meta.patch_size) + 1
+        raise TooManyTokensError(
+            f"at {width}x{height} pixels the image has {tokens} tokens and needs "
+            f"{cost / 2**20:.1f} MiB of attention memory, over the limit of "
+            f"{budget / 2**20:.1f} MiB (DINO_MAX_BATCH_ATTENTION_BYTES); ask for a smaller "
+            "resolution (or crop=center)",
+            index=index,
+        )
 
 
 def _prepare(
@@ -256,6 +349,7 @@ def _prepare(
         patch_size=model.metadata.patch_size,
         max_side=settings.max_resolution,
     )
+    check_attention_budget(model, geometry.size, settings, index=index)
     pixels = to_pixels(image, geometry, model.metadata.recipe)
     metrics.stage_seconds.labels("preprocess").observe(time.perf_counter() - decoded)
     return _Prepared(pixels, (image.width, image.height), geometry.size)
@@ -308,7 +402,7 @@ def _loaded_model(model: OnnxModel) -> dict[str, Any]:
 # Web page
 
 
-@router.get("/", include_in_schema=False, response_model=None)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False, response_model=None)
 async def index() -> Response:
     """The web page (service/static/index.html)."""
     page = STATIC_DIR / "index.html"
@@ -317,14 +411,28 @@ async def index() -> Response:
     return FileResponse(page, media_type="text/html")
 
 
-@router.get("/static/{path:path}", include_in_schema=False, response_model=None)
+@router.api_route(
+    "/static/{path:path}", methods=["GET", "HEAD"], include_in_schema=False, response_model=None
+)
 async def static_file(path: str) -> Response:
-    """Files of the web page; never anything outside service/static."""
-    root = STATIC_DIR.resolve()
-    target = (root / path).resolve()
-    if not target.is_relative_to(root) or not target.is_file():
-        return _error_response(404, "not_found", f"no static file {path!r}", None)
+    """Files of the web page; never anything outside service/static.
+
+    The requested path is only ever used as a key into the listing of the directory, never
+    handed to the file system, so odd names (``..``, NUL bytes, overlong names) are just 404s.
+    """
+    target = _static_files(STATIC_DIR).get(path)
+    if target is None:
+        return _error_response(404, "not_found", f"no static file {path[:100]!r}", None)
     return FileResponse(target)
+
+
+def _static_files(root: Path) -> dict[str, Path]:
+    """Relative POSIX path -> file, for every regular file under ``root``."""
+    if not root.is_dir():
+        return {}
+    return {
+        entry.relative_to(root).as_posix(): entry for entry in root.rglob("*") if entry.is_file()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,12 +539,16 @@ def create_app(settings: Settings | None = None, *, loader: Loader = load_model)
         batcher = Batcher(
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_attention_bytes=settings.max_batch_attention_bytes,
             capacity=settings.max_queue_images,
             retry_after_s=settings.retry_after_s,
             metrics=metrics,
         )
         manager = ModelManager(settings, metrics, loader)
-        app.state.service = ServiceState(settings, metrics, manager, batcher, pool)
+        bodies = BodyBudget(
+            settings.max_body_bytes_in_flight, settings.retry_after_s, metrics.body_bytes.set
+        )
+        app.state.service = ServiceState(settings, metrics, manager, batcher, pool, bodies)
         await batcher.start()
         try:
             await manager.start()

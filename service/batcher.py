@@ -7,6 +7,15 @@ to ``max_queue_delay`` (or until ``max_batch_size`` images), and runs it in a de
 inference thread so the event loop stays free. While a batch runs, the next one accumulates, so
 under load batches form without any added delay (continuous batching).
 
+A batch is also bounded by attention memory: ``batch * tokens**2 * heads * 4`` bytes (the
+float32 attention matrix of one block, see :func:`attention_bytes`) stays within
+``max_attention_bytes``; a group whose images are large runs in smaller batches. (An image whose
+own cost exceeds the budget is refused by the route before it is queued.)
+
+If an inference call fails, its images are retried one by one, so one poisoned image does not
+fail the other clients' images that shared its batch; the failure is logged with a reference
+and the client sees only that reference, never the engine's text.
+
 Admission is counted in images from the moment a request's images are accepted (before they
 are decoded) until its answer is built; beyond ``capacity`` the request is refused with 429.
 """
@@ -17,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,12 +44,41 @@ logger = logging.getLogger(__name__)
 Outputs = dict[str, np.ndarray]
 
 
+def attention_bytes(*, width: int, height: int, patch_size: int, num_heads: int) -> int:
+    """Bytes of one image's float32 attention matrix in one block (``heads x N x N``).
+
+    Args:
+        width: Processed width (a patch multiple).
+        height: Processed height (a patch multiple).
+        patch_size: The model's patch size.
+        num_heads: The model's attention heads.
+
+    Returns:
+        ``num_heads * N**2 * 4`` with ``N`` = patches + 1 (the CLS token).
+    """
+    tokens = (width // patch_size) * (height // patch_size) + 1
+    return num_heads * tokens * tokens * 4
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image's outputs and how long its batch ran.
+
+    Attributes:
+        outputs: Output name -> array without the batch axis.
+        infer_s: Duration of the inference call that produced it.
+    """
+
+    outputs: Outputs
+    infer_s: float
+
+
 @dataclass
 class _Item:
     pixels: np.ndarray  # (3, H, W)
     outputs: tuple[str, ...]
     model: OnnxModel
-    future: asyncio.Future[Outputs]
+    future: asyncio.Future[Result]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -49,6 +88,8 @@ class Batcher:
     Args:
         max_batch_size: Most images per inference call.
         max_queue_delay_s: Longest an image waits for companions.
+        max_attention_bytes: Most attention-matrix bytes per inference call (see
+            :func:`attention_bytes`); batches of large images are split to stay within it.
         capacity: Most images admitted at once (429 beyond).
         retry_after_s: ``Retry-After`` sent with a 429.
         metrics: Where to record queue depth, waits, batch sizes and inference time.
@@ -59,12 +100,14 @@ class Batcher:
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
+        max_attention_bytes: int,
         capacity: int,
         retry_after_s: int,
         metrics: Metrics,
     ) -> None:
         self._max_batch_size = max_batch_size
         self._delay = max_queue_delay_s
+        self._max_attention_bytes = max_attention_bytes
         self._capacity = capacity
         self._retry_after_s = retry_after_s
         self._metrics = metrics
@@ -114,9 +157,17 @@ class Batcher:
             self._admitted -= count
             self._metrics.in_flight.set(self._admitted)
 
+    def batch_limit(self, model: OnnxModel, height: int, width: int) -> int:
+        """Most images of this size per inference call (at least one)."""
+        meta = model.metadata
+        cost = attention_bytes(
+            width=width, height=height, patch_size=meta.patch_size, num_heads=meta.num_heads
+        )
+        return max(1, min(self._max_batch_size, self._max_attention_bytes // cost))
+
     async def submit(
         self, model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]
-    ) -> list[Outputs]:
+    ) -> list[Result]:
         """Queue images (all of one request) and wait for their outputs.
 
         Args:
@@ -125,12 +176,15 @@ class Batcher:
             outputs: Contract output names wanted.
 
         Returns:
-            One dict per image, output name -> array without the batch axis.
+            One :class:`Result` per image, in order.
+
+        Raises:
+            InferenceFailedError: Inference failed on one of the images (even alone).
         """
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Outputs]] = []
+        futures: list[asyncio.Future[Result]] = []
         for array in pixels:
-            future: asyncio.Future[Outputs] = loop.create_future()
+            future: asyncio.Future[Result] = loop.create_future()
             key = (model, int(array.shape[1]), int(array.shape[2]))
             self._groups.setdefault(key, deque()).append(_Item(array, outputs, model, future))
             futures.append(future)
@@ -147,15 +201,16 @@ class Batcher:
                 continue
             key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
             group = self._groups[key]
+            limit = self.batch_limit(*key)
             deadline = group[0].enqueued + self._delay
-            while len(group) < self._max_batch_size:
+            while len(group) < limit:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), remaining)
-            taken = [group.popleft() for _ in range(min(len(group), self._max_batch_size))]
+            taken = [group.popleft() for _ in range(min(len(group), limit))]
             if not group:
                 del self._groups[key]
             self._queued -= len(taken)
@@ -177,16 +232,33 @@ class Batcher:
             result = await loop.run_in_executor(
                 self._executor, _infer, model, [item.pixels for item in items], outputs
             )
-        except Exception as err:
-            logger.exception("inference failed on a batch of %d images", len(items))
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(InferenceFailedError(f"inference failed: {err}"))
+        except Exception:
+            if len(items) > 1:
+                logger.warning(
+                    "inference failed on a batch of %d images; retrying them one by one",
+                    len(items),
+                    exc_info=True,
+                )
+                for item in items:
+                    if not item.future.done():
+                        await self._execute([item])
+                return
+            reference = uuid.uuid4().hex[:12]
+            logger.exception("inference failed on one image (reference %s)", reference)
+            if not items[0].future.done():
+                items[0].future.set_exception(
+                    InferenceFailedError(
+                        f"inference failed on the server (reference {reference}); "
+                        "the details are in the service log"
+                    )
+                )
             return
-        self._metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._metrics.stage_seconds.labels("inference").observe(elapsed)
         for row, item in enumerate(items):
             if not item.future.done():
-                item.future.set_result({name: result[name][row] for name in item.outputs})
+                values = {name: result[name][row] for name in item.outputs}
+                item.future.set_result(Result(values, elapsed))
 
 
 def _infer(model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]) -> Outputs:

@@ -1,9 +1,10 @@
 """Image bytes -> RGB PIL image, refusing bad input with domain errors.
 
 The pixel budget is checked from the header (``Image.open`` reads only the header) before any
-pixel is decoded, so a decompression bomb never allocates its pixels. Animated images give
-their first frame, EXIF orientation is applied, and every mode ends as 8-bit RGB (alpha is
-dropped like torchvision's ``pil_loader``, which DINO trains with).
+pixel is decoded, so a decompression bomb never allocates its pixels. Animated images (and
+multi-picture JPEGs, MPO, as phone cameras write them) give their first frame, EXIF orientation
+is applied, and every mode ends as 8-bit RGB (alpha is dropped like torchvision's
+``pil_loader``, which DINO trains with).
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ from service.errors import (
     UnsupportedImageFormatError,
 )
 
-SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
+# Leading bytes of the supported formats: data that starts like one of them but that no decoder
+# can open is a damaged file of that format (corrupt_image), not some other kind of data.
+_SIGNATURES: tuple[bytes, ...] = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG and MPO
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -67,6 +78,12 @@ def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(f"the image is too large: {err}", index=index) from err
     except UnidentifiedImageError as err:
+        if _looks_like_supported(data):
+            raise CorruptImageError(
+                "the image header is truncated or corrupt (the data starts like a supported "
+                "format but cannot be opened)",
+                index=index,
+            ) from err
         raise NotAnImageError(
             f"the data is not an image in a supported format ({', '.join(SUPPORTED_FORMATS)})",
             index=index,
@@ -90,6 +107,12 @@ def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
             index=index,
         )
     return image
+
+
+def _looks_like_supported(data: bytes) -> bool:
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return True
+    return data.startswith(_SIGNATURES)
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:

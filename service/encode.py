@@ -13,6 +13,7 @@ from models.contract import ATTENTION_MAPS, CLS_EMBEDDING, PATCH_FEATURES
 from service.options import EmbedOptions
 
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,13 @@ def shape_outputs(record: ImageRecord, *, normalize: bool) -> dict[str, np.ndarr
 
 
 def encode_array(value: np.ndarray, *, encoding: str, dtype: str) -> Any:
-    """One tensor as a nested JSON list or a base64 object."""
+    """One tensor as a nested JSON list or a base64 object.
+
+    ``float16`` values beyond +-65504 (the largest finite half) are clipped to it rather than
+    becoming infinities, which JSON cannot carry.
+    """
+    if dtype == "float16":
+        value = np.clip(value, -FLOAT16_MAX, FLOAT16_MAX)
     cast = value.astype(_NUMPY_DTYPES[dtype], copy=False)
     if encoding == "base64":
         return {

@@ -49,6 +49,13 @@ class TooManyImagesError(ServiceError):
     code = "too_many_images"
 
 
+class TooManyPartsError(ServiceError):
+    """A multipart body with more parts than images plus options allow."""
+
+    status = 422
+    code = "too_many_parts"
+
+
 class BodyTooLargeError(ServiceError):
     """The request body exceeds ``max_body_bytes``."""
 
@@ -61,6 +68,31 @@ class ImageTooLargeError(ServiceError):
 
     status = 413
     code = "image_too_large"
+
+
+class TooManyTokensError(ServiceError):
+    """One image would need more attention memory than ``max_batch_attention_bytes``."""
+
+    status = 413
+    code = "too_many_tokens"
+
+
+class RequestTimeoutError(ServiceError):
+    """The body did not arrive within ``body_timeout_s``."""
+
+    status = 408
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        """The connection is not reusable: part of the body may still be in transit."""
+        return {"Connection": "close"}
+
+
+class ClientDisconnectedError(ServiceError):
+    """The client closed the connection before its body arrived (nobody reads the answer)."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class EmptyImageError(ServiceError):
@@ -85,7 +117,7 @@ class CorruptImageError(ServiceError):
 
 
 class UnsupportedImageFormatError(ServiceError):
-    """An image format outside the supported list (PNG, JPEG, WebP, BMP, GIF, TIFF)."""
+    """An image format outside the supported list (PNG, JPEG, MPO, WebP, BMP, GIF, TIFF)."""
 
     status = 415
     code = "unsupported_image_format"
@@ -117,7 +149,7 @@ class UnauthorizedError(ServiceError):
 
 
 class OverloadedError(ServiceError):
-    """The bounded queue is full; retry later.
+    """The bounded queue (or the in-flight body budget) is full; retry later.
 
     Args:
         message: Explanation.
@@ -144,7 +176,10 @@ class NotReadyError(ServiceError):
 
 
 class InferenceFailedError(ServiceError):
-    """The inference engine failed on a batch (a server fault, not the client's)."""
+    """The inference engine failed on an image (a server fault, not the client's).
+
+    The message carries a reference to the log line, never the engine's own text.
+    """
 
     status = 500
     code = "inference_failed"

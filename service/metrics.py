@@ -33,6 +33,12 @@ class Metrics:
             "Images admitted and not yet answered (decoding, queued or running).",
             registry=registry,
         )
+        self.body_bytes = Gauge(
+            "dino_request_body_bytes_in_flight",
+            "Request body bytes reserved by requests being read or served "
+            "(bounded by DINO_MAX_BODY_BYTES_IN_FLIGHT).",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "dino_queue_depth", "Images waiting in the batcher queue.", registry=registry
         )

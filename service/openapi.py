@@ -2,10 +2,15 @@
 
 The route reads the body with a size limit before parsing it, so FastAPI cannot infer the
 request schema; it is declared here (multipart form or a raw image, plus query options).
+
+``python -m service.openapi > tests/service/openapi.json`` writes the whole document (the
+committed snapshot that ``tests/service/test_openapi.py`` compares with).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any
 
 from service.schemas import ErrorResponse
@@ -72,8 +77,9 @@ EMBED_OPENAPI: dict[str, Any] = {
                         "images": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
-                            "description": "PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF "
-                            "files; repeat the field for several images.",
+                            "description": "PNG, JPEG (also MPO: first picture), WebP, BMP, "
+                            "GIF (first frame) or TIFF files; repeat the field for several "
+                            "images.",
                         },
                         **_OPTION_SCHEMAS,
                     },
@@ -89,9 +95,35 @@ _ERROR = {"model": ErrorResponse}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {**_ERROR, "description": "Empty, corrupt or non-image file, or a malformed body."},
     401: {**_ERROR, "description": "Missing or wrong API key (when keys are configured)."},
-    413: {**_ERROR, "description": "Body too large, or an image with too many pixels."},
+    408: {**_ERROR, "description": "The body did not arrive within the read timeout."},
+    413: {
+        **_ERROR,
+        "description": "Body too large, an image with too many pixels, or an image whose "
+        "attention matrix exceeds the per-call memory budget (too_many_tokens).",
+    },
     415: {**_ERROR, "description": "Unsupported Content-Type or image format."},
-    422: {**_ERROR, "description": "Unknown option, invalid value, no or too many images."},
-    429: {**_ERROR, "description": "Queue full; retry after the Retry-After seconds."},
+    422: {
+        **_ERROR,
+        "description": "Unknown option, invalid value, no or too many images, too many parts.",
+    },
+    429: {
+        **_ERROR,
+        "description": "Queue or body budget full; retry after the Retry-After seconds.",
+    },
+    500: {**_ERROR, "description": "Server fault (inference_failed, internal_error); logged."},
     503: {**_ERROR, "description": "No model loaded yet."},
 }
+
+
+def main() -> int:
+    """Print the service's OpenAPI document (sorted keys, 2-space indent) to stdout."""
+    from service.app import create_app  # deferred: the app module imports this one
+    from service.settings import Settings
+
+    document = create_app(Settings.model_construct()).openapi()
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

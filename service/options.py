@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -23,6 +24,7 @@ OUTPUT_ALIASES: dict[str, str] = {
 OPTION_NAMES: tuple[str, ...] = ("outputs", "normalize", "resolution", "crop", "encoding", "dtype")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII digits only: no sign, '_', or other scripts
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class EmbedOptions:
 
 def parse_options(raw: dict[str, list[str]]) -> EmbedOptions:
     """Validate raw option values.
+
+    Names are case-sensitive; values are not (``crop=Center``, ``outputs=CLS`` and
+    ``dtype=FLOAT16`` are accepted). Surrounding whitespace is ignored.
 
     Args:
         raw: Option name -> values, merged from the query string and the form.
@@ -78,9 +83,10 @@ def parse_options(raw: dict[str, list[str]]) -> EmbedOptions:
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
+    lowered = value.lower()
+    if lowered not in allowed:
         raise InvalidOptionError(f"{name}={value!r} is not one of {', '.join(allowed)}")
-    return value
+    return lowered
 
 
 def _parse_outputs(values: list[str]) -> tuple[str, ...]:
@@ -89,7 +95,7 @@ def _parse_outputs(values: list[str]) -> tuple[str, ...]:
     wanted = set()
     for value in values:
         for part in value.split(","):
-            token = part.strip()
+            token = part.strip().lower()
             if token not in OUTPUT_ALIASES:
                 raise InvalidOptionError(
                     f"outputs={token!r} is not one of cls, patch, attention"
@@ -111,10 +117,13 @@ def _parse_bool(value: str) -> bool:
 def _parse_resolution(value: str) -> int | None:
     if value == "":
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidOptionError(f"resolution={value!r} is not an integer") from None
+    if _DIGITS.fullmatch(value) is None:
+        if value.isascii() and value.isdigit():  # more than nine digits
+            raise InvalidOptionError(f"resolution={value[:20]}... is far outside the limits")
+        raise InvalidOptionError(
+            f"resolution={value[:40]!r} is not a positive integer written in ASCII digits"
+        )
+    return int(value)
 
 
 def resolve_resolution(
@@ -127,8 +136,8 @@ def resolve_resolution(
     """
     if requested is None:
         return default
-    rounded = round_to_patch(requested, patch_size)
     limit = max(patch_size, (max_resolution // patch_size) * patch_size)
+    rounded = round_to_patch(min(max(requested, 0), 2 * limit), patch_size)
     if requested < 1 or rounded > limit:
         raise InvalidOptionError(
             f"resolution={requested} is outside the limits: it must round to a multiple of "

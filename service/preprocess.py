@@ -4,7 +4,11 @@ Two geometries:
 
 * ``center``: DINO's evaluation transform, exactly as torchvision does it on PIL images:
   resize the shorter side to ``resize_size`` (the longer side truncated to an integer), then
-  crop ``resolution x resolution`` from the centre.
+  crop ``resolution x resolution`` from the centre. When that resized image would exceed
+  :data:`EXACT_RESIZE_MAX_PIXELS` (only for extreme aspect ratios, such as a 1x100000 strip), the
+  region that survives the crop is resized directly from the source instead (Pillow's
+  ``resize(box=...)``), so memory stays bounded by the crop; the sampling positions are the
+  same, but Pillow's fixed-point arithmetic makes such images differ slightly from torchvision.
 * ``none``: keep the whole image. The shorter side goes to ``resolution``, the longer side
   follows the aspect ratio (capped at ``max_side``), and both sides are rounded to the nearest
   patch multiple; the small aspect change from that rounding is the only distortion.
@@ -22,6 +26,9 @@ from models.contract import PreprocessingRecipe, resize_for_crop
 
 Crop = Literal["center", "none"]
 
+EXACT_RESIZE_MAX_PIXELS = 8_000_000
+"""Largest intermediate (resized, before the crop) image of ``crop=center`` built in full."""
+
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -37,14 +44,18 @@ class Geometry:
     """Where an image's pixels go.
 
     Attributes:
-        resized: ``(width, height)`` after the resize.
+        resized: ``(width, height)`` after the resize (for ``center``, the torchvision
+            intermediate, which is not built when ``source_box`` is set).
         crop_box: ``(left, top, right, bottom)`` of the crop in the resized image, or None.
         size: ``(width, height)`` fed to the model; both multiples of the patch size.
+        source_box: ``(left, top, right, bottom)`` of the crop in source coordinates when the
+            crop region is resized directly to ``size`` (intermediate over budget), else None.
     """
 
     resized: tuple[int, int]
     crop_box: tuple[int, int, int, int] | None
     size: tuple[int, int]
+    source_box: tuple[float, float, float, float] | None = None
 
 
 def round_to_patch(value: float, patch_size: int) -> int:
@@ -84,7 +95,19 @@ def plan_geometry(
         left = int(round((resized[0] - resolution) / 2.0))
         top = int(round((resized[1] - resolution) / 2.0))
         box = (left, top, left + resolution, top + resolution)
-        return Geometry(resized=resized, crop_box=box, size=(resolution, resolution))
+        source_box = None
+        inside = left >= 0 and top >= 0 and box[2] <= resized[0] and box[3] <= resized[1]
+        if resized[0] * resized[1] > EXACT_RESIZE_MAX_PIXELS and inside:
+            scale_x, scale_y = width / resized[0], height / resized[1]
+            source_box = (
+                left * scale_x,
+                top * scale_y,
+                box[2] * scale_x,
+                box[3] * scale_y,
+            )
+        return Geometry(
+            resized=resized, crop_box=box, size=(resolution, resolution), source_box=source_box
+        )
     limit = max(patch_size, (max_side // patch_size) * patch_size)
     scale = resolution / min(width, height)
     if max(width, height) * scale > limit:
@@ -114,10 +137,13 @@ def to_pixels(image: Image.Image, geometry: Geometry, recipe: PreprocessingRecip
         resample = INTERPOLATIONS[recipe.interpolation]
     except KeyError as err:
         raise ValueError(f"unknown interpolation {recipe.interpolation!r}") from err
-    if image.size != geometry.resized:
-        image = image.resize(geometry.resized, resample)
-    if geometry.crop_box is not None:
-        image = image.crop(geometry.crop_box)
+    if geometry.source_box is not None:
+        image = image.resize(geometry.size, resample, box=geometry.source_box)
+    else:
+        if image.size != geometry.resized:
+            image = image.resize(geometry.resized, resample)
+        if geometry.crop_box is not None:
+            image = image.crop(geometry.crop_box)
     rgb = np.asarray(image, dtype=np.float32)  # (H, W, 3)
     std = np.asarray(recipe.std, dtype=np.float32)
     mean = np.asarray(recipe.mean, dtype=np.float32)

@@ -9,7 +9,8 @@ A candidate is loaded beside the serving model (in a worker thread), checked and
 :func:`service.runtime.load_model`, and only then swapped in by one assignment. Requests hold
 the model they started with, so in-flight work finishes on the old one. A candidate that fails
 is recorded with the file's (mtime, size) fingerprint and not retried until the file changes
-(or ``POST /admin/reload`` forces it); the failure shows in ``/v1/models``.
+(or ``POST /admin/reload`` forces it); the failure shows in ``/v1/models`` until the version
+loads or its directory is deleted.
 """
 
 from __future__ import annotations
@@ -138,12 +139,15 @@ class ModelManager:
             fatal_device_errors: Raise :class:`DeviceUnavailableError` instead of recording it.
 
         Returns:
-            Whether the serving model changed, which version serves, and the last error.
+            Whether the serving model changed, which version serves, and the load error of
+            this scan (None when every load it tried succeeded or it tried none).
         """
         settings = self._settings
         async with self._lock:
             self._last_refresh = time.time()
             versions = model_versions(settings.model_repository, settings.model_name)
+            self._forget_missing(versions)
+            scan_error: str | None = None
             for version in self._candidates(versions):
                 if self._current is not None and version == self._current.version:
                     break
@@ -165,30 +169,47 @@ class ModelManager:
                 except DeviceUnavailableError as err:
                     if fatal_device_errors:
                         raise
-                    self._record_failure(version, fingerprint, err)
+                    scan_error = self._record_failure(version, fingerprint, err)
                 except ModelLoadError as err:
-                    self._record_failure(version, fingerprint, err)
+                    scan_error = self._record_failure(version, fingerprint, err)
                 else:
                     self._swap(model)
-                    return RefreshResult(True, version, None)
+                    return RefreshResult(True, version, scan_error)
             serving = self._current.version if self._current is not None else None
-            return RefreshResult(False, serving, self._last_error)
+            return RefreshResult(False, serving, scan_error)
+
+    def _forget_missing(self, versions: list[int]) -> None:
+        """Drop failures of versions whose files are gone (deleted versions are not news)."""
+        present = set(versions)
+        for version in [v for v in self._failures if v not in present]:
+            del self._failures[version]
+        self._update_last_error()
+
+    def _update_last_error(self) -> None:
+        """``last_error``: the most recent failure among versions that still fail, or None."""
+        if not self._failures:
+            self._last_error = None
+            return
+        latest = max(self._failures.values(), key=lambda failure: failure.at)
+        self._last_error = f"version {latest.version}: {latest.error}"
 
     def _record_failure(
         self, version: int, fingerprint: tuple[int, int] | None, err: Exception
-    ) -> None:
+    ) -> str:
         message = f"version {version}: {err}"
         self._failures[version] = LoadFailure(version, str(err), fingerprint, time.time())
-        self._last_error = message
+        self._update_last_error()
         self._metrics.model_loads.labels("failed").inc()
         serving = self._current.version if self._current is not None else None
         logger.error("refused model %s (still serving version %s)", message, serving)
+        return message
 
     def _swap(self, model: OnnxModel) -> None:
         previous = self._current
         self._current = model  # one assignment: new requests see the new model from here on
         self._loaded_at = time.time()
         self._failures.pop(model.version, None)
+        self._update_last_error()
         self._metrics.model_loads.labels("loaded").inc()
         self._metrics.set_model(
             name=model.name,
@@ -208,7 +229,6 @@ class ModelManager:
         """State for ``/v1/models``: policy, loaded model, every version's state, errors."""
         settings = self._settings
         versions = set(model_versions(settings.model_repository, settings.model_name))
-        versions |= set(self._failures)
         current = self._current
         if current is not None:
             versions.add(current.version)

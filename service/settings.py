@@ -6,6 +6,7 @@ Build a :class:`Settings` in ``main``/``create_app``, never at import time.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +17,8 @@ from models.contract import validate_model_name
 
 Device = Literal["auto", "cuda", "cpu"]
 VersionPolicy = Literal["latest", "pinned"]
+# RFC 6750 b64token (token68): what a client can put after "Bearer " without quoting.
+_API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class Settings(BaseSettings):
@@ -36,14 +39,22 @@ class Settings(BaseSettings):
         intra_op_threads: onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
         decode_workers: Threads that decode and resize images; 0 means one per CPU core.
         max_body_bytes: Largest request body accepted (413 beyond).
+        max_body_bytes_in_flight: Body bytes held by all requests at once, from the first
+            byte read until the answer (429 beyond); bounds memory before admission.
+        body_timeout_s: Longest a request body may take to arrive (408 beyond).
+        keep_alive_s: uvicorn's idle keep-alive timeout between requests on one connection.
         max_images_per_request: Most images in one request (422 beyond).
         max_image_pixels: Largest width*height accepted, checked before pixels are decoded.
         max_resolution: Largest processed side in pixels (``resolution`` and ``crop=none``).
+        max_batch_attention_bytes: Attention-matrix bytes allowed per inference call
+            (``batch * heads * tokens**2 * 4``): batches of large images are split to stay
+            within it, and an image that alone exceeds it is refused with 413.
         max_batch_size: Most images in one inference call.
         max_queue_delay_ms: Longest an image waits for companions before its batch runs.
         max_queue_images: Images admitted (decoding, queued or running) before 429.
         retry_after_s: ``Retry-After`` seconds sent with a 429.
-        api_keys: Accepted bearer keys, comma-separated; empty disables authentication.
+        api_keys: Accepted bearer keys, comma-separated; empty disables authentication. Keys
+            are visible ASCII (letters, digits and ``-._~+/``, optionally ending in ``=``).
         warmup_batch_sizes: Batch sizes run at the default resolution before a model serves.
     """
 
@@ -64,9 +75,13 @@ class Settings(BaseSettings):
     decode_workers: int = Field(default=0, ge=0)
 
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_body_bytes_in_flight: int = Field(default=256 * 1024 * 1024, ge=1024)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    keep_alive_s: int = Field(default=5, ge=1)
     max_images_per_request: int = Field(default=32, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_resolution: int = Field(default=1024, ge=8)
+    max_batch_attention_bytes: int = Field(default=1024**3, ge=1)
 
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
@@ -81,6 +96,17 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for position, key in enumerate(value, start=1):
+            if _API_KEY.fullmatch(key) is None:
+                raise ValueError(
+                    f"DINO_API_KEYS: key {position} is not a valid bearer token; use only ASCII "
+                    "letters, digits and - . _ ~ + / (optionally ending in =), no spaces"
+                )
         return value
 
     @field_validator("warmup_batch_sizes", mode="before")
@@ -103,6 +129,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DINO_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must not exceed "
                 f"DINO_MAX_QUEUE_IMAGES ({self.max_queue_images})"
+            )
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"DINO_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}) must be at "
+                f"least DINO_MAX_BODY_BYTES ({self.max_body_bytes})"
             )
         if any(size < 1 for size in self.warmup_batch_sizes):
             raise ValueError("DINO_WARMUP_BATCH_SIZES must be positive integers")

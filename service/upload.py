@@ -1,29 +1,49 @@
-"""Request body -> image bytes and raw option values, within the body-size limit.
+"""Request body -> image bytes and raw option values, within the body limits.
 
 Accepted bodies: ``multipart/form-data`` with one or more file parts named ``images`` and
 option fields, or a raw ``image/*`` body holding one image. Options may also come from the
 query string. Parts are kept in memory (the body limit bounds them); nothing is fetched from
 URLs.
+
+Bodies are read before a request is admitted to the batcher, so reading is bounded too: every
+request's body bytes are reserved in a shared :class:`BodyBudget` (the declared
+``Content-Length`` up front, or chunk by chunk) for the request's whole life, a request that
+would overdraw it is refused with 429, and a body that takes longer than the read timeout is
+refused with 408. Multipart parts are counted while they are parsed, and parsing stops at the
+first part beyond what the limits allow.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from service.errors import (
     BodyTooLargeError,
+    ClientDisconnectedError,
     InvalidOptionError,
     MalformedRequestError,
     NoImagesError,
+    OverloadedError,
+    RequestTimeoutError,
     TooManyImagesError,
+    TooManyPartsError,
     UnsupportedMediaTypeError,
 )
+from service.options import OPTION_NAMES
+
+logger = logging.getLogger(__name__)
 
 IMAGE_FIELD = "images"
+OPTION_PART_SLACK = 4
+"""Option parts allowed beyond one per option name (``outputs`` may be repeated)."""
 _MAX_TEXT_FIELD = 1024
 
 
@@ -35,34 +55,123 @@ class Upload:
     options: dict[str, list[str]] = field(default_factory=dict)
 
 
-async def read_body(request: Request, *, max_bytes: int) -> bytes:
-    """Read the body, refusing it as soon as it exceeds ``max_bytes``.
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, across requests.
+
+    Args:
+        capacity: Most bytes reserved at once.
+        retry_after_s: ``Retry-After`` sent when a reservation is refused.
+        on_change: Called with the bytes in use after every change (for a gauge).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        retry_after_s: int,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+        self.used = 0
+        self._on_change = on_change
+
+    def _add(self, delta: int) -> None:
+        self.used += delta
+        if self._on_change is not None:
+            self._on_change(self.used)
+
+    @contextlib.contextmanager
+    def reservation(self) -> Iterator[Reservation]:
+        """A reservation that grows while a body is read and is released on exit."""
+        held = Reservation(self)
+        try:
+            yield held
+        finally:
+            self._add(-held.bytes)
+            held.bytes = 0
+
+
+class Reservation:
+    """One request's share of a :class:`BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self.bytes = 0
+
+    def reserve(self, total: int) -> None:
+        """Hold at least ``total`` bytes.
+
+        Raises:
+            OverloadedError: The budget cannot cover it now.
+        """
+        extra = total - self.bytes
+        if extra <= 0:
+            return
+        budget = self._budget
+        if budget.used + extra > budget.capacity:
+            raise OverloadedError(
+                f"the service is reading too many request bodies at once ({budget.used} of "
+                f"{budget.capacity} bytes held); retry in {budget.retry_after_s} s",
+                retry_after_s=budget.retry_after_s,
+            )
+        budget._add(extra)
+        self.bytes = total
+
+
+async def read_body(
+    request: Request, *, max_bytes: int, reservation: Reservation, timeout_s: float
+) -> bytes:
+    """Read the body within the size limit, the shared budget and the read timeout.
+
+    Args:
+        request: The request.
+        max_bytes: Largest body accepted.
+        reservation: This request's share of the body budget; it grows as bytes arrive.
+        timeout_s: Longest the whole body may take to arrive.
 
     Raises:
         BodyTooLargeError: Declared or actual size above the limit.
         MalformedRequestError: An unparsable ``Content-Length``.
+        OverloadedError: The body budget is exhausted.
+        RequestTimeoutError: The body did not arrive in time.
+        ClientDisconnectedError: The client went away before the body was complete.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise MalformedRequestError(f"Content-Length {declared!r} is not a number") from None
+        if not (declared.isascii() and declared.isdigit()):
+            raise MalformedRequestError(f"Content-Length {declared[:40]!r} is not a number")
+        size = int(declared)
         if size > max_bytes:
             raise BodyTooLargeError(f"the body has {size} bytes, over the limit of {max_bytes}")
+        reservation.reserve(size)
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise BodyTooLargeError(f"the body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > max_bytes:
+                    raise BodyTooLargeError(f"the body exceeds the limit of {max_bytes} bytes")
+                reservation.reserve(total)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the body did not arrive within {timeout_s:g} s ({total} bytes received)"
+        ) from None
+    except ClientDisconnect:
+        logger.info("client disconnected after sending %d body bytes", total)
+        raise ClientDisconnectedError("the client closed the connection") from None
     return b"".join(chunks)
 
 
 def media_type(content_type: str) -> str:
     """The lower-cased media type of a ``Content-Type`` header, without parameters."""
     return content_type.split(";", 1)[0].strip().lower()
+
+
+def max_parts(max_images: int) -> int:
+    """Most multipart parts accepted: the images, one per option, and a small slack."""
+    return max_images + len(OPTION_NAMES) + OPTION_PART_SLACK
 
 
 def parse_upload(
@@ -82,17 +191,18 @@ def parse_upload(
 
     Raises:
         UnsupportedMediaTypeError: Neither multipart/form-data nor image/*.
-        MalformedRequestError: Broken multipart framing.
+        MalformedRequestError: Broken multipart framing (including a missing closing boundary).
         InvalidOptionError: A file part with another name than ``images``, or a huge text field.
         NoImagesError: No image at all.
-        TooManyImagesError: More than ``max_images``.
+        TooManyImagesError: More than ``max_images`` (detected while parsing).
+        TooManyPartsError: More parts than :func:`max_parts` (detected while parsing).
     """
     upload = Upload()
     for name, value in query:
         upload.options.setdefault(name, []).append(value)
     kind = media_type(content_type)
     if kind == "multipart/form-data":
-        _parse_multipart(body, content_type, upload)
+        _parse_multipart(body, content_type, upload, max_images)
     elif kind.startswith("image/"):
         upload.images.append(body)
     else:
@@ -112,43 +222,104 @@ def parse_upload(
 @dataclass
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
+    name: str = ""
+    is_image: bool = False
     data: bytearray = field(default_factory=bytearray)
 
 
-def _parse_multipart(body: bytes, content_type: str, upload: Upload) -> None:
+class _MultipartCollector:
+    """Callbacks of the streaming parser: validates each part as soon as it is known."""
+
+    def __init__(self, upload: Upload, max_images: int) -> None:
+        self.upload = upload
+        self.max_images = max_images
+        self.max_parts = max_parts(max_images)
+        self.parts = 0
+        self.ended = False
+        self.part = _Part()
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise TooManyPartsError(
+                f"the multipart body has more than {self.max_parts} parts "
+                f"(at most {self.max_images} images plus the options)"
+            )
+        self.part = _Part()
+
+    # python-multipart bounds part headers itself (8 per part, about 4 KiB per line).
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name.extend(data[start:end])
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value.extend(data[start:end])
+
+    def on_header_end(self) -> None:
+        self.part.headers[bytes(self.header_name).lower()] = bytes(self.header_value)
+        self.header_name.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        part = self.part
+        disposition = part.headers.get(b"content-disposition")
+        if disposition is None:
+            raise MalformedRequestError("a multipart part lacks its Content-Disposition header")
+        _, params = parse_options_header(disposition)
+        raw_name = params.get(b"name")
+        if raw_name is None:
+            raise MalformedRequestError("a multipart part lacks its field name")
+        part.name = raw_name.decode("utf-8", errors="replace")
+        part.is_image = part.name == IMAGE_FIELD
+        if part.is_image:
+            if len(self.upload.images) >= self.max_images:
+                raise TooManyImagesError(
+                    f"the request holds more than the limit of {self.max_images} images"
+                )
+        elif b"filename" in params:
+            raise InvalidOptionError(
+                f"unexpected file field {part.name!r}; send images as '{IMAGE_FIELD}'"
+            )
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        part.data += data[start:end]
+        if not part.is_image and len(part.data) > _MAX_TEXT_FIELD:
+            raise InvalidOptionError(
+                f"option field {part.name!r} is longer than {_MAX_TEXT_FIELD} bytes"
+            )
+
+    def on_part_end(self) -> None:
+        part = self.part
+        if part.is_image:
+            self.upload.images.append(bytes(part.data))
+        else:
+            value = part.data.decode("utf-8", errors="replace")
+            self.upload.options.setdefault(part.name, []).append(value)
+        self.part = _Part()
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+def _parse_multipart(body: bytes, content_type: str, upload: Upload, max_images: int) -> None:
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise MalformedRequestError("multipart/form-data without a boundary parameter")
-    parts: list[_Part] = []
-    header_name = bytearray()
-    header_value = bytearray()
-
-    def on_part_begin() -> None:
-        parts.append(_Part())
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].data += data[start:end]
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header_name.extend(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header_value.extend(data[start:end])
-
-    def on_header_end() -> None:
-        parts[-1].headers[bytes(header_name).lower()] = bytes(header_value)
-        header_name.clear()
-        header_value.clear()
-
+    collector = _MultipartCollector(upload, max_images)
     parser = MultipartParser(
         boundary,
         {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
+            "on_part_begin": collector.on_part_begin,
+            "on_part_data": collector.on_part_data,
+            "on_part_end": collector.on_part_end,
+            "on_header_field": collector.on_header_field,
+            "on_header_value": collector.on_header_value,
+            "on_header_end": collector.on_header_end,
+            "on_headers_finished": collector.on_headers_finished,
+            "on_end": collector.on_end,
         },
     )
     try:
@@ -156,24 +327,8 @@ def _parse_multipart(body: bytes, content_type: str, upload: Upload) -> None:
         parser.finalize()
     except (FormParserError, ValueError) as err:
         raise MalformedRequestError(f"invalid multipart body: {err}") from None
-    for part in parts:
-        _collect(part, upload)
-
-
-def _collect(part: _Part, upload: Upload) -> None:
-    disposition = part.headers.get(b"content-disposition")
-    if disposition is None:
-        raise MalformedRequestError("a multipart part lacks its Content-Disposition header")
-    _, params = parse_options_header(disposition)
-    raw_name = params.get(b"name")
-    if raw_name is None:
-        raise MalformedRequestError("a multipart part lacks its field name")
-    name = raw_name.decode("utf-8", errors="replace")
-    if name == IMAGE_FIELD:
-        upload.images.append(bytes(part.data))
-        return
-    if b"filename" in params:
-        raise InvalidOptionError(f"unexpected file field {name!r}; send images as '{IMAGE_FIELD}'")
-    if len(part.data) > _MAX_TEXT_FIELD:
-        raise InvalidOptionError(f"option field {name!r} is longer than {_MAX_TEXT_FIELD} bytes")
-    upload.options.setdefault(name, []).append(part.data.decode("utf-8", errors="replace"))
+    if not collector.ended:
+        raise MalformedRequestError(
+            "the multipart body ends without its closing boundary "
+            f"('--{boundary.decode('latin-1')}--')"
+        )

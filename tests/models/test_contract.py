@@ -70,3 +70,11 @@ def test_model_versions_only_count_complete_numeric_dirs(tmp_path: Path) -> None
 def test_model_names_are_single_safe_components(name: str) -> None:
     with pytest.raises(ValueError, match="invalid model name"):
         contract.validate_model_name(name)
+
+
+def test_model_versions_ignore_non_ascii_digit_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    for name in ("2", "²", "٣", "0", "7x"):
+        (root / name).mkdir(parents=True)
+        (root / name / contract.MODEL_FILENAME).write_bytes(b"x")
+    assert contract.model_versions(tmp_path, "m") == [2]  # no ValueError from int("²")

@@ -232,6 +232,10 @@ def test_repeated_outputs_field(live: LiveServer) -> None:
         ({"resolution": "big"}, {}),
         ({"resolution": "4096"}, {}),
         ({"resolution": "0"}, {}),
+        ({"resolution": "9" * 400}, {}),
+        ({}, {"resolution": "9" * 400}),
+        ({"resolution": "3_2"}, {}),
+        ({"resolution": "\u0663\u0662"}, {}),  # Arabic-Indic digits
         ({"crop": "left"}, {}),
         ({"encoding": "msgpack"}, {}),
         ({"dtype": "bfloat16"}, {}),
@@ -300,6 +304,15 @@ def test_request_errors(live: LiveServer) -> None:
         400,
         "malformed_request",
     )
+    multipart = {"content-type": "multipart/form-data; boundary=xyz"}
+    part = b'--xyz\r\nContent-Disposition: form-data; name="images"; filename="a"\r\n\r\n'
+    for unterminated in [part + png_bytes(), part + png_bytes() + b"\r\n", b""]:
+        response = live.client.post("/embed", content=unterminated, headers=multipart)
+        assert_error(response, 400, "malformed_request")
+        assert "closing boundary" in response.json()["error"]["message"]
+    assert_error(
+        live.client.post("/embed", content=b"--xyz--\r\n", headers=multipart), 422, "no_images"
+    )
     assert_error(live.client.get("/nope"), 404, "not_found")
     assert_error(live.client.get("/embed"), 405, "method_not_allowed")
 
@@ -316,6 +329,7 @@ def test_formats_are_accepted(live: LiveServer) -> None:
         encode(rgb.convert("CMYK"), "JPEG"),
         encode(rgb.convert("RGBA"), "PNG"),
         encode(rgb.convert("P"), "PNG"),
+        encode(rgb, "MPO", save_all=True, append_images=[rgb.rotate(90)]),
     ]
     response = post_images(live, blobs)
     assert response.status_code == 200, response.text
@@ -324,9 +338,13 @@ def test_formats_are_accepted(live: LiveServer) -> None:
 
 def test_health_readiness_models_metrics_docs(live: LiveServer) -> None:
     assert live.client.get("/healthz").json() == {"status": "alive"}
+    for route in ["/healthz", "/readyz"]:
+        head = live.client.head(route)
+        assert head.status_code == 200 and head.content == b""
     ready = live.client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["ready"] is True
+    assert ready.json()["reason"] is None  # documented: always present, null when ready
     assert ready.json()["execution_provider"] == "CPUExecutionProvider"
     models = ModelsResponse.model_validate(live.client.get("/v1/models").json())
     assert models.ready and models.loaded is not None
@@ -367,6 +385,17 @@ def test_web_page_is_served_or_404(live: LiveServer) -> None:
     else:
         assert_error(response, 404, "not_found")
     assert_error(live.client.get("/static/does-not-exist.js"), 404, "not_found")
+    for odd in [
+        "%00",
+        "a%00b",
+        "a" * 300,
+        "..%2fapp.py",
+        "%2e%2e/app.py",
+        "%ff",
+        "",
+        "/etc/passwd",
+    ]:
+        assert_error(live.client.get(f"/static/{odd}"), 404, "not_found")
 
 
 def test_web_page_absent_answers_404(
@@ -405,6 +434,33 @@ def test_limits(strict: LiveServer) -> None:
     assert_error(response, 413, "image_too_large", index=1)
 
 
+def test_too_many_multipart_parts(strict: LiveServer) -> None:
+    auth = {"Authorization": "Bearer alpha"}
+    files = [("images", ("a.png", png_bytes(), "image/png"))]
+    # 3 images + 6 options + 4 spare: 13 parts; 14 option parts are refused while parsing
+    response = strict.client.post(
+        "/embed", files=files, data={"outputs": ["cls"] * 14}, headers=auth
+    )
+    assert_error(response, 422, "too_many_parts")
+    response = strict.client.post(
+        "/embed", files=files, data={"outputs": ["cls"] * 12}, headers=auth
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_server_timing_header(live: LiveServer) -> None:
+    response = post_images(live, [png_bytes(), jpeg_bytes()])
+    assert response.status_code == 200, response.text
+    entries = {}
+    for entry in response.headers["server-timing"].split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        entries[name] = float(duration)
+    assert list(entries) == ["read", "decode", "queue", "infer", "encode", "total"]
+    assert all(value >= 0 for value in entries.values())
+    stages = sum(value for name, value in entries.items() if name != "total")
+    assert entries["infer"] > 0 and stages <= entries["total"] * 1.01 + 0.05
+
+
 def test_api_keys(strict: LiveServer) -> None:
     client = strict.client
     assert client.get("/healthz").status_code == 200
@@ -427,3 +483,5 @@ def test_api_keys(strict: LiveServer) -> None:
         401,
         "unauthorized",
     )
+    for raw in [b"Bearer s\xe9cret", b"Bearer \xff\xfe", b"Bearer alph\xe1"]:  # latin-1 bytes
+        assert_error(client.get("/v1/models", headers={"Authorization": raw}), 401, "unauthorized")

@@ -179,3 +179,37 @@ def test_fuzz_mutated_images_only_raise_domain_errors(
     if cut is not None:
         data = data[: cut % (len(data) + 1)]
     _check_decoder(bytes(data))
+
+
+def _mpo(first: Image.Image, second: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second], quality=95)
+    return buffer.getvalue()
+
+
+def test_mpo_gives_the_first_picture() -> None:
+    data = _mpo(Image.new("RGB", (24, 16), (255, 0, 0)), Image.new("RGB", (24, 16), (0, 0, 255)))
+    assert Image.open(io.BytesIO(data)).format == "MPO"  # a phone camera's multi-picture JPEG
+    decoded = decode_image(data, max_pixels=LIMIT)
+    assert decoded.mode == "RGB" and decoded.size == (24, 16)
+    red, green, blue = np.asarray(decoded)[8, 12].tolist()
+    assert red > 240 and green < 15 and blue < 15
+
+
+@pytest.mark.parametrize("cut", [8, 12, 20, 33, 37])
+def test_png_truncated_in_its_header_is_corrupt(cut: int) -> None:
+    data = encode(rgb_image(), "PNG")[:cut]  # signature (8 bytes) + part or all of IHDR
+    with pytest.raises(CorruptImageError):
+        decode_image(data, max_pixels=LIMIT, index=2)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "GIF", "TIFF", "WEBP"])
+def test_other_formats_truncated_in_their_header_are_corrupt(fmt: str) -> None:
+    with pytest.raises(CorruptImageError):
+        decode_image(encode(rgb_image(), fmt)[:12], max_pixels=LIMIT)
+
+
+def test_text_that_resembles_no_format_is_not_an_image() -> None:
+    for data in [b"PNG is a format", b"RIFF....AVI LIST", b"II am plain text"]:
+        with pytest.raises(NotAnImageError):
+            decode_image(data, max_pixels=LIMIT)

@@ -42,7 +42,13 @@ def test_every_option() -> None:
         ({"outputs": [""]}, "outputs=''"),
         ({"normalize": ["2"]}, "normalize='2'"),
         ({"resolution": ["1.5"]}, "resolution='1.5'"),
-        ({"encoding": ["JSON"]}, "encoding='JSON'"),
+        ({"encoding": ["msgpack"]}, "encoding='msgpack'"),
+        ({"resolution": ["3_2"]}, "ASCII digits"),
+        ({"resolution": ["\u0663\u0662"]}, "ASCII digits"),  # Arabic-Indic "32"
+        ({"resolution": ["+32"]}, "ASCII digits"),
+        ({"resolution": ["-32"]}, "ASCII digits"),
+        ({"resolution": ["\u00b2"]}, "ASCII digits"),  # superscript two
+        ({"resolution": ["9" * 400]}, "outside the limits"),
     ],
 )
 def test_errors_name_the_bad_value(raw: dict[str, list[str]], fragment: str) -> None:
@@ -58,3 +64,28 @@ def test_resolution_rounding_and_limits() -> None:
     for bad in (0, -5, 1041, 10**9):
         with pytest.raises(InvalidOptionError, match="limits"):
             resolve_resolution(bad, default=224, patch_size=16, max_resolution=1024)
+
+
+def test_values_are_case_insensitive() -> None:
+    options = parse_options(
+        {
+            "outputs": ["CLS, Patch_Features"],
+            "normalize": ["TRUE"],
+            "crop": ["None"],
+            "encoding": ["BASE64"],
+            "dtype": ["Float16"],
+        }
+    )
+    assert options == EmbedOptions(
+        outputs=("cls_embedding", "patch_features"),
+        normalize=True,
+        crop="none",
+        encoding="base64",
+        dtype="float16",
+    )
+
+
+def test_huge_resolution_never_overflows() -> None:
+    for requested in (10**400, 2**1100, 10**9):
+        with pytest.raises(InvalidOptionError, match="limits"):
+            resolve_resolution(requested, default=224, patch_size=16, max_resolution=1024)

@@ -11,7 +11,13 @@ from PIL import Image
 from torchvision import transforms
 
 from models.contract import PreprocessingRecipe
-from service.preprocess import plan_geometry, round_to_patch, to_pixels
+from service.preprocess import (
+    EXACT_RESIZE_MAX_PIXELS,
+    Geometry,
+    plan_geometry,
+    round_to_patch,
+    to_pixels,
+)
 from tests.service.conftest import gradient_rgb
 
 
@@ -109,3 +115,81 @@ def test_crop_none_pixels_cover_the_whole_image() -> None:
     assert pixels.shape == (3, 32, 72)
     white = (1 - recipe.mean[0]) / recipe.std[0]
     assert pixels[0, :, 0].min() > white - 0.05
+
+
+def _center(width: int, height: int, resolution: int) -> Geometry:
+    recipe = PreprocessingRecipe.for_resolution(resolution)
+    return plan_geometry(
+        width,
+        height,
+        recipe=recipe,
+        resolution=resolution,
+        crop="center",
+        patch_size=8,
+        max_side=1024,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    width=st.integers(1, 200_000),
+    height=st.integers(1, 200_000),
+    resolution=st.sampled_from([8, 32, 224, 1024]),
+)
+def test_center_crop_never_plans_a_huge_intermediate(
+    width: int, height: int, resolution: int
+) -> None:
+    geometry = _center(width, height, resolution)
+    assert geometry.size == (resolution, resolution)
+    resized_pixels = geometry.resized[0] * geometry.resized[1]
+    if geometry.source_box is None:
+        assert resized_pixels <= EXACT_RESIZE_MAX_PIXELS
+    else:
+        left, top, right, bottom = geometry.source_box
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+
+
+def test_extreme_aspect_ratio_resizes_only_the_crop() -> None:
+    # 1 x 100000: torchvision's intermediate would be 293 x 29,300,000 pixels (~26 GB of RGB).
+    ramp = np.linspace(0, 255, 100_000).astype(np.uint8)[:, None, None].repeat(3, axis=2)
+    image = Image.fromarray(np.ascontiguousarray(ramp))  # (100000, 1, 3), brightening downwards
+    recipe = PreprocessingRecipe.for_resolution(256)
+    geometry = _center(1, 100_000, 256)
+    assert geometry.resized == (293, 29_300_000) and geometry.source_box is not None
+    pixels = to_pixels(image, geometry, recipe)
+    assert pixels.shape == (3, 256, 256)
+    grey = pixels[0] * recipe.std[0] + recipe.mean[0]  # back to 0..1
+    # the centre crop covers rows ~49,956..50,044 of the ramp: mid-grey, constant across
+    assert np.all(np.abs(grey * 255 - 127.5) <= 1.5)
+    np.testing.assert_allclose(grey, grey[:, :1].repeat(256, axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("size", "resolution"),
+    [((320, 240), 224), ((180, 260), 224), ((33, 57), 32), ((17, 301), 64), ((900, 40), 32)],
+)
+def test_crop_region_resize_is_close_to_torchvision(
+    size: tuple[int, int], resolution: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Force the bounded path on ordinary images: it samples the same source positions, and
+    # differs from torchvision only by Pillow's fixed-point rounding.
+    monkeypatch.setattr("service.preprocess.EXACT_RESIZE_MAX_PIXELS", 0)
+    image = Image.fromarray(gradient_rgb(*size, seed=size[1]))
+    recipe = PreprocessingRecipe.for_resolution(resolution)
+    geometry = _center(*size, resolution)
+    assert geometry.source_box is not None
+    ours = to_pixels(image, geometry, recipe)
+    expected = torchvision_eval(image, recipe)
+    one_level = 1.0 / 255.0 / min(recipe.std) + 1e-5
+    assert np.abs(ours - expected).max() <= 3 * one_level
+    assert np.abs(ours - expected).mean() <= 0.1 * one_level
+
+
+def test_crop_none_bounds_extreme_aspect_ratios() -> None:
+    recipe = PreprocessingRecipe.for_resolution(224)
+    for width, height in [(1, 100_000), (100_000, 1), (3, 40_000)]:
+        geometry = plan_geometry(
+            width, height, recipe=recipe, resolution=224, crop="none", patch_size=16, max_side=512
+        )
+        assert max(geometry.size) <= 512 and min(geometry.size) >= 16
+        assert geometry.resized == geometry.size

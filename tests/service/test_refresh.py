@@ -193,3 +193,27 @@ def test_in_flight_requests_finish_on_the_old_model(
         response = result["response"]
         assert response.status_code == 200
         assert response.json()["model"]["version"] == 1  # queued before the swap
+
+
+def test_deleted_failed_versions_are_forgotten(tiny_model_repository: Path, tmp_path: Path) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    with run_server(tiny_settings(repository)) as server:  # polling off
+        broken = model_path(repository, TINY_MODEL_NAME, 3)
+        _write_atomically(broken, b"junk")
+        reload = server.client.post("/admin/reload").json()
+        assert reload["changed"] is False and "version 3" in reload["error"]
+        assert _states(server) == {1: "serving", 3: "failed"}
+        assert "version 3" in _models(server)["last_error"]
+
+        shutil.rmtree(broken.parent)
+        reload = server.client.post("/admin/reload").json()
+        assert reload == {"changed": False, "serving_version": 1, "error": None}
+        models = _models(server)
+        assert _states(server) == {1: "serving"}
+        assert models["last_error"] is None
+
+        # A version directory named with non-ASCII digits is ignored, not a 500.
+        (repository / TINY_MODEL_NAME / "\u00b2").mkdir()
+        (repository / TINY_MODEL_NAME / "\u00b2" / MODEL_FILENAME).write_bytes(b"x")
+        assert server.client.post("/admin/reload").status_code == 200
+        assert server.client.get("/v1/models").status_code == 200

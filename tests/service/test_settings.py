@@ -20,6 +20,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.model_name == "dino_default"
     assert settings.device == "auto" and settings.api_keys == ()
     assert settings.version_policy == "latest"
+    assert settings.max_batch_attention_bytes == 1024**3
+    assert settings.max_body_bytes_in_flight == 4 * settings.max_body_bytes
+    assert settings.body_timeout_s == 60 and settings.keep_alive_s == 5
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,6 +44,11 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         {"DINO_MODEL_NAME": "../etc"},
         {"DINO_MAX_IMAGES_PER_REQUEST": "300", "DINO_MAX_QUEUE_IMAGES": "10"},
         {"DINO_WARMUP_BATCH_SIZES": "0"},
+        {"DINO_API_KEYS": "good,s\u00e9cret"},
+        {"DINO_API_KEYS": "two words"},
+        {"DINO_API_KEYS": 'quote"d'},
+        {"DINO_MAX_BODY_BYTES": "100000", "DINO_MAX_BODY_BYTES_IN_FLIGHT": "50000"},
+        {"DINO_BODY_TIMEOUT_S": "0"},
     ],
 )
 def test_invalid_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
@@ -49,3 +57,11 @@ def test_invalid_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str
         monkeypatch.setenv(key, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_api_key_error_names_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DINO_API_KEYS", "ok-key_1.2~3+/==,n\u00f6pe")
+    with pytest.raises(ValidationError, match="key 2 is not a valid bearer token"):
+        Settings()
+    monkeypatch.setenv("DINO_API_KEYS", "ok-key_1.2~3+/==")
+    assert Settings().api_keys == ("ok-key_1.2~3+/==",)

@@ -1,0 +1,204 @@
+"""Resource limits against a real server: image geometry, attention memory, body reading,
+inference failures and client disconnects."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.runtime import OnnxModel, load_model
+from tests.service.conftest import (
+    LiveServer,
+    encode,
+    gradient_rgb,
+    png_bytes,
+    run_server,
+    tiny_settings,
+    wait_for,
+)
+
+
+def _port(server: LiveServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _post(url: str, blob: bytes, barrier: threading.Barrier | None = None) -> httpx.Response:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        if barrier is not None:
+            barrier.wait()
+        return client.post("/embed", files=[("images", ("a.png", blob, "image/png"))])
+
+
+def test_extreme_aspect_ratio_stays_in_memory_bounds(live: LiveServer) -> None:
+    # 1 x 3000 at resolution 256: torchvision's intermediate would be 293 x 879,000 pixels
+    # (~770 MB of RGB). Kept moderate so a regression fails this assertion instead of
+    # exhausting the machine (1 x 100000 would need ~26 GB).
+    strip = encode(Image.fromarray(gradient_rgb(1, 3000)), "PNG")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; server is in-process
+    response = live.client.post(
+        "/embed", files=[("images", ("s.png", strip, "image/png"))], data={"resolution": "256"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["processed_size"] == {"width": 256, "height": 256}
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, grown_mib
+    long_strip = encode(Image.fromarray(gradient_rgb(1, 100_000)), "PNG")
+    for data in [{"crop": "none"}, {"crop": "center", "resolution": "64"}]:
+        response = live.client.post(
+            "/embed", files=[("images", ("s.png", long_strip, "image/png"))], data=data
+        )
+        assert response.status_code == 200, response.text
+        size = response.json()["results"][0]["processed_size"]
+        assert max(size["width"], size["height"]) <= 1024
+
+
+def test_attention_budget_splits_batches_and_refuses_huge_images(
+    tiny_model_repository: Path,
+) -> None:
+    # Tiny model (patch 8, 2 heads): 32x32 -> 17 tokens -> 2 * 17**2 * 4 = 2312 bytes/image.
+    settings = tiny_settings(
+        tiny_model_repository, max_batch_attention_bytes=5000, max_queue_delay_ms=200
+    )
+    with run_server(settings) as server:
+        calls = server.metric("dino_batch_size_count")
+        small = server.metric("dino_batch_size_bucket", {"le": "2.0"})
+        files = [("images", (f"{i}.png", png_bytes(seed=i), "image/png")) for i in range(6)]
+        response = server.client.post("/embed", files=files)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"]) == 6
+        assert server.metric("dino_batch_size_count") - calls == 3  # 6 images, 2 per call
+        assert server.metric("dino_batch_size_bucket", {"le": "2.0"}) - small == 3
+
+        # 48x48 -> 37 tokens -> 10952 bytes: refused before decoding, whatever the images.
+        response = server.client.post("/embed", files=files[:1], data={"resolution": "48"})
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "too_many_tokens" and error["index"] is None
+        assert "DINO_MAX_BATCH_ATTENTION_BYTES" in error["message"]
+        # crop=none: the size depends on the image, so the error names it.
+        wide = ("images", ("w.png", png_bytes(90, 30), "image/png"))
+        response = server.client.post("/embed", files=[files[0], wide], data={"crop": "none"})
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["index"] == 1
+        assert server.metric("dino_batch_size_count") - calls == 3  # nothing more ran
+
+
+def test_failed_inference_spares_batch_mates_and_hides_engine_text(
+    tiny_model_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def loader(*args: Any, **kwargs: Any) -> OnnxModel:
+        model = load_model(*args, **kwargs)
+        run = model.run
+
+        def poisoned(pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+            if pixels.reshape(pixels.shape[0], -1).mean(axis=1).max() > 1.5:  # a white image
+                raise RuntimeError("onnxruntime internal: node /blocks.0/attn secret detail")
+            return run(pixels, outputs)
+
+        model.run = poisoned  # type: ignore[method-assign]
+        return model
+
+    white = encode(Image.new("RGB", (40, 30), (255, 255, 255)), "PNG")
+    normal = png_bytes(seed=3)
+    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=2000)
+    with run_server(settings, loader=loader) as server:
+        calls = server.metric("dino_batch_size_count")
+        barrier = threading.Barrier(2)
+        with caplog.at_level(logging.WARNING, logger="service"), ThreadPoolExecutor(2) as pool:
+            bad, good = pool.map(lambda blob: _post(server.url, blob, barrier), [white, normal])
+        assert good.status_code == 200, good.text
+        assert bad.status_code == 500
+        error = bad.json()["error"]
+        assert error["code"] == "inference_failed"
+        assert "secret" not in error["message"] and "onnxruntime" not in error["message"]
+        reference = error["message"].split("reference ")[1].split(")")[0]
+        assert any(reference in record.getMessage() for record in caplog.records)
+        # one shared call that failed, then one retry per image
+        assert server.metric("dino_batch_size_count") - calls == 3
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model_repository: Path) -> Iterator[LiveServer]:
+    settings = tiny_settings(
+        tiny_model_repository,
+        max_body_bytes=40_000,
+        max_body_bytes_in_flight=50_000,
+        body_timeout_s=2.0,
+        retry_after_s=3,
+    )
+    with run_server(settings) as server:
+        yield server
+
+
+def _stalled_upload(server: LiveServer, declared: int, sent: bytes) -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", _port(server)), timeout=10)
+    connection.sendall(
+        b"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {declared}\r\n\r\n".encode()
+        + sent
+    )
+    return connection
+
+
+def test_client_disconnect_is_not_a_server_error(
+    guarded: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service"):
+        connection = _stalled_upload(guarded, 1000, b"0123456789")
+        time.sleep(0.2)
+        connection.close()
+        wait_for(lambda: guarded.metric("dino_http_requests_total", {"status": "499"}) == 1)
+    assert guarded.metric("dino_http_requests_total", {"status": "500"}) == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("client disconnected" in r.getMessage() for r in caplog.records)
+    assert guarded.metric("dino_request_body_bytes_in_flight") == 0
+
+
+def test_body_budget_refuses_while_bodies_are_pending(guarded: LiveServer) -> None:
+    stalled = _stalled_upload(guarded, 30_000, b"x" * 100)
+    try:
+        wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 30_000)
+        blob = png_bytes()
+        padded = guarded.client.post(
+            "/embed",
+            content=blob + b"\0" * (30_000 - len(blob)),  # PNG ignores trailing bytes
+            headers={"content-type": "image/png"},
+        )
+        assert padded.status_code == 429, padded.text
+        assert padded.json()["error"]["code"] == "overloaded"
+        assert padded.headers["retry-after"] == "3"
+        assert _post(guarded.url, blob).status_code == 200  # small bodies still fit
+    finally:
+        stalled.close()
+    wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)
+
+
+def test_slow_body_times_out_with_408(guarded: LiveServer) -> None:
+    connection = _stalled_upload(guarded, 1000, b"0123456789")
+    started = time.monotonic()
+    try:
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        connection.close()
+    assert 1.5 < time.monotonic() - started < 9
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in answer
+    assert b"connection: close" in answer.lower()
+    wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)

@@ -1,0 +1,84 @@
+"""Multipart parsing: framing, part and image limits applied while parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import (
+    InvalidOptionError,
+    MalformedRequestError,
+    NoImagesError,
+    TooManyImagesError,
+    TooManyPartsError,
+)
+from service.upload import max_parts, parse_upload
+
+BOUNDARY = "B0undary"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def field(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+
+
+END = f"--{BOUNDARY}--\r\n".encode()
+
+
+def parse(body: bytes, max_images: int = 3) -> tuple[list[bytes], dict[str, list[str]]]:
+    upload = parse_upload(body, content_type=CONTENT_TYPE, query=[], max_images=max_images)
+    return upload.images, upload.options
+
+
+def test_images_and_options() -> None:
+    body = field("images", b"one", "a.png") + field("outputs", b"cls") + field("outputs", b"patch")
+    images, options = parse(body + field("images", b"two", "b.png") + END)
+    assert images == [b"one", b"two"]
+    assert options == {"outputs": ["cls", "patch"]}
+
+
+def test_missing_closing_boundary_is_malformed() -> None:
+    body = field("images", b"one", "a.png")
+    with pytest.raises(MalformedRequestError, match="closing boundary"):
+        parse(body)
+    with pytest.raises(MalformedRequestError, match="closing boundary"):
+        parse(body[:-2])  # no CRLF either
+    with pytest.raises(MalformedRequestError):
+        parse(b"")
+
+
+def test_well_formed_body_without_parts_has_no_images() -> None:
+    with pytest.raises(NoImagesError):
+        parse(END)
+
+
+def test_parts_are_counted_while_parsing() -> None:
+    limit = max_parts(3)
+    valid = field("outputs", b"cls") * limit + field("images", b"x", "a.png")
+    # Garbage after the limit: the error names the part count, so parsing stopped there.
+    with pytest.raises(TooManyPartsError, match=str(limit)):
+        parse(valid + b"--" + BOUNDARY.encode() + b"\r\nno disposition\r\n\r\n")
+    assert parse(field("outputs", b"cls") * (limit - 1) + field("images", b"x", "a") + END)
+
+
+def test_images_are_counted_while_parsing() -> None:
+    four = field("images", b"x", "a.png") * 4
+    with pytest.raises(TooManyImagesError):
+        parse(four + b"truncated, never parsed")
+    images, _ = parse(field("images", b"x", "a.png") * 3 + END)
+    assert len(images) == 3
+
+
+def test_part_headers_and_text_fields_are_bounded() -> None:
+    huge_header = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="images"\r\nX-Big: '.encode()
+        + b"a" * 20_000
+        + b"\r\n\r\nx\r\n"
+        + END
+    )
+    with pytest.raises(MalformedRequestError, match="header"):
+        parse(huge_header)
+    with pytest.raises(InvalidOptionError, match="longer than 1024"):
+        parse(field("crop", b"x" * 5000) + field("images", b"x", "a") + END)
+    with pytest.raises(InvalidOptionError, match="unexpected file field"):
+        parse(field("image", b"x", "a.png") + END)
