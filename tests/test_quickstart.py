@@ -49,9 +49,13 @@ def _copy_worktree(target: Path) -> None:
 def _multipart(image: bytes) -> tuple[bytes, str]:
     boundary = "quickstartboundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -91,7 +95,8 @@ def test_make_serve_from_a_clean_copy_answers_embed(tmp_path: Path) -> None:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(2)
         assert ready is not None, (tmp_path / "serve.log").read_text()[-4000:]
-        assert not (tmp_path / ".venv-serve" / "lib" / "python3.11" / "site-packages" / "torch").exists()
+        site_packages = tmp_path / ".venv-serve" / "lib" / "python3.11" / "site-packages"
+        assert site_packages.is_dir() and not (site_packages / "torch").exists()
 
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 90)).save(buffer, format="PNG")
