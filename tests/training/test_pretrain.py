@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from models.contract import model_versions
@@ -50,6 +51,16 @@ def test_full_run_resume_is_exact_and_exports(tmp_path, image_dir):
 
     # The teacher was exported as a new model version.
     assert model_versions(repo, "tiny") == [1]
+
+    # TensorBoard scalars (tensorboard is in the dev extra): the logged steps and epochs.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(full / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/loss", "step/lr", "step/momentum"} <= tags
+    assert len(events.Scalars("step/loss")) == 8
+    assert events.Scalars("step/loss")[0].value == pytest.approx(json.loads(steps[0])["loss"])
 
 
 def test_truncated_checkpoint_is_detected(tmp_path, image_dir, caplog):
