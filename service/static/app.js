@@ -219,6 +219,8 @@ function describeError(status, body, headers) {
       const when = wait ? `try again in ${wait} s` : "try again shortly";
       return [`The server is busy${suffix}: ${when}.`, true];
     }
+    case 408:
+      return [`The upload took too long${suffix}. Check the connection and retry.`, true];
     case 503:
       return [`The service is not ready${suffix}. Try again shortly.`, true];
     default:
