@@ -112,17 +112,25 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        refused = [line for line in str(err).splitlines() if "Unsupported global" in line]
+        if refused:
             raise CheckpointError(
                 f"{path} contains Python objects that a safe load (torch.load weights_only=True) "
-                f"refuses: {str(err).splitlines()[0]}. Loading it would run code from the file. "
+                f"refuses ({refused[0].strip()}). Loading it would run code from the file. "
                 "If you trust its source, pass --trust-checkpoint (trust=True)."
             ) from err
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt file ({err})") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupt ({err})"
+            f"cannot read checkpoint {path}: the file is truncated or corrupt ({_first_line(err)})"
         ) from err
+    except Exception as err:  # noqa: BLE001 - torch's unpickler raises KeyError, EOFError, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupt ({_first_line(err)})"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def extract_backbone_state_dict(
@@ -146,8 +154,10 @@ def extract_backbone_state_dict(
     elif "student" in checkpoint or "teacher" in checkpoint:
         keys = sorted(k for k in ("student", "teacher") if k in checkpoint)
         raise CheckpointError(f"checkpoint has no {checkpoint_key!r} entry; it has {keys}")
-    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
-        state = checkpoint["state_dict"]
+    else:
+        nested = [k for k in ("state_dict", "model") if isinstance(checkpoint.get(k), Mapping)]
+        if nested:
+            state = checkpoint[nested[0]]
     if not isinstance(state, Mapping):
         raise CheckpointError(f"entry {checkpoint_key!r} is not a state dict")
     result: dict[str, Tensor] = {}

@@ -261,6 +261,8 @@ def export_model(
     start = time.perf_counter()
     model = model.float().eval()
     path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; give the path of the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def say(message: str) -> None:
@@ -277,6 +279,10 @@ def export_model(
     fd, tmp_name = tempfile.mkstemp(prefix=".export-", suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp creates 0600; a model file must be readable by the service's user (0644 by default).
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         say(f"tracing ({precision}, resolution {resolution})")
         if precision == "float16":
@@ -295,7 +301,7 @@ def export_model(
         say("parity check against PyTorch")
         parity = check_parity(_session(tmp), model, resolution=resolution, precision=precision)
         os.replace(tmp, path)
-    except Exception:
+    except BaseException:  # also Ctrl-C: never leave a temp file behind
         tmp.unlink(missing_ok=True)
         raise
     report = ExportReport(
@@ -314,7 +320,7 @@ def next_version_dir(repository: Path, name: str) -> Path:
     """Create and return ``repository/name/<max existing + 1>`` (race-free with ``mkdir``)."""
     root = Path(repository) / contract.validate_model_name(name)
     root.mkdir(parents=True, exist_ok=True)
-    existing = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
+    existing = [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
     version = max(existing, default=0) + 1
     while True:
         candidate = root / str(version)
@@ -352,7 +358,7 @@ def export_to_repository(
             source=source,
             log=log,
         )
-    except Exception:
+    except BaseException:
         if not any(version_dir.iterdir()):
             version_dir.rmdir()
         raise
@@ -388,7 +394,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="model repository (default: $DINO_MODEL_REPOSITORY or model_repository)",
     )
-    parser.add_argument("--name", default="dino_default", help="model name in the repository")
+    parser.add_argument(
+        "--name", default=None, help="model name in the repository (default dino_default)"
+    )
     parser.add_argument("--fp16", action="store_true", help="half-precision weights")
     parser.add_argument("--resolution", type=int, default=None, help="default: training size")
     parser.add_argument(
@@ -416,7 +424,14 @@ def _load_pretrained(name: str, cache_dir: Path | None) -> LoadedBackbone:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.output and args.name:
+        parser.error("--name applies to --repository, not to --output")
+    if args.resolution is not None and args.resolution <= 0:
+        parser.error(f"--resolution must be positive, got {args.resolution}")
+    if args.pretrained and (args.arch != "auto" or args.num_heads or args.patch_size):
+        parser.error("--pretrained fixes the architecture: drop --arch/--patch-size/--num-heads")
     try:
         if args.pretrained:
             loaded = _load_pretrained(args.pretrained, args.cache_dir)
@@ -444,8 +459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             repository = args.repository or Path(
                 os.environ.get("DINO_MODEL_REPOSITORY", "model_repository")
             )
-            report = export_to_repository(loaded.model, repository, args.name, **common)
-    except (CheckpointError, ExportError, pretrained.PretrainedError, ValueError) as err:
+            name = args.name or "dino_default"
+            report = export_to_repository(loaded.model, repository, name, **common)
+    except (CheckpointError, ExportError, pretrained.PretrainedError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     params = sum(p.numel() for p in loaded.model.parameters())

@@ -166,3 +166,18 @@ def test_numpy1_era_pickle_names_load(tmp_path: Path, tiny_vit: VisionTransforme
             dst.writestr(info, data)
     loaded = load_backbone(old, num_heads=2)
     assert torch.equal(loaded.model.cls_token, tiny_vit.cls_token)
+
+
+@pytest.mark.parametrize("data", [b"hello", b"not a checkpoint", b"PK\x03\x04broken zip"])
+def test_garbage_is_reported_as_corrupt_not_as_needing_trust(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_backbone(path)
+    assert "--trust-checkpoint" not in str(info.value)
+
+
+def test_nested_model_entry_loads(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    path = tmp_path / "nested.pth"
+    torch.save({"model": tiny_vit.state_dict()}, path)
+    assert torch.equal(load_backbone(path, num_heads=2).model.cls_token, tiny_vit.cls_token)

@@ -163,3 +163,65 @@ def test_cli_reports_bad_input_without_traceback(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_exported_files_are_readable_by_other_users(
+    tmp_path: Path, tiny_vit: VisionTransformer
+) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        report = export_to_repository(
+            tiny_vit, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(report.path.stat().st_mode) == 0o644
+
+
+def test_onnx_matches_the_reference_forward_at_sizes_that_are_not_patch_multiples(
+    tiny_model_repository: Path,
+) -> None:
+    """The reference drops the rows/columns that do not fill a patch; so must the graph."""
+    from tests.conftest import make_tiny_vit
+    from tests.models import reference_vit as ref
+
+    sd = {k: v.detach() for k, v in make_tiny_vit().state_dict().items()}
+    session = _session(contract.model_path(tiny_model_repository, TINY_MODEL_NAME, 1))
+    x = torch.randn(2, 3, 45, 38)
+    cls, patches, attn = _run(session, x)
+    with torch.no_grad():
+        want_cls = ref.forward(sd, x, 8, 2)
+        want_tokens = ref.get_intermediate_layers(sd, x, 8, 2)
+        want_attn = ref.get_last_selfattention(sd, x, 8, 2)
+    assert patches.shape == (2, 5 * 4, 32)
+    np.testing.assert_allclose(cls, want_cls.numpy(), atol=1e-4)
+    np.testing.assert_allclose(patches, want_tokens[:, 1:].numpy(), atol=1e-4)
+    np.testing.assert_allclose(attn, want_attn[:, :, 0, 1:].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--resolution", "0"], ["--resolution", "-8"], ["--name", "x"]],
+)
+def test_cli_rejects_bad_arguments(tmp_path: Path, extra: list[str]) -> None:
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"unused")
+    with pytest.raises(SystemExit) as info:
+        export.main(["--weights", str(weights), "--output", str(tmp_path / "x.onnx"), *extra])
+    assert info.value.code == 2
+
+
+def test_cli_unwritable_output_is_an_error_not_a_traceback(
+    tmp_path: Path, tiny_vit_config: ViTConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    target = tmp_path / "a_directory"
+    target.mkdir()
+    argv = ["--weights", str(weights), "--num-heads", "2", "--output", str(target)]
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "is a directory" in err and "Traceback" not in err

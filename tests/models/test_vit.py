@@ -93,7 +93,9 @@ def _reference_outputs(model: VisionTransformer, x: torch.Tensor) -> tuple[torch
     return cls, tokens[:, 1:], attn[:, :, 0, 1:]
 
 
-@pytest.mark.parametrize(("height", "width"), [(224, 224), (320, 256), (224, 230), (96, 96)])
+@pytest.mark.parametrize(
+    ("height", "width"), [(224, 224), (320, 256), (224, 230), (96, 96), (227, 301), (100, 60)]
+)
 def test_vit_small_matches_reference_forward(height: int, width: int) -> None:
     torch.manual_seed(0)
     model = VisionTransformer(vit_config("vit_small", 16)).eval()
