@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
+from models.contract import OUTPUT_NAMES
 from models.export import export_model
 from models.vit import VisionTransformer, count_parameters, vit_config
-
-OUTPUTS = ("cls_embedding", "patch_features", "attention_maps")
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
                 )
                 worst = {
                     f"{name}_max_abs": max(row[f"{name}_max_abs"] for row in report.parity)
-                    for name in OUTPUTS
+                    for name in OUTPUT_NAMES
                 }
                 cosine = min(row["cls_embedding_min_cosine"] for row in report.parity)
                 print(

@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from models.contract import model_path, model_versions
+from models.contract import CLS_EMBEDDING, OUTPUT_NAMES, PIXEL_VALUES, model_path, model_versions
 from service.decode import decode_image
 from service.preprocess import plan_geometry, to_pixels
 from service.runtime import parse_metadata, requested_providers
@@ -207,7 +207,7 @@ class RawSession:
     def images_per_s(self, batch: int, outputs: tuple[str, ...], seconds: float = 3.0) -> float:
         """Measured right after each HTTP level, so both see the same machine load."""
         stack = np.stack([self.pixels[i % len(self.pixels)] for i in range(batch)])
-        feed = {"pixel_values": stack}  # (B, 3, H, W)
+        feed = {PIXEL_VALUES.name: stack}  # (B, 3, H, W)
         self.session.run(list(outputs), feed)  # warm-up for this shape
         runs, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds or runs < 3:
@@ -341,19 +341,19 @@ def _run(
         blobs = _jpegs(size, 16)
         raw = RawSession(model_path(repository, name, version), blobs, args.device)
         scenarios = [
-            ("cls", "cls", "json", ("cls_embedding",)),
-            ("cls", "cls", "base64", ("cls_embedding",)),
+            ("cls", "cls", "json", (CLS_EMBEDDING.name,)),
+            ("cls", "cls", "base64", (CLS_EMBEDDING.name,)),
             (
                 "cls+patch+attention",
                 "cls,patch,attention",
                 "json",
-                ("cls_embedding", "patch_features", "attention_maps"),
+                OUTPUT_NAMES,
             ),
             (
                 "cls+patch+attention",
                 "cls,patch,attention",
                 "base64",
-                ("cls_embedding", "patch_features", "attention_maps"),
+                OUTPUT_NAMES,
             ),
         ]
         rows = []
