@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 import types
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from models.layers import Attention
 from models.vit import VisionTransformer, vit_config
-from training.augment import DataAugmentationDINO
+from training.augment import DataAugmentationDINO, MultiCropGeometry
 from training.data import canvas_transform
 from training.ema import ParameterEMA
 from training.gpu_augment import BatchedMultiCrop
@@ -42,6 +43,15 @@ from training.heads import DINOHead
 from training.loss import DINOLoss
 from training.multicrop import MultiCropWrapper
 from training.optim import cancel_gradients_last_layer, clip_gradients, get_params_groups
+
+# Optimised-step variants: name -> (precision, torch.compile mode or None).
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "bf16": ("bf16", None),
+    "fp16": ("fp16", None),
+    "compile": ("bf16", "default"),  # what training.pretrain --compile does
+    "compile-reduce-overhead": ("bf16", "reduce-overhead"),  # plus CUDA graphs
+    "compile-max-autotune": ("bf16", "max-autotune-no-cudagraphs"),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -56,12 +66,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--local_crops", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", choices=["bf16", "fp16"], default="bf16", help="optimised step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the optimised backbones")
+    p.add_argument(
+        "--variants",
+        default="bf16",
+        help="comma-separated optimised steps to time against the one reference step: "
+        f"{', '.join(VARIANTS)}",
+    )
     p.add_argument("--aug_images", type=int, default=40, help="images for the CPU pipeline bench")
     p.add_argument("--aug_batch", type=int, default=64, help="batch of the batched augmentation")
     p.add_argument("--aug_steps", type=int, default=20, help="timed batches of it")
     args = p.parse_args()
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown or not args.variants:
+        p.error(f"unknown --variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.tiny:
         args.arch, args.patch_size, args.batch, args.out_dim = "tiny", 8, 8, 1024
         args.global_size, args.local_size, args.local_crops = 32, 16, 4
@@ -102,6 +120,30 @@ def use_explicit_attention(model: nn.Module) -> None:
             )
 
 
+def use_reference_tokens(model: nn.Module) -> None:
+    """The original's ``prepare_tokens``: ``F.interpolate`` with the +0.1 scale factor on the
+    local crops, the stored table as it is for square inputs of the training size."""
+
+    def prepare_tokens(self: VisionTransformer, x: Tensor) -> Tensor:
+        width, height = x.shape[-1], x.shape[-2]
+        tokens = self.patch_embed(x)  # (B, N, D)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat((cls, tokens), dim=1)  # (B, 1 + N, D)
+        stored = self.pos_embed.shape[1] - 1
+        if tokens.shape[1] - 1 == stored and width == height:
+            return tokens + self.pos_embed
+        side, dim, p = int(math.sqrt(stored)), tokens.shape[-1], self.patch_size
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        scale = ((height // p + 0.1) / side, (width // p + 0.1) / side)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")  # (1, D, h, w)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, h*w, D)
+        return tokens + torch.cat((self.pos_embed[:, :1], grid), dim=1)
+
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            module.prepare_tokens = types.MethodType(prepare_tokens, module)  # type: ignore[method-assign]
+
+
 def reference_loss(student: Tensor, teacher: Tensor, center: Tensor, ncrops: int) -> Tensor:
     s = (student / 0.1).chunk(ncrops)
     q = F.softmax((teacher - center) / 0.04, dim=-1).detach().chunk(2)
@@ -114,9 +156,10 @@ def reference_loss(student: Tensor, teacher: Tensor, center: Tensor, ncrops: int
     return total / n
 
 
-def make_reference_step(args, device, student, teacher, crops) -> Callable[[], None]:
-    use_explicit_attention(student)
-    use_explicit_attention(teacher)
+def make_reference_step(args, device, student, teacher, crops, _variant) -> Callable[[], None]:
+    for model in (student, teacher):
+        use_explicit_attention(model)
+        use_reference_tokens(model)
     optimizer = torch.optim.AdamW(get_params_groups(student), foreach=False)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if cuda else None
@@ -163,13 +206,14 @@ def make_reference_step(args, device, student, teacher, crops) -> Callable[[], N
     return step
 
 
-def make_optimised_step(args, device, student, teacher, crops) -> Callable[[], None]:
+def make_optimised_step(args, device, student, teacher, crops, variant) -> Callable[[], None]:
     cuda = device.type == "cuda"
-    if args.compile:
-        student.backbone.compile()
-        teacher.backbone.compile()
+    precision, compile_mode = VARIANTS[variant]
+    if compile_mode is not None:  # as training.pretrain --compile: one static graph per size
+        student.backbone.compile(dynamic=False, mode=compile_mode)
+        teacher.backbone.compile(dynamic=False, mode=compile_mode)
     optimizer = torch.optim.AdamW(get_params_groups(student), fused=cuda)
-    fp16 = args.precision == "fp16" and cuda
+    fp16 = precision == "fp16" and cuda
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     dtype = torch.float16 if fp16 else torch.bfloat16
     loss_fn = DINOLoss(args.out_dim, len(crops), 0.04, 0.04, 0, 1).to(device)
@@ -258,40 +302,62 @@ def bench_cpu_augmentation(args, name: str) -> dict[str, Any]:
     for i in range(args.aug_images):
         aug(images[i % len(images)])
     elapsed = time.perf_counter() - start
-    cut = canvas_transform(None if canvas == 28 else canvas)
-    start = time.perf_counter()
-    for i in range(args.aug_images):
-        cut(images[i % len(images)])
-    cut_elapsed = time.perf_counter() - start
+    loader_work = {  # what the loader does per image when the device augments
+        "canvas": canvas_transform(None if canvas == 28 else canvas),
+        "geometry": MultiCropGeometry(g_scale, l_scale, n_local, g_size, l_size),
+    }
+    loader_ms = {}
+    for work, transform in loader_work.items():
+        start = time.perf_counter()
+        for i in range(args.aug_images):
+            transform(images[i % len(images)])
+        loader_ms[work] = round(1000 * (time.perf_counter() - start) / args.aug_images, 3)
     torch.set_num_threads(threads)
     return {
         "bench": "cpu_augmentation",
         "setting": name,
         "ms_per_image_per_core": round(1000 * elapsed / args.aug_images, 2),
         "img_per_s_per_core": round(args.aug_images / elapsed, 2),
-        "canvas_ms_per_image_per_core": round(1000 * cut_elapsed / args.aug_images, 3),
+        "canvas_ms_per_image_per_core": loader_ms["canvas"],
+        "geometry_ms_per_image_per_core": loader_ms["geometry"],
         "crops": f"2x{g_size} + {n_local}x{l_size}",
         "source_image": f"{images[0].width}x{images[0].height}",
     }
 
 
-def bench_batched_augmentation(args, name: str, device: torch.device) -> dict[str, Any]:
-    """``BatchedMultiCrop`` on uint8 canvases already on the device."""
+def bench_batched_augmentation(args, name: str, device: torch.device, mode: str) -> dict[str, Any]:
+    """``BatchedMultiCrop`` on the device: ``mode`` "whole" crops uint8 images (or canvases)
+    there; "photometric" takes crops the loader cut (the default for image folders)."""
     g_size, l_size, n_local, g_scale, l_scale, canvas = AUG_SETTINGS[name]
     batch = args.aug_batch if canvas != 28 else 4 * args.aug_batch
-    cut = canvas_transform(None if canvas == 28 else canvas)
     images = source_images(name, min(batch, 8))
-    canvases = torch.stack([cut(images[i % len(images)]) for i in range(batch)]).to(device)
     aug = BatchedMultiCrop(g_scale, l_scale, n_local, g_size, l_size)
     generator = torch.Generator(device=device).manual_seed(0)
+    if mode == "whole":
+        cut = canvas_transform(None if canvas == 28 else canvas)
+        canvases = torch.stack([cut(images[i % len(images)]) for i in range(batch)]).to(device)
+
+        def run() -> None:
+            aug(canvases, generator)
+
+        source = f"{canvas}x{canvas} uint8 canvases"
+    else:
+        geometry = MultiCropGeometry(g_scale, l_scale, n_local, g_size, l_size)
+        cut_crops = [geometry(images[i % len(images)]) for i in range(batch)]
+        crops = [torch.stack([c[v] for c in cut_crops]).to(device) for v in range(aug.ncrops)]
+
+        def run() -> None:
+            aug.photometric(crops, generator)
+
+        source = "uint8 crops cut by the loader"
     cuda = device.type == "cuda"
     for _ in range(2):
-        aug(canvases, generator)
+        run()
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.aug_steps):
-        aug(canvases, generator)
+        run()
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -299,11 +365,12 @@ def bench_batched_augmentation(args, name: str, device: torch.device) -> dict[st
     return {
         "bench": "batched_augmentation",
         "setting": name,
+        "mode": mode,
         "img_per_s": round(batch * args.aug_steps / elapsed, 2),
         "ms_per_batch": round(1000 * elapsed / args.aug_steps, 2),
         "batch": batch,
         "crops": f"2x{g_size} + {n_local}x{l_size}",
-        "canvas": f"{canvas}x{canvas} uint8",
+        "input": source,
         "device": hw,
     }
 
@@ -326,23 +393,29 @@ def main() -> None:
     }  # fmt: skip
     print(json.dumps({"bench": "setup", **setup}), flush=True)
     student, teacher = build(args, device)
-    results = {}
-    for name, factory in (("reference", make_reference_step), ("optimised", make_optimised_step)):
+    runs = [("reference", "reference", make_reference_step)]
+    runs += [(f"optimised_{v}", v, make_optimised_step) for v in args.variants]
+    results: dict[str, dict[str, Any]] = {}
+    for name, variant, factory in runs:
         s, t = copy.deepcopy(student), copy.deepcopy(teacher)
-        step = factory(args, device, s, t, crops)
-        precision = "fp16" if name == "reference" else args.precision
+        precision = "fp16" if variant == "reference" else VARIANTS[variant][0]
         if device.type == "cpu":
             precision = "fp32"
-        results[name] = time_steps(step, args, device)
-        print(
-            json.dumps({"bench": f"train_step_{name}", "precision": precision, **results[name]}),
-            flush=True,
-        )
-        del s, t, step
+        record: dict[str, Any] = {"bench": f"train_step_{name}", "precision": precision}
+        try:
+            step = factory(args, device, s, t, crops, variant)
+            results[name] = time_steps(step, args, device)
+            record.update(results[name])
+            if name != "reference":
+                ratio = results[name]["img_per_s"] / results["reference"]["img_per_s"]
+                record["over_reference"] = round(ratio, 3)
+        except Exception as err:  # one failing variant must not hide the others
+            record["error"] = f"{type(err).__name__}: {err}"[:500]
+        print(json.dumps(record), flush=True)
+        del s, t
+        step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ratio = results["optimised"]["img_per_s"] / results["reference"]["img_per_s"]
-    print(json.dumps({"bench": "speedup", "optimised_over_reference": round(ratio, 3)}), flush=True)
     del student, teacher, crops
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -350,9 +423,12 @@ def main() -> None:
     for name in AUG_SETTINGS:
         cpu = bench_cpu_augmentation(args, name)
         print(json.dumps(cpu), flush=True)
-        batched = bench_batched_augmentation(args, name, aug_device)
-        batched["cpu_cores_equivalent"] = round(batched["img_per_s"] / cpu["img_per_s_per_core"], 1)
-        print(json.dumps(batched), flush=True)
+        modes = ["whole"] if AUG_SETTINGS[name][5] == 28 else ["photometric", "whole"]
+        for mode in modes:
+            batched = bench_batched_augmentation(args, name, aug_device, mode)
+            ratio = batched["img_per_s"] / cpu["img_per_s_per_core"]
+            batched["cpu_cores_equivalent"] = round(ratio, 1)
+            print(json.dumps(batched), flush=True)
 
 
 if __name__ == "__main__":

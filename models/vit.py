@@ -112,10 +112,17 @@ def arch_name(embed_dim: int, depth: int, num_heads: int) -> str:
     return "custom"
 
 
-def _spatial_size(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Height and width of an NCHW tensor as 0-d int64 tensors (dynamic under ONNX tracing)."""
-    shape = torch._shape_as_tensor(x)  # (4,), traced as a Shape op
-    return shape[2], shape[3]
+def _spatial_size(x: Tensor) -> tuple[Tensor, Tensor] | tuple[int, int]:
+    """Height and width of an NCHW tensor.
+
+    0-d int64 tensors while tracing (a Shape op, so the ONNX graph stays dynamic in height and
+    width); Python ints otherwise, which lets the position-embedding matrices be cached.
+    """
+    tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    if tracing or torch.onnx.is_in_onnx_export():
+        shape = torch._shape_as_tensor(x)  # (4,), traced as a Shape op
+        return shape[2], shape[3]
+    return int(x.shape[2]), int(x.shape[3])
 
 
 class VisionTransformer(nn.Module):

@@ -61,6 +61,59 @@ def _normalize() -> v2.Compose:
     )
 
 
+def _resized_crop(size: int, scale: tuple[float, float]) -> v2.RandomResizedCrop:
+    """The reference's crop: bicubic RandomResizedCrop (antialiased, as PIL resizes)."""
+    return v2.RandomResizedCrop(
+        size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True
+    )
+
+
+class MultiCropGeometry:
+    """The geometric half of :class:`DataAugmentationDINO`, for the GPU path on image folders.
+
+    PIL image -> ``[global_1, global_2, local_1 ... local_N]`` uint8 ``[3, S, S]`` tensors: the
+    reference's RandomResizedCrop of the whole image and the horizontal flip (p=0.5), drawn
+    as the CPU path draws them. ``training.gpu_augment.BatchedMultiCrop.photometric`` does the
+    rest on the device. The flip commutes with every later operation, so doing it here keeps
+    the reference's order of operations in effect.
+
+    Args:
+        global_crops_scale: Area fraction range of the global crops.
+        local_crops_scale: Area fraction range of the local crops.
+        local_crops_number: Number of local crops (0 disables them).
+        global_size: Side of the global crops.
+        local_size: Side of the local crops.
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float] = (0.4, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.4),
+        local_crops_number: int = 8,
+        global_size: int = 224,
+        local_size: int = 96,
+    ) -> None:
+        self.local_crops_number = local_crops_number
+
+        def pipeline(size: int, scale: tuple[float, float]) -> Callable[[Image.Image], Tensor]:
+            steps = [_resized_crop(size, scale), v2.RandomHorizontalFlip(p=0.5), v2.PILToTensor()]
+            return v2.Compose(steps)  # type: ignore[no-any-return]
+
+        self.global_crop = pipeline(global_size, global_crops_scale)
+        self.local_crop = pipeline(local_size, local_crops_scale)
+
+    @property
+    def ncrops(self) -> int:
+        """Crops per image."""
+        return 2 + self.local_crops_number
+
+    def __call__(self, image: Image.Image) -> list[Tensor]:
+        """Contiguous uint8 crops of one RGB PIL image."""
+        crops = [self.global_crop(image), self.global_crop(image)]
+        crops.extend(self.local_crop(image) for _ in range(self.local_crops_number))
+        return [crop.contiguous() for crop in crops]
+
+
 class DataAugmentationDINO:
     """Callable PIL image -> list of crops ``[global_1, global_2, local_1 ... local_N]``.
 
@@ -81,11 +134,7 @@ class DataAugmentationDINO:
         local_size: int = 96,
     ) -> None:
         self.local_crops_number = local_crops_number
-        bicubic = InterpolationMode.BICUBIC
-
-        def crop(size: int, scale: tuple[float, float]) -> v2.RandomResizedCrop:
-            return v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True)
-
+        crop = _resized_crop
         self.global_transfo1: Callable[[Image.Image], Tensor] = v2.Compose(
             [
                 crop(global_size, global_crops_scale),
@@ -118,7 +167,12 @@ class DataAugmentationDINO:
         return 2 + self.local_crops_number
 
     def __call__(self, image: Image.Image) -> list[Tensor]:
-        """Crops of one RGB PIL image, each ``[3, size, size]`` float32 normalised."""
+        """Crops of one RGB PIL image, each ``[3, size, size]`` float32 normalised, contiguous.
+
+        ``ToImage`` yields a channels-last view of the PIL pixels; the crops are made contiguous
+        so that every batch reaches the network in one memory layout (a compiled backbone
+        specialises on it).
+        """
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
         crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
-        return crops
+        return [crop.contiguous() for crop in crops]

@@ -82,14 +82,16 @@ class PretrainConfig:
     )
     canvas_size: int = _opt(
         0,
-        "gpu augmentation: side of the square uint8 canvas the loader cuts (shorter side "
-        "resized, random square); 0: global_crops_size * 8/7, Fashion-MNIST as is.",
+        "gpu augmentation: 0 (default): the loader cuts the crops as the reference and the "
+        "device does the rest (Fashion-MNIST: whole images, cropped on the device); S > 0: "
+        "the loader sends a random S x S square of the shorter-side-resized image and the "
+        "device crops it (less loader CPU, but the crops then cover less of the photo).",
     )
     # Data and output.
     data_path: str = _opt("", "Image folder, or fashion-mnist:train / fashion-mnist:test.")
     output_dir: str = _opt(".", "Where checkpoints and logs go.")
     saveckp_freq: int = _opt(20, "Also keep checkpoint{epoch:04}.pth every N epochs.")
-    seed: int = _opt(0, "Random seed (offset by the rank).")
+    seed: int = _opt(0, "Random seed (each rank, epoch and loader worker derives its own).")
     num_workers: int = _opt(10, "Data-loading processes per GPU.")
     # Tooling.
     device: str = _opt("auto", "auto, cuda or cpu.")

@@ -1,9 +1,17 @@
 """DINO multi-crop augmentation on whole batches, on the training device (``--augment_device gpu``).
 
-The same recipe as ``training.augment.DataAugmentationDINO`` (the reference CPU path) on a batch
-of uint8 canvases ``[B, 3, H, W]`` that the data loader only decodes (and, for image folders,
-resizes to one square canvas size). Every random choice is drawn per sample and per crop from a
-``torch.Generator`` on the device, without host synchronisation:
+The same recipe as ``training.augment.DataAugmentationDINO`` (the reference CPU path). Two
+entry points:
+
+* :meth:`BatchedMultiCrop.photometric` (image folders, the default): the data loader cuts the
+  crops exactly as the reference (``training.augment.MultiCropGeometry``: bicubic
+  RandomResizedCrop of the whole image, antialiased, and the flip) and sends them as uint8;
+  the colour operations, blur, solarisation and normalisation run here, in batches.
+* :meth:`BatchedMultiCrop.__call__` on uint8 images ``[B, 3, H, W]`` that all share one size
+  (Fashion-MNIST, or the ``--canvas_size`` squares): the crops are cut here too.
+
+Every random choice is drawn per sample and per crop from a ``torch.Generator`` on the device,
+without host synchronisation:
 
 * RandomResizedCrop as torchvision draws it: area fraction ~ U(scale), aspect ratio
   log-uniform in (3/4, 4/3), integer box, 10 tries then the centre-crop fallback. The box is
@@ -15,20 +23,20 @@ resizes to one square canvas size). Every random choice is drawn per sample and 
   black), contrast (blend with the image's mean luma), saturation (blend with the luma image),
   hue (shift in HSV space). RandomGrayscale p=0.2. Luma uses torchvision's weights
   (0.2989, 0.587, 0.114).
-* Gaussian blur with sigma ~ U(0.1, 2.0) per sample, a separable 13-tap kernel per sample
-  (grouped convolution, replicate padding), p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals.
+* PIL's Gaussian blur with sigma ~ U(0.1, 2.0) per sample: three passes per axis of PIL's
+  "extended box" kernel (variance sigma^2 / 3 each, so sigma^2 in all, also for small sigma),
+  replicate padding; p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / locals.
 * Solarisation (values >= 128/255 become 1 - value) with p=0.2 on global crop 2 only.
 * ImageNet normalisation.
 
 Numerical differences from the PIL-based CPU path (statistically equivalent, not bitwise):
-PIL's bicubic uses the cubic coefficient a=-0.5 and widens its filter when downscaling
-(antialiasing); ``grid_sample`` uses a=-0.75 and does not antialias, so crops downscaled by more
-than ~1.5x alias slightly (keep the canvas close to the global crop size: the trainer's default
-canvas is 8/7 of it). Taps near the crop border read the neighbouring canvas pixels instead of
-repeating the crop's edge. PIL rounds to 8 bits after every step and its blur is an iterated box
-filter; here all steps stay in float32 (on CUDA, cuDNN may run the blur convolution in TF32,
-a relative error around 1e-3). PIL's colour operations use integer luma (299/587/114)
-and a rounded mean for contrast, and shift hue on a 256-step circle.
+when the crops are cut here, PIL's bicubic (a=-0.5, widened when downscaling: antialiasing) is
+replaced by ``grid_sample`` (a=-0.75, no antialiasing), so crops downscaled by more than ~1.5x
+alias slightly, and taps near the crop border read the neighbouring pixels instead of repeating
+the crop's edge. PIL rounds to 8 bits after every step (each blur pass included); here all steps
+stay in float32 (on CUDA, cuDNN may run the blur convolution in TF32, a relative error around
+1e-3). PIL's colour operations use integer luma (299/587/114) and a rounded mean for contrast,
+and shift hue on a 256-step circle.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from training.augment import IMAGENET_MEAN, IMAGENET_STD
 LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 RESIZED_CROP_TRIES = 10
 SOLARIZE_THRESHOLD = 128
+PIL_BLUR_PASSES = 3  # PIL's GaussianBlur: three extended-box passes per axis
 
 
 @dataclass(frozen=True)
@@ -246,35 +255,51 @@ def _without_hue(order: Tensor) -> Tensor:
     return order.gather(1, key.argsort(dim=1, stable=True)[:, :3])
 
 
-def gaussian_kernels(sigma: Tensor, radius: int) -> Tensor:
-    """Normalised 1-D Gaussian kernels ``[N, 2 * radius + 1]``, one per sigma."""
-    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype)
-    kernel = torch.exp(-(t**2) / (2.0 * sigma.unsqueeze(1) ** 2))
-    return kernel / kernel.sum(dim=1, keepdim=True)
+def blur_radius(sigma_max: float) -> int:
+    """Taps either side of centre one :func:`box_blur_kernels` pass needs up to ``sigma_max``."""
+    sigma2 = sigma_max**2 / PIL_BLUR_PASSES
+    return int(math.floor((math.sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)) + 1
 
 
-def gaussian_blur(x: Tensor, kernels: Tensor) -> Tensor:
-    """Separable blur of each image with its own 1-D kernel (grouped conv, replicate padding).
+def box_blur_kernels(sigma: Tensor, radius: int) -> Tensor:
+    """One pass of PIL's ``GaussianBlur(sigma)`` as 1-D kernels ``[N, 2 * radius + 1]``.
+
+    PIL blurs with :data:`PIL_BLUR_PASSES` passes of an "extended box" (Gwosdek et al., 2011)
+    whose variance is ``sigma**2 / passes``: ``2l + 1`` taps of weight 1 and one tap of
+    weight ``a`` (the fractional part of the box radius) at each end, divided by
+    ``2 (l + a) + 1``. Iterating it gives PIL's result, variance ``sigma**2`` included (a sampled
+    Gaussian falls far short of it below sigma ~ 0.5).
+    """
+    sigma2 = sigma.unsqueeze(1) ** 2 / PIL_BLUR_PASSES  # (N, 1)
+    whole = torch.floor((torch.sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)  # l
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2) / (6 * (sigma2 - (whole + 1) ** 2))
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=sigma.dtype).abs()  # (K,)
+    taps = torch.where(t <= whole, 1.0, torch.where(t == whole + 1, frac, 0.0))  # (N, K)
+    return taps / (2 * (whole + frac) + 1)
+
+
+def separable_blur(x: Tensor, kernels: Tensor, passes: int = 1) -> Tensor:
+    """Blur each image with its own 1-D kernel along both axes, ``passes`` times per axis.
+
+    All horizontal passes, then all vertical ones (as PIL), each a grouped convolution with
+    replicate padding (PIL repeats the edge pixels).
 
     Args:
         x: ``[N, C, H, W]``.
         kernels: ``[N, K]`` with K odd.
+        passes: Times each axis is filtered.
     """
     n, c, h, w = x.shape
     k = kernels.shape[1]
     radius = k // 2
     weight = kernels.repeat_interleave(c, dim=0)  # [N * C, K]
     y = x.reshape(1, n * c, h, w)
-    y = F.conv2d(
-        F.pad(y, (radius, radius, 0, 0), mode="replicate"),
-        weight.view(n * c, 1, 1, k),
-        groups=n * c,
-    )
-    y = F.conv2d(
-        F.pad(y, (0, 0, radius, radius), mode="replicate"),
-        weight.view(n * c, 1, k, 1),
-        groups=n * c,
-    )
+    for _ in range(passes):
+        padded = F.pad(y, (radius, radius, 0, 0), mode="replicate")
+        y = F.conv2d(padded, weight.view(n * c, 1, 1, k), groups=n * c)
+    for _ in range(passes):
+        padded = F.pad(y, (0, 0, radius, radius), mode="replicate")
+        y = F.conv2d(padded, weight.view(n * c, 1, k, 1), groups=n * c)
     return y.view(n, c, h, w)
 
 
@@ -326,7 +351,7 @@ class BatchedMultiCrop:
         self.color = color or ColorJitterRecipe()
         self.blur_p = blur_p
         self.blur_sigma = blur_sigma
-        self.blur_radius = math.ceil(3 * blur_sigma[1])
+        self.blur_radius = blur_radius(blur_sigma[1])
         self.solarize_p = solarize_p
 
     @property
@@ -393,6 +418,63 @@ class BatchedMultiCrop:
         views = len(blur_p)
         rows = views * batch
         device = generator.device
+        boxes = sample_crop_boxes(rows, height, width, scale, self.ratio, generator)
+        flips = torch.rand(rows, generator=generator, device=device) < self.flip_p
+        grid = crop_grid(boxes, flips, height, width, size, views).to(x.dtype)
+        out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+        out = out.view(batch, 3, views, size, size).permute(2, 0, 1, 3, 4)  # [V, B, 3, S, S]
+        y = out.reshape(rows, 3, size, size).clamp_(0.0, 1.0)
+        return self._photometric(y, batch, blur_p, solarize_p, generator)
+
+    def photometric(self, crops: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+        """Colour, blur, solarisation and normalisation of crops the loader already cut.
+
+        The loader's :class:`training.augment.MultiCropGeometry` makes the crops exactly as the
+        reference (bicubic RandomResizedCrop of the whole image, antialiased, then the flip);
+        this runs the rest of the recipe on the device, in batches.
+
+        Args:
+            crops: ``2 + local_crops_number`` uint8 tensors ``[B, 3, S, S]``, global crops first,
+                on the generator's device.
+            generator: Source of every random choice.
+
+        Returns:
+            Float32 crops in the same order, ImageNet-normalised.
+
+        Raises:
+            ValueError: Wrong number, dtype or shape of the crops.
+        """
+        if len(crops) != self.ncrops:
+            raise ValueError(f"expected {self.ncrops} crops, got {len(crops)}")
+        for crop in crops:
+            if crop.dtype != torch.uint8 or crop.ndim != 4 or crop.shape[1] != 3:
+                raise ValueError(
+                    f"expected uint8 crops [B, 3, S, S], got {crop.dtype} {tuple(crop.shape)}"
+                )
+        blur_p, solarize_p = self.blur_p, self.solarize_p
+        n = self.local_crops_number
+        groups = [(crops[:2], [blur_p[0], blur_p[1]], [0.0, solarize_p])]
+        if n:
+            groups.append((crops[2:], [blur_p[2]] * n, [0.0] * n))
+        out: list[Tensor] = []
+        for group, blur, solarize_ in groups:
+            batch = group[0].shape[0]
+            y = torch.cat(list(group)).float().div_(255.0)  # (V * B, 3, S, S), view-major
+            out += self._photometric(y, batch, blur, solarize_, generator)
+        return out
+
+    def _photometric(
+        self,
+        y: Tensor,
+        batch: int,
+        blur_p: Sequence[float],
+        solarize_p: Sequence[float],
+        generator: torch.Generator,
+    ) -> list[Tensor]:
+        """Jitter, grayscale, blur, solarise and normalise ``[views * B, 3, S, S]`` in [0, 1]."""
+        rows, size = y.shape[0], y.shape[-1]
+        views = rows // batch
+        device = generator.device
 
         def coin(p: Sequence[float] | float) -> Tensor:
             draw = torch.rand(rows, generator=generator, device=device)
@@ -401,13 +483,6 @@ class BatchedMultiCrop:
             # Per-view probabilities built on the device (no host-to-device copy, no sync).
             prob = torch.cat([torch.full((batch,), float(q), device=device) for q in p])
             return draw < prob
-
-        boxes = sample_crop_boxes(rows, height, width, scale, self.ratio, generator)
-        flips = coin(self.flip_p)
-        grid = crop_grid(boxes, flips, height, width, size, views).to(x.dtype)
-        out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-        out = out.view(batch, 3, views, size, size).permute(2, 0, 1, 3, 4)  # [V, B, 3, S, S]
-        y = out.reshape(rows, 3, size, size).clamp_(0.0, 1.0)
 
         c = self.color
         jitter = coin(c.jitter_p)
@@ -437,10 +512,11 @@ class BatchedMultiCrop:
 
         blur = coin(blur_p)
         sigma = _uniform(rows, self.blur_sigma[0], self.blur_sigma[1], generator)
-        kernels = gaussian_kernels(sigma, self.blur_radius)
+        kernels = box_blur_kernels(sigma, self.blur_radius)
         delta = torch.zeros_like(kernels)
         delta[:, self.blur_radius] = 1.0
-        y = gaussian_blur(y, torch.where(blur.unsqueeze(1), kernels, delta).to(y.dtype))
+        kernels = torch.where(blur.unsqueeze(1), kernels, delta).to(y.dtype)
+        y = separable_blur(y, kernels, passes=PIL_BLUR_PASSES)
         y = solarize(y, coin(solarize_p))
 
         for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)):

@@ -122,10 +122,12 @@ def clip_gradients(model: nn.Module, clip: float) -> Tensor | None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return None
-    norms = torch._foreach_norm(grads, 2.0)
-    coefs = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, coefs)
-    return torch.stack([n.float() for n in norms])
+    norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()  # (P,)
+    # clip / (norm + 1e-6) for all tensors at once: the same float32 arithmetic as one
+    # division per tensor, in three kernels instead of three per tensor.
+    coefs = torch.clamp(clip / (norms + 1e-6), max=1.0)  # (P,)
+    torch._foreach_mul_(grads, list(coefs.unbind(0)))
+    return norms
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from models.vit import VisionTransformer, ViTConfig, arch_name, vit_config
-from training.augment import DataAugmentationDINO
+from training.augment import DataAugmentationDINO, MultiCropGeometry
 from training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointCorruptError,
@@ -96,13 +96,18 @@ def resolve_augment_device(config: PretrainConfig, device: torch.device) -> str:
     return config.augment_device
 
 
-def resolve_canvas_size(config: PretrainConfig) -> int | None:
-    """Canvas side for the batched augmentation; ``None``: Fashion-MNIST's native 28x28."""
+def resolve_gpu_input(config: PretrainConfig) -> str:
+    """What the loader sends to the device-side augmentation.
+
+    ``images``: whole images (Fashion-MNIST's are all 28x28), cropped on the device;
+    ``canvas``: ``--canvas_size`` squares, cropped on the device; ``crops``: the crops
+    themselves, cut by the loader exactly as the reference (image folders, the default).
+    """
     if config.canvas_size:
-        return config.canvas_size
+        return "canvas"
     if config.data_path.startswith(FASHION_MNIST_PREFIX):
-        return None
-    return round(config.global_crops_size * 8 / 7)
+        return "images"
+    return "crops"
 
 
 def build_vit_config(config: PretrainConfig) -> ViTConfig:
@@ -188,8 +193,9 @@ def build_networks(config: PretrainConfig, vit: ViTConfig, info: DistInfo) -> Ne
         param.requires_grad = False
     # The teacher stays in train mode, as in the reference (only matters with BatchNorm).
     if config.compile:
-        student.backbone.compile()
-        teacher.backbone.compile()
+        # One static graph per crop resolution (2 with local crops): no dynamic-shape code.
+        student.backbone.compile(dynamic=False)
+        teacher.backbone.compile(dynamic=False)
     student_ddp: nn.Module = student
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -295,13 +301,21 @@ class Trainer:
             config.local_crops_size,
         )
         self.augment_device = resolve_augment_device(config, info.device)
-        # gpu: the loader only decodes (and cuts a canvas); the crops are made on the device.
+        # gpu: the loader decodes and cuts the crops (or sends whole same-size images); the
+        # colour operations, blur and solarisation run on the device in batches.
         self.gpu_augment: BatchedMultiCrop | None = None
+        self.gpu_input = resolve_gpu_input(config) if self.augment_device == "gpu" else ""
         self.augment_generator = torch.Generator(device=self.device)
         if self.augment_device == "gpu":
             self.gpu_augment = BatchedMultiCrop(*crop_args)  # type: ignore[arg-type]
-            self.transform: Transform = canvas_transform(resolve_canvas_size(config))
             collate: Any = collate_canvases
+            if self.gpu_input == "crops":
+                self.transform: Transform = MultiCropGeometry(*crop_args)  # type: ignore[arg-type]
+                collate = collate_crops
+            elif self.gpu_input == "canvas":
+                self.transform = canvas_transform(config.canvas_size)
+            else:
+                self.transform = canvas_transform(None)
         else:
             self.transform = DataAugmentationDINO(*crop_args)  # type: ignore[arg-type]
             collate = collate_crops
@@ -400,6 +414,9 @@ class Trainer:
         """The loader's batch as crops on the device (augmented here on the gpu path)."""
         if self.gpu_augment is None:
             return [c.to(self.device, non_blocking=True) for c in batch]
+        if self.gpu_input == "crops":
+            crops = [c.to(self.device, non_blocking=True) for c in batch]  # uint8 [B, 3, S, S]
+            return self.gpu_augment.photometric(crops, self.augment_generator)
         canvases = batch.to(self.device, non_blocking=True)  # [B, 3, H, W] uint8
         return self.gpu_augment(canvases, self.augment_generator)
 
@@ -572,7 +589,7 @@ class Trainer:
         config = self.config
         logger.info(
             "training %s (%s) on %s x%d, %s, %d images, %d iterations/epoch, %d crops (%s "
-            "augmentation)",
+            "augmentation%s)",
             self.vit.arch,
             f"dim {self.vit.embed_dim}, depth {self.vit.depth}, patch {self.vit.patch_size}",
             self.device,
@@ -582,6 +599,9 @@ class Trainer:
             self.niter,
             self.ncrops,
             self.augment_device,
+            {"crops": ", crops cut by the loader", "canvas": ", canvas", "": ""}.get(
+                self.gpu_input, ""
+            ),
         )
         self.resume()
         if self.start_epoch >= config.epochs:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.posembed import interpolate_pos_embed
+from models.vit import _spatial_size as vit_spatial_size
 
 
 def _cubic(x: float) -> float:
@@ -111,3 +112,37 @@ def test_identity_at_training_size_is_exact() -> None:
 def test_non_square_stored_grid_is_rejected() -> None:
     with pytest.raises(ValueError, match="square"):
         interpolate_pos_embed(torch.randn(1, 11, 4), torch.tensor(32), torch.tensor(32), 8)
+
+
+@pytest.mark.parametrize(("side", "patch", "height", "width"), SIZES)
+def test_int_sizes_give_the_traced_path_bit_for_bit(
+    side: int, patch: int, height: int, width: int
+) -> None:
+    """Eager/compile (int sizes, cached matrices) and export (tensor sizes) agree exactly."""
+    torch.manual_seed(side * height + width)
+    pos = torch.randn(1, side * side + 1, 8)
+    traced = interpolate_pos_embed(pos, torch.tensor(height), torch.tensor(width), patch)
+    for _ in range(2):  # the second call takes the matrices from the cache
+        assert torch.equal(interpolate_pos_embed(pos, height, width, patch), traced)
+
+
+def test_matrices_cached_in_inference_mode_still_train() -> None:
+    """A matrix first built under inference_mode must be usable in a later backward pass."""
+    pos = torch.randn(1, 17, 4)
+    with torch.inference_mode():
+        interpolate_pos_embed(pos, 20, 12, 4)
+    trainable = pos.clone().requires_grad_(True)
+    interpolate_pos_embed(trainable, 20, 12, 4).sum().backward()
+    assert trainable.grad is not None and trainable.grad.abs().sum() > 0
+
+
+def test_vit_gives_python_sizes_eagerly_and_tensors_when_tracing() -> None:
+    x = torch.randn(1, 3, 40, 24)
+    assert vit_spatial_size(x) == (40, 24)
+
+    def probe(t: torch.Tensor) -> torch.Tensor:
+        height, width = vit_spatial_size(t)
+        assert isinstance(height, torch.Tensor) and isinstance(width, torch.Tensor)
+        return t * height
+
+    torch.jit.trace(probe, (x,), check_trace=False)

@@ -122,3 +122,31 @@ def test_bad_yaml_key(tmp_path):
 def test_shipped_configs_parse(path):
     config = parse_config(["--config", str(path), "--data_path", "x"])
     assert config.global_crops_size % config.patch_size == 0
+
+
+def _doc_default(value: object) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, tuple):
+        return "`" + " ".join(str(v) for v in value) + "`"
+    return f"`{value}`"
+
+
+def test_docs_option_table_matches_the_config():
+    """docs/training.md lists every option with the code's default and help text."""
+    import dataclasses
+
+    from training.config import PretrainConfig
+
+    expected = []
+    for f in dataclasses.fields(PretrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name == "use_fp16":
+            default = None
+        expected.append(f"| `--{f.name}` | {_doc_default(default)} | {f.metadata['help']} |")
+    doc = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `--")]
+    rows = rows[: len(expected)]
+    assert rows == expected

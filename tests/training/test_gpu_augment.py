@@ -9,11 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms.v2 import functional as TF
 
 from tests.training.conftest import tiny_args, write_fashion_mnist
-from training.augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
+from training.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataAugmentationDINO,
+    MultiCropGeometry,
+)
 from training.checkpoint import load_checkpoint
 from training.data import DataError, canvas_transform, collate_canvases
 from training.gpu_augment import (
@@ -24,10 +29,11 @@ from training.gpu_augment import (
     adjust_hue,
     adjust_saturation,
     apply_color_jitter,
-    gaussian_blur,
-    gaussian_kernels,
+    blur_radius,
+    box_blur_kernels,
     luma,
     sample_crop_boxes,
+    separable_blur,
     solarize,
 )
 from training.pretrain import main
@@ -236,23 +242,50 @@ def test_grayscale_is_exact_luma_and_solarize_threshold_is_exact():
     assert torch.equal(solarised[1], levels[1])
 
 
-def test_blur_kernel_formula_tiny_sigma_and_torchvision():
-    sigma = torch.tensor([0.1, 0.7, 2.0])
-    kernels = gaussian_kernels(sigma, 6)
-    t = torch.arange(-6, 7, dtype=torch.float32)
-    for i, s in enumerate(sigma.tolist()):
-        g = torch.exp(-(t**2) / (2 * s * s))
-        assert torch.allclose(kernels[i], g / g.sum(), atol=1e-7)
-    assert torch.allclose(kernels.sum(1), torch.ones(3))
-    x = torch.rand(3, 3, 24, 20, generator=gen())
-    out = gaussian_blur(x, kernels)
-    assert (out[0] - x[0]).abs().max() < 1e-6  # sigma 0.1 is (nearly) the identity
-    for i in (1, 2):
-        ref = TF.gaussian_blur(x[i], [13, 13], [float(sigma[i])] * 2)
-        assert (out[i, :, 6:-6, 6:-6] - ref[:, 6:-6, 6:-6]).abs().max() < 1e-5  # interior
-    # Replicate padding keeps a constant image constant.
+SIGMAS = [0.1, 0.2, 0.3, 0.45, 0.7, 1.3, 2.0]
+
+
+def test_blur_kernels_have_pil_variance_at_every_sigma():
+    """Three box passes of variance sigma^2/3 each: sigma^2 in all, small sigma included."""
+    radius = blur_radius(2.0)
+    assert radius == 2  # PIL's box for sigma 2 spans 5 taps (l = 1 plus the fractional ends)
+    sigma = torch.tensor(SIGMAS, dtype=torch.float64)
+    kernels = box_blur_kernels(sigma, radius)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    torch.testing.assert_close(kernels.sum(1), torch.ones(len(SIGMAS), dtype=torch.float64))
+    torch.testing.assert_close(3 * (kernels * t**2).sum(1), sigma**2)
+    assert torch.equal(kernels, kernels.flip(1)) and (kernels >= 0).all()
+    # A constant image stays constant (replicate padding, as PIL repeats the edge pixels).
     flat = torch.full((1, 3, 8, 8), 0.3)
-    assert torch.allclose(gaussian_blur(flat, kernels[2:]), flat, atol=1e-6)
+    out = separable_blur(flat, box_blur_kernels(torch.tensor([2.0]), radius), passes=3)
+    torch.testing.assert_close(out, flat)
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_blur_matches_pil_gaussian_blur(sigma):
+    """Against PIL's GaussianBlur itself (what the CPU path and the reference run)."""
+    rng = np.random.default_rng(int(sigma * 10))
+    pixels = rng.integers(0, 256, (30, 34, 3)).astype(np.uint8)
+    ref = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(sigma)))
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
+    kernels = box_blur_kernels(torch.tensor([sigma]), blur_radius(2.0))
+    ours = separable_blur(x, kernels, passes=3)[0].permute(1, 2, 0).numpy() * 255
+    diff = np.abs(ours - ref.astype(np.float32))
+    # PIL rounds to 8 bits (in fixed point) after each of its six passes: a few levels at most.
+    assert diff.max() < 3.5 and diff.mean() < 1.5, (diff.max(), diff.mean())
+    # Spread of a thin line: what a sampled Gaussian gets wrong below sigma ~ 0.5.
+    line = np.zeros((1, 41), np.uint8)
+    line[0, 20] = 255
+    pil_line = np.asarray(Image.fromarray(line).filter(ImageFilter.GaussianBlur(sigma)))
+    ours_line = separable_blur(
+        torch.from_numpy(line).float()[None, None].expand(1, 3, 1, 41).contiguous(), kernels, 3
+    )[0, 0, 0].numpy()
+    t = np.arange(41) - 20
+    spread = math.sqrt((ours_line * t**2).sum() / ours_line.sum())
+    assert abs(spread - sigma) < 1e-4
+    pil_spread = math.sqrt((pil_line[0] * t**2).sum() / pil_line[0].sum())
+    if sigma >= 0.2:  # below, PIL's 8-bit output rounds the spread away entirely
+        assert abs(spread - pil_spread) < 0.02, pil_spread
 
 
 def test_flip_and_grayscale_rates():
@@ -267,13 +300,20 @@ def test_flip_and_grayscale_rates():
     assert abs(gray.float().mean().item() - 0.2) < 0.05
 
 
-def test_statistics_match_the_cpu_path():
+@pytest.mark.parametrize("path", ["whole images", "loader crops"])
+def test_statistics_match_the_cpu_path(path):
     n = 300
     canvases = colour_canvases(n, seed=3)
     torch.manual_seed(0)
     cpu = DataAugmentationDINO((0.4, 1.0), (0.1, 0.4), 2, 32, 16)
     ref = [cpu(TF.to_pil_image(img)) for img in canvases]
-    gpu = BatchedMultiCrop((0.4, 1.0), (0.1, 0.4), 2, 32, 16)(canvases, gen())
+    batched = BatchedMultiCrop((0.4, 1.0), (0.1, 0.4), 2, 32, 16)
+    if path == "whole images":
+        gpu = batched(canvases, gen())
+    else:
+        geometry = MultiCropGeometry((0.4, 1.0), (0.1, 0.4), 2, 32, 16)
+        cut = [geometry(TF.to_pil_image(img)) for img in canvases]
+        gpu = batched.photometric([torch.stack([c[v] for c in cut]) for v in range(4)], gen())
     groups = {"global 1": [0], "global 2": [1], "locals": [2, 3]}
     for name, views in groups.items():
         a = torch.cat([torch.stack([r[v] for r in ref]) for v in views])
@@ -327,10 +367,33 @@ def test_pretrain_with_gpu_augmentation_resumes_exactly(tmp_path, monkeypatch, c
     assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
 
 
-def test_pretrain_gpu_augmentation_on_a_folder_and_bad_option(tmp_path, image_dir, capsys):
+def test_photometric_keeps_the_loader_crops_and_checks_them():
+    geometry = MultiCropGeometry((0.2, 1.0), (0.05, 0.4), 2, 24, 12)
+    image = TF.to_pil_image(colour_canvases(1, size=40)[0])
+    cut = geometry(image)
+    assert [tuple(c.shape) for c in cut] == [(3, 24, 24)] * 2 + [(3, 12, 12)] * 2
+    assert all(c.dtype == torch.uint8 and c.is_contiguous() for c in cut)
+    crops = [c[None].repeat(3, 1, 1, 1) for c in cut]  # batch of 3
+    aug = BatchedMultiCrop((0.2, 1.0), (0.05, 0.4), 2, 24, 12, color=NO_COLOR, blur_p=(0, 0, 0))
+    aug.solarize_p = 0.0
+    out = aug.photometric(crops, gen())
+    for got, crop in zip(out, crops, strict=True):  # nothing random left: normalisation only
+        torch.testing.assert_close(denorm(got), crop.float() / 255, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="expected 4 crops"):
+        aug.photometric(crops[:3], gen())
+    with pytest.raises(ValueError, match="uint8"):
+        aug.photometric([c.float() for c in crops], gen())
+
+
+def test_pretrain_gpu_augmentation_on_a_folder_and_bad_option(tmp_path, image_dir, capsys, caplog):
+    caplog.set_level("INFO", logger="training")
     out = tmp_path / "run"
     args = tiny_args(image_dir, out, "--augment_device", "gpu", "--epochs", "1")
     assert main(args + ["--warmup_epochs", "0"]) == 0
     assert load_checkpoint(out / "checkpoint.pth")["args"]["canvas_size"] == 0
+    assert "gpu augmentation, crops cut by the loader" in caplog.text
+    canvas = tiny_args(image_dir, tmp_path / "canvas", "--augment_device", "gpu", "--epochs", "1")
+    assert main(canvas + ["--canvas_size", "40"]) == 0
+    assert "gpu augmentation, canvas" in caplog.text
     assert main(tiny_args(image_dir, out, "--augment_device", "tpu")) == 2
     assert "augment_device" in capsys.readouterr().err
