@@ -1,18 +1,24 @@
 """Training-step and data-pipeline throughput of DINO pretraining (prints JSON lines).
 
 (a) "reference": the original implementation's step emulated on the same networks: explicit
-    softmax attention, fp16 autocast + GradScaler, for-loop AdamW, per-tensor clipping with a
-    host sync per tensor, the pairwise loss loop and a per-parameter Python EMA loop.
-(b) "optimised": our step: fused attention, bf16 autocast (fp16 + scaler with --precision fp16),
-    fused AdamW, foreach clipping and EMA, the factored loss.
-Both run the same math on synthetic crops already on the device. Then the multi-crop
+    softmax attention, the original's position-embedding resize (F.interpolate), fp16 autocast
+    + GradScaler, for-loop AdamW, per-tensor clipping with a host sync per tensor, the pairwise
+    loss loop and a per-parameter Python EMA loop.
+(b) "optimised_<variant>" for each of --variants (bf16, fp16, compile, ...): our step: fused
+    attention, bf16 autocast (fp16 + GradScaler for the fp16 variant), fused AdamW, clipping in
+    a few batched kernels, foreach EMA, the factored loss, cached position-embedding matrices;
+    the compile variants add torch.compile of the backbones. Each is timed against the one
+    reference run of the same process.
+All run the same math on synthetic crops already on the device. Then the multi-crop
 augmentation, for 2x224 + 10x96 crops and for a Fashion-MNIST-like setting (28x28 images,
 2x32 + 6x16 crops): the CPU path's images/s per core (PIL, one thread; the default setting from
-500x375 photos) and the batched device-side path's images/s (``training.gpu_augment``, on the
-GPU, or on every CPU thread without CUDA; the default setting from 256x256 uint8 canvases, as
-the loader cuts them for 224 crops). No network needed.
+500x375 photos), the per-core cost of what the loader does for the device-side path (cutting the
+crops, or a canvas), and the device-side path's images/s (``training.gpu_augment``, on the GPU,
+or on every CPU thread without CUDA): "photometric" on crops the loader cut (the default for
+image folders) and "whole" on 256x256 canvases or 28x28 images. No network needed.
 
     python bench/train_throughput.py            # CUDA defaults: ViT-S/16, 2x224 + 10x96, batch 64
+    python bench/train_throughput.py --variants bf16,compile
     python bench/train_throughput.py --tiny     # seconds on a CPU
 """
 

@@ -408,7 +408,8 @@ def _parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=None,
-        help="download cache for --pretrained (default: $DINO_CACHE_DIR or ~/.cache/dino-features)",
+        help="download cache for --pretrained (default: $DINO_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/dino-features, else ~/.cache/dino-features)",
     )
     return parser
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 
 import uvicorn
 from pydantic import ValidationError
@@ -13,8 +15,29 @@ from service.app import create_app
 from service.settings import Settings
 
 
-def main() -> int:
-    """Start the server; returns a process exit status."""
+def _parser() -> argparse.ArgumentParser:
+    fields = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, tuple):
+            default = ",".join(str(v) for v in default)
+        fields.append(f"  DINO_{name.upper()} (default: {default if default != '' else 'unset'})")
+    return argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve DINO features over HTTP (POST /embed). Every setting is a DINO_* "
+        "environment variable; docs/api.md explains each one.",
+        epilog="settings:\n" + "\n".join(fields),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the server; returns a process exit status.
+
+    Args:
+        argv: Command-line arguments (only ``--help``); default ``sys.argv[1:]``.
+    """
+    _parser().parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as err:

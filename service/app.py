@@ -302,7 +302,12 @@ async def _embed_admitted(
 
 
 def check_attention_budget(
-    model: OnnxModel, size: tuple[int, int], settings: Settings, *, index: int | None
+    model: OnnxModel,
+    size: tuple[int, int],
+    settings: Settings,
+    *,
+    index: int | None,
+    crop: str = "center",
 ) -> None:
     """Refuse an image whose attention matrix alone exceeds ``max_batch_attention_bytes``.
 
@@ -321,7 +326,7 @@ def check_attention_budget(
             f"at {width}x{height} pixels the image has {tokens} tokens and needs "
             f"{cost / 2**20:.1f} MiB of attention memory, over the limit of "
             f"{budget / 2**20:.1f} MiB (DINO_MAX_BATCH_ATTENTION_BYTES); ask for a smaller "
-            "resolution (or crop=center)",
+            + ("resolution" if crop == "center" else "resolution or crop=center"),
             index=index,
         )
 
@@ -349,7 +354,7 @@ def _prepare(
         patch_size=model.metadata.patch_size,
         max_side=settings.max_resolution,
     )
-    check_attention_budget(model, geometry.size, settings, index=index)
+    check_attention_budget(model, geometry.size, settings, index=index, crop=options.crop)
     pixels = to_pixels(image, geometry, model.metadata.recipe)
     metrics.stage_seconds.labels("preprocess").observe(time.perf_counter() - decoded)
     return _Prepared(pixels, (image.width, image.height), geometry.size)

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from models.contract import validate_model_name
 
 Device = Literal["auto", "cuda", "cpu"]
+# Names both Python's logging and uvicorn accept.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 VersionPolicy = Literal["latest", "pinned"]
 # RFC 6750 b64token (token68): what a client can put after "Bearer " without quoting.
 _API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -120,6 +122,17 @@ class Settings(BaseSettings):
     @classmethod
     def _check_name(cls, value: str) -> str:
         return validate_model_name(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(
+                f"DINO_LOG_LEVEL={value[:40]!r} is not a log level; use one of "
+                f"{', '.join(LOG_LEVELS)}"
+            )
+        return level
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -87,11 +87,13 @@ def test_attention_budget_splits_batches_and_refuses_huge_images(
         error = response.json()["error"]
         assert error["code"] == "too_many_tokens" and error["index"] is None
         assert "DINO_MAX_BATCH_ATTENTION_BYTES" in error["message"]
+        assert "crop=center" not in error["message"]  # it already is centre-cropped
         # crop=none: the size depends on the image, so the error names it.
         wide = ("images", ("w.png", png_bytes(90, 30), "image/png"))
         response = server.client.post("/embed", files=[files[0], wide], data={"crop": "none"})
         assert response.status_code == 413, response.text
         assert response.json()["error"]["index"] == 1
+        assert "or crop=center" in response.json()["error"]["message"]
         assert server.metric("dino_batch_size_count") - calls == 3  # nothing more ran
 
 

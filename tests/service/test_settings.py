@@ -49,6 +49,8 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         {"DINO_API_KEYS": 'quote"d'},
         {"DINO_MAX_BODY_BYTES": "100000", "DINO_MAX_BODY_BYTES_IN_FLIGHT": "50000"},
         {"DINO_BODY_TIMEOUT_S": "0"},
+        {"DINO_LOG_LEVEL": "verbose"},
+        {"DINO_LOG_LEVEL": "trace"},  # uvicorn's, but not Python logging's
     ],
 )
 def test_invalid_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
@@ -65,3 +67,24 @@ def test_api_key_error_names_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
     monkeypatch.setenv("DINO_API_KEYS", "ok-key_1.2~3+/==")
     assert Settings().api_keys == ("ok-key_1.2~3+/==",)
+
+
+def test_log_level_is_normalised_and_a_bad_one_exits_2(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DINO_LOG_LEVEL", " WARNING ")
+    assert Settings().log_level == "warning"
+    monkeypatch.setenv("DINO_LOG_LEVEL", "verbose")
+    from service.__main__ import main
+
+    assert main([]) == 2  # before any model is loaded or port bound
+    err = capsys.readouterr().err
+    assert "DINO_LOG_LEVEL='verbose' is not a log level" in err and "Traceback" not in err
+
+
+def test_help_describes_the_settings_and_starts_nothing(capsys) -> None:
+    from service.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "DINO_MODEL_REPOSITORY" in out and "DINO_PORT" in out
