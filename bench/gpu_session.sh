@@ -7,8 +7,8 @@
 #           ($VARIANTS, default bf16,fp16,compile,compile-reduce-overhead), then the
 #           augmentation paths.
 #   fmnist  train the bundled Fashion-MNIST model for $TRAIN_BUDGET_S seconds (at most
-#           $MAX_EPOCHS epochs), export it, k-NN unless SKIP_KNN=1. IDX files in
-#           $DINO_FASHION_MNIST_ROOT (carry .device/fmnist).
+#           $MAX_EPOCHS epochs; extra flags in $FMNIST_EXTRA), export it, k-NN unless
+#           SKIP_KNN=1. IDX files in $DINO_FASHION_MNIST_ROOT (carry .device/fmnist).
 #   serve   the service on onnxruntime-gpu: /readyz must report CUDAExecutionProvider, then
 #           bench/serve_throughput.py --device cuda. The wheel is too large for one call: run
 #           `PART=stage bash bench/gpu_session.sh` once per part, carrying
@@ -48,7 +48,9 @@ fi
 
 if want fmnist; then
   step "bundled model: measure one epoch, then train to fit the budget"
-  FMNIST_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false)
+  # FMNIST_EXTRA: more pretrain flags, for example "--compile true" (measured by the probe too).
+  read -r -a EXTRA <<< "${FMNIST_EXTRA:-}"
+  FMNIST_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false "${EXTRA[@]}")
   rm -rf /tmp/probe
   timeout 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir /tmp/probe \
     > /tmp/probe.log 2>&1

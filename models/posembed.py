@@ -128,6 +128,8 @@ def interpolate_pos_embed(
         cols = bicubic_matrix(grid_w_t, side, identity=identity, device=device)  # (g_w, s)
     cls_pos = pos_embed[:, :1]
     grid = pos_embed[0, 1:].to(torch.float32).reshape(side, side, dim)  # (s, s, D)
-    resized = torch.einsum("ia,jb,abd->ijd", rows, cols, grid)  # (g_h, g_w, D)
+    # float32 under autocast too: the reference's bicubic F.interpolate is not autocast.
+    with torch.autocast(device.type, enabled=False):
+        resized = torch.einsum("ia,jb,abd->ijd", rows, cols, grid)  # (g_h, g_w, D)
     patch_pos = resized.reshape(1, -1, dim).to(pos_embed.dtype)  # (1, g_h*g_w, D)
     return torch.cat((cls_pos, patch_pos), dim=1)

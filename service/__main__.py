@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
         default = field.get_default(call_default_factory=True)
         if isinstance(default, tuple):
             default = ",".join(str(v) for v in default)
-        fields.append(f"  DINO_{name.upper()} (default: {default if default != '' else 'unset'})")
+        shown = "unset" if default in ("", None) else default
+        fields.append(f"  DINO_{name.upper()} (default: {shown})")
     return argparse.ArgumentParser(
         prog="python -m service",
         description="Serve DINO features over HTTP (POST /embed). Every setting is a DINO_* "

@@ -307,26 +307,39 @@ def check_attention_budget(
     settings: Settings,
     *,
     index: int | None,
-    crop: str = "center",
+    center_side: int | None = None,
 ) -> None:
     """Refuse an image whose attention matrix alone exceeds ``max_batch_attention_bytes``.
+
+    Args:
+        model: The serving model.
+        size: Processed ``(width, height)``.
+        settings: Limits.
+        index: The image's position in the request (None: every image).
+        center_side: With ``crop=none``, the side ``crop=center`` would use; the message
+            suggests it only when that size fits the budget.
 
     Raises:
         TooManyTokensError: Its cost is over the budget.
     """
     meta = model.metadata
+
+    def cost_of(width: int, height: int) -> int:
+        return attention_bytes(
+            width=width, height=height, patch_size=meta.patch_size, num_heads=meta.num_heads
+        )
+
     width, height = size
-    cost = attention_bytes(
-        width=width, height=height, patch_size=meta.patch_size, num_heads=meta.num_heads
-    )
+    cost = cost_of(width, height)
     budget = settings.max_batch_attention_bytes
     if cost > budget:
         tokens = (width // meta.patch_size) * (height // meta.patch_size) + 1
+        center_fits = center_side is not None and cost_of(center_side, center_side) <= budget
         raise TooManyTokensError(
             f"at {width}x{height} pixels the image has {tokens} tokens and needs "
             f"{cost / 2**20:.1f} MiB of attention memory, over the limit of "
             f"{budget / 2**20:.1f} MiB (DINO_MAX_BATCH_ATTENTION_BYTES); ask for a smaller "
-            + ("resolution" if crop == "center" else "resolution or crop=center"),
+            + ("resolution or crop=center" if center_fits else "resolution"),
             index=index,
         )
 
@@ -354,7 +367,8 @@ def _prepare(
         patch_size=model.metadata.patch_size,
         max_side=settings.max_resolution,
     )
-    check_attention_budget(model, geometry.size, settings, index=index, crop=options.crop)
+    center_side = resolution if options.crop == "none" else None
+    check_attention_budget(model, geometry.size, settings, index=index, center_side=center_side)
     pixels = to_pixels(image, geometry, model.metadata.recipe)
     metrics.stage_seconds.labels("preprocess").observe(time.perf_counter() - decoded)
     return _Prepared(pixels, (image.width, image.height), geometry.size)

@@ -205,7 +205,10 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     k = torch.remainder(torch.stack([hue6 + 5.0, hue6 + 3.0, hue6 + 1.0], dim=1), 6.0)
     weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     value = maxc.unsqueeze(1)
-    return torch.addcmul(value, value * saturation.unsqueeze(1), weight, value=-1.0)
+    rotated = torch.addcmul(value, value * saturation.unsqueeze(1), weight, value=-1.0)
+    # A zero shift must give the image back exactly (the HSV round trip is off by ~1e-7, which
+    # would move 8-bit values across the solarisation threshold).
+    return torch.where(_rows(shift == 0), x, rotated)
 
 
 def apply_color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:

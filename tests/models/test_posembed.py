@@ -146,3 +146,16 @@ def test_vit_gives_python_sizes_eagerly_and_tensors_when_tracing() -> None:
         return t * height
 
     torch.jit.trace(probe, (x,), check_trace=False)
+
+
+def test_resampling_stays_float32_under_autocast() -> None:
+    """As the reference's F.interpolate: autocast must not run the resize in bfloat16."""
+    torch.manual_seed(0)
+    pos = torch.randn(1, 197, 16)
+    expected = torch_reference(pos, 96, 96, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = interpolate_pos_embed(pos, 96, 96, 16)
+        traced_path = interpolate_pos_embed(pos, torch.tensor(96), torch.tensor(96), 16)
+    assert ours.dtype == traced_path.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+    assert torch.equal(ours, traced_path)

@@ -94,6 +94,12 @@ def test_attention_budget_splits_batches_and_refuses_huge_images(
         assert response.status_code == 413, response.text
         assert response.json()["error"]["index"] == 1
         assert "or crop=center" in response.json()["error"]["message"]
+        # ... but not when the centre crop at that resolution would not fit either.
+        response = server.client.post(
+            "/embed", files=[wide], data={"crop": "none", "resolution": "48"}
+        )
+        assert response.status_code == 413, response.text
+        assert "crop=center" not in response.json()["error"]["message"]
         assert server.metric("dino_batch_size_count") - calls == 3  # nothing more ran
 
 

@@ -397,3 +397,29 @@ def test_pretrain_gpu_augmentation_on_a_folder_and_bad_option(tmp_path, image_di
     assert "gpu augmentation, canvas" in caplog.text
     assert main(tiny_args(image_dir, out, "--augment_device", "tpu")) == 2
     assert "augment_device" in capsys.readouterr().err
+
+
+def test_folder_gpu_path_resumes_exactly_with_loader_workers(tmp_path, image_dir):
+    """The default GPU path for folders (crops cut in worker processes) resumes bit for bit."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    opts = ("--augment_device", "gpu", "--num_workers", "2", "--local_crops_number", "1")
+    assert main(tiny_args(image_dir, full, *opts)) == 0
+    assert main(tiny_args(image_dir, split, *opts, "--max_epochs_this_run", "1")) == 0
+    assert main(tiny_args(image_dir, split, *opts)) == 0
+    a = load_checkpoint(full / "checkpoint.pth")
+    b = load_checkpoint(split / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("student", "teacher"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key} {name} differs after resume"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+
+
+def test_zero_hue_shift_is_exact_so_solarisation_sees_true_8_bit_values():
+    x = torch.arange(256, dtype=torch.float32).div(255).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    x = x.clone()
+    x[1, 0] = x[1, 0].flip(-1)  # a coloured image as well as a gray one
+    assert torch.equal(adjust_hue(x, torch.zeros(2)), x)
+    out = solarize(adjust_hue(x, torch.zeros(2)), torch.ones(2, dtype=torch.bool))
+    at_threshold = x == 128 / 255
+    assert torch.equal(out[at_threshold], 1 - x[at_threshold])  # 128 -> 127, as PIL
