@@ -136,6 +136,7 @@ def test_matrices_cached_in_inference_mode_still_train() -> None:
     assert trainable.grad is not None and trainable.grad.abs().sum() > 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_vit_gives_python_sizes_eagerly_and_tensors_when_tracing() -> None:
     x = torch.randn(1, 3, 40, 24)
     assert vit_spatial_size(x) == (40, 24)
