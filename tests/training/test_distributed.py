@@ -75,3 +75,14 @@ def test_two_process_ddp_run_stays_in_sync(tmp_path, image_dir):
     # The peak lr follows the linear scaling rule with the total batch of 8.
     assert steps[-1]["lr"] <= 0.05 * 8 / 256
     assert torch.isfinite(ckpt["dino_loss"]["center"]).all()
+
+
+def test_two_process_ddp_run_with_compiled_backbones(tmp_path, image_dir):
+    """``torchrun ... --compile true``: DDP around compiled backbones keeps the ranks in sync."""
+    out = tmp_path / "ddp_compiled"
+    extra = ("--epochs", "1", "--warmup_epochs", "0", "--compile", "true", "--drop_path_rate", "0")
+    result = _torchrun(["-m", "training.pretrain", *tiny_args(image_dir, out, *extra)], ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert record["world_size"] == 2 and record["ranks_in_sync"] is True
+    assert load_checkpoint(out / "checkpoint.pth")["args"]["compile"] is True
