@@ -287,6 +287,7 @@ def model_versions(repository: Path, name: str) -> list[int]:
             child.name.isascii()
             and child.name.isdigit()
             and int(child.name) > 0
+            and str(int(child.name)) == child.name  # "2", not "02": model_path reads "2/"
             and (child / MODEL_FILENAME).is_file()
         ):
             versions.append(int(child.name))

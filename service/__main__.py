@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.runtime import cuda_unavailable_reason
 from service.settings import Settings
 
 
@@ -44,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as err:
         print(f"invalid DINO_* settings:\n{err}", file=sys.stderr)
         return 2
+    if settings.device == "cuda" and (reason := cuda_unavailable_reason()) is not None:
+        print(f"error: {reason}", file=sys.stderr)  # before uvicorn: no lifespan traceback
+        return 3
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Pillow warns about every odd tag in a user's file; the decoder already turns real damage

@@ -31,8 +31,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import Batcher, attention_bytes
 from service.decode import decode_image
-from service.encode import ImageRecord, encode_response
-from service.errors import NotReadyError, ServiceError, TooManyTokensError, UnauthorizedError
+from service.encode import ImageRecord, encode_response, estimated_bytes, output_values
+from service.errors import (
+    NotReadyError,
+    ResponseTooLargeError,
+    ServiceError,
+    TooManyTokensError,
+    UnauthorizedError,
+)
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, parse_options, resolve_resolution
@@ -234,6 +240,8 @@ async def embed(request: Request) -> Response:
         )
         if options.crop == "center":  # every image has this size: refuse before decoding
             check_attention_budget(model, (resolution, resolution), settings, index=None)
+            side = resolution // model.metadata.patch_size
+            check_response_size(model, [(side, side)] * len(upload.images), options, settings)
         with state.batcher.admitted(len(upload.images)):
             content = await _embed_admitted(state, model, upload.images, options, resolution, timer)
     state.metrics.images.inc(len(upload.images))
@@ -268,21 +276,23 @@ async def _embed_admitted(
             raise outcome
     ready = [p for p in prepared if isinstance(p, _Prepared)]
     timer.mark("decode")
+    patch = model.metadata.patch_size
+    grids = [(p.processed_size[1] // patch, p.processed_size[0] // patch) for p in ready]
+    check_response_size(model, grids, options, settings)  # crop=none: sizes known only now
     submitted = time.perf_counter()
     results = await state.batcher.submit(model, [p.pixels for p in ready], options.outputs)
     infer = max(result.infer_s for result in results)
     timer.add("queue", max(time.perf_counter() - submitted - infer, 0.0))
     timer.add("infer", infer)
-    patch = model.metadata.patch_size
     records = [
         ImageRecord(
             index=index,
             original_size=p.original_size,
             processed_size=p.processed_size,
-            grid=(p.processed_size[1] // patch, p.processed_size[0] // patch),
+            grid=grid,
             outputs=result.outputs,
         )
-        for index, (p, result) in enumerate(zip(ready, results, strict=True))
+        for index, (p, grid, result) in enumerate(zip(ready, grids, results, strict=True))
     ]
     started = time.perf_counter()
     content = await loop.run_in_executor(
@@ -299,6 +309,38 @@ async def _embed_admitted(
     state.metrics.stage_seconds.labels("encode").observe(encoded)
     timer.add("encode", encoded)
     return content
+
+
+def check_response_size(
+    model: OnnxModel, grids: list[tuple[int, int]], options: EmbedOptions, settings: Settings
+) -> None:
+    """Refuse an answer whose arrays would exceed ``max_response_bytes``.
+
+    Args:
+        model: The serving model.
+        grids: ``(rows, cols)`` of patches of each image.
+        options: The request's options (outputs, encoding, dtype).
+        settings: Limits.
+
+    Raises:
+        ResponseTooLargeError: The estimate is over the limit.
+    """
+    meta = model.metadata
+    values = sum(
+        output_values(
+            options.outputs, rows=r, cols=c, embed_dim=meta.embed_dim, num_heads=meta.num_heads
+        )
+        for r, c in grids
+    )
+    size = estimated_bytes(values, encoding=options.encoding, dtype=options.dtype)
+    limit = settings.max_response_bytes
+    if size > limit:
+        raise ResponseTooLargeError(
+            f"the answer would hold {values} values, about {size / 2**20:.1f} MiB as "
+            f"{options.encoding} {options.dtype}, over the limit of {limit / 2**20:.1f} MiB "
+            "(DINO_MAX_RESPONSE_BYTES); ask for fewer images, fewer outputs or a smaller "
+            "resolution, or use encoding=base64 and dtype=float16"
+        )
 
 
 def check_attention_budget(

@@ -135,13 +135,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        grey = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        # Integer arithmetic in place (4 bytes a pixel, not float64 temporaries): round(v * 255
+        # / 65535) exactly, as 65535 = 255 * 257 leaves no ties.
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32, copy=False)
+        values *= 255
+        values += 32767
+        values //= 65535
+        return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
     if mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        grey = np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+        values = np.array(image, dtype=np.float32)  # a writable copy, worked on in place
+        np.nan_to_num(values, copy=False)
+        np.clip(values, 0, 255, out=values)
+        return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
     if mode in ("P", "PA"):
         return image.convert("RGBA").convert("RGB")
     return image.convert("RGB")

@@ -57,6 +57,30 @@ def shape_outputs(record: ImageRecord, *, normalize: bool) -> dict[str, np.ndarr
     return shaped
 
 
+# Upper bound of one value in a JSON list: sign, 17 significant digits, point, exponent, comma.
+JSON_BYTES_PER_VALUE = 24
+
+
+def output_values(
+    outputs: tuple[str, ...], *, rows: int, cols: int, embed_dim: int, num_heads: int
+) -> int:
+    """Number of values one image contributes to the answer."""
+    sizes = {
+        CLS_EMBEDDING.name: embed_dim,
+        PATCH_FEATURES.name: rows * cols * embed_dim,
+        ATTENTION_MAPS.name: num_heads * rows * cols,
+    }
+    return sum(sizes[name] for name in outputs)
+
+
+def estimated_bytes(values: int, *, encoding: str, dtype: str) -> int:
+    """Bytes ``values`` take in the answer: exact for base64, an upper bound for JSON lists."""
+    if encoding == "base64":
+        raw = values * _NUMPY_DTYPES[dtype].itemsize
+        return 4 * ((raw + 2) // 3)
+    return values * JSON_BYTES_PER_VALUE
+
+
 def encode_array(value: np.ndarray, *, encoding: str, dtype: str) -> Any:
     """One tensor as a nested JSON list or a base64 object.
 

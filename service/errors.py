@@ -70,6 +70,13 @@ class ImageTooLargeError(ServiceError):
     code = "image_too_large"
 
 
+class ResponseTooLargeError(ServiceError):
+    """The answer would exceed ``max_response_bytes``."""
+
+    status = 413
+    code = "response_too_large"
+
+
 class TooManyTokensError(ServiceError):
     """One image would need more attention memory than ``max_batch_attention_bytes``."""
 

@@ -98,8 +98,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     408: {**_ERROR, "description": "The body did not arrive within the read timeout."},
     413: {
         **_ERROR,
-        "description": "Body too large, an image with too many pixels, or an image whose "
-        "attention matrix exceeds the per-call memory budget (too_many_tokens).",
+        "description": "Body too large, an image with too many pixels, an image whose "
+        "attention matrix exceeds the per-call memory budget (too_many_tokens), or an answer "
+        "over the response size limit (response_too_large).",
     },
     415: {**_ERROR, "description": "Unsupported Content-Type or image format."},
     422: {

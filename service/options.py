@@ -24,7 +24,8 @@ OUTPUT_ALIASES: dict[str, str] = {
 OPTION_NAMES: tuple[str, ...] = ("outputs", "normalize", "resolution", "crop", "encoding", "dtype")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_DIGITS = re.compile(r"[0-9]{1,9}")  # ASCII digits only: no sign, '_', or other scripts
+# ASCII digits only (no sign, '_', or other scripts), leading zeros allowed, at most 9 others.
+_DIGITS = re.compile(r"0*[0-9]{1,9}")
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,7 @@ class ModelManager:
                         version=version,
                         device=settings.device,
                         intra_op_threads=settings.intra_op_threads,
+                        cpu_memory_arena=settings.cpu_memory_arena,
                         warmup_batch_sizes=settings.warmup_batch_sizes,
                     )
                 except DeviceUnavailableError as err:

@@ -143,7 +143,8 @@ async def read_body(
         size = int(declared)
         if size > max_bytes:
             raise BodyTooLargeError(f"the body has {size} bytes, over the limit of {max_bytes}")
-        reservation.reserve(size)
+        # Nothing is reserved for the declared size: a client that only announces a large body
+        # must not hold the shared budget; bytes are reserved as they arrive.
     chunks: list[bytes] = []
     total = 0
     try:
@@ -309,20 +310,20 @@ def _parse_multipart(body: bytes, content_type: str, upload: Upload, max_images:
     if not boundary:
         raise MalformedRequestError("multipart/form-data without a boundary parameter")
     collector = _MultipartCollector(upload, max_images)
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": collector.on_part_begin,
-            "on_part_data": collector.on_part_data,
-            "on_part_end": collector.on_part_end,
-            "on_header_field": collector.on_header_field,
-            "on_header_value": collector.on_header_value,
-            "on_header_end": collector.on_header_end,
-            "on_headers_finished": collector.on_headers_finished,
-            "on_end": collector.on_end,
-        },
-    )
-    try:
+    try:  # the parser itself refuses some boundaries (longer than 256 bytes, for one)
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": collector.on_part_begin,
+                "on_part_data": collector.on_part_data,
+                "on_part_end": collector.on_part_end,
+                "on_header_field": collector.on_header_field,
+                "on_header_value": collector.on_header_value,
+                "on_header_end": collector.on_header_end,
+                "on_headers_finished": collector.on_headers_finished,
+                "on_end": collector.on_end,
+            },
+        )
         parser.write(body)
         parser.finalize()
     except (FormParserError, ValueError) as err:

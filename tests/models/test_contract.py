@@ -74,7 +74,7 @@ def test_model_names_are_single_safe_components(name: str) -> None:
 
 def test_model_versions_ignore_non_ascii_digit_dirs(tmp_path: Path) -> None:
     root = tmp_path / "m"
-    for name in ("2", "²", "٣", "0", "7x"):
+    for name in ("2", "²", "٣", "0", "7x", "03", "007"):  # "03" would be read from "3/"
         (root / name).mkdir(parents=True)
         (root / name / contract.MODEL_FILENAME).write_bytes(b"x")
     assert contract.model_versions(tmp_path, "m") == [2]  # no ValueError from int("²")

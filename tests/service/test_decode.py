@@ -213,3 +213,32 @@ def test_text_that_resembles_no_format_is_not_an_image() -> None:
     for data in [b"PNG is a format", b"RIFF....AVI LIST", b"II am plain text"]:
         with pytest.raises(NotAnImageError):
             decode_image(data, max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_wide_greyscale_matches_the_float64_formula(mode: str) -> None:
+    """Integer/float32 in-place conversion gives what the float64 formula gives, bit for bit."""
+    from service.decode import to_rgb
+
+    rng = np.random.default_rng(0)
+    if mode == "F":
+        values = rng.uniform(-50, 300, (17, 23)).astype(np.float32)
+        values[0, :3] = [np.nan, np.inf, -np.inf]
+        image = Image.fromarray(values, mode="F")
+        expected = np.clip(np.nan_to_num(values.astype(np.float64)), 0, 255).astype(np.uint8)
+    else:
+        low = -70000 if mode == "I" else 0
+        high = 140000 if mode == "I" else 65536
+        values = rng.integers(low, high, (17, 23))
+        values[0, :4] = [0, 65535, 128, 257 * 100 + 128]
+        if mode == "I":
+            image = Image.fromarray(values.astype(np.int32), mode="I")
+        else:
+            image = Image.new(mode, (23, 17))
+            image.putdata(values.astype(np.uint16).ravel().tolist())
+            values = np.asarray(image).astype(np.int64)
+        scaled = np.rint(values.astype(np.float64) * (255.0 / 65535.0))
+        expected = np.clip(scaled, 0, 255).astype(np.uint8)
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (17, 23, 3)
+    np.testing.assert_array_equal(rgb[..., 0], expected)

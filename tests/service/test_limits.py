@@ -175,7 +175,10 @@ def test_client_disconnect_is_not_a_server_error(
 
 
 def test_body_budget_refuses_while_bodies_are_pending(guarded: LiveServer) -> None:
-    stalled = _stalled_upload(guarded, 30_000, b"x" * 100)
+    # Bytes that arrived are held; a declared size alone holds nothing (or four idle
+    # connections announcing large bodies would lock every upload out).
+    idle = [_stalled_upload(guarded, 40_000, b"") for _ in range(4)]
+    stalled = _stalled_upload(guarded, 40_000, b"x" * 30_000)
     try:
         wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 30_000)
         blob = png_bytes()
@@ -190,6 +193,8 @@ def test_body_budget_refuses_while_bodies_are_pending(guarded: LiveServer) -> No
         assert _post(guarded.url, blob).status_code == 200  # small bodies still fit
     finally:
         stalled.close()
+        for connection in idle:
+            connection.close()
     wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)
 
 
@@ -210,3 +215,33 @@ def test_slow_body_times_out_with_408(guarded: LiveServer) -> None:
     assert b'"code":"request_timeout"' in answer
     assert b"connection: close" in answer.lower()
     wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)
+
+
+def test_answers_over_the_response_limit_are_refused_before_the_work(
+    tiny_model_repository: Path,
+) -> None:
+    # Tiny model at 32 px: 4x4 patches, width 32, 2 heads. patch+attention = 16*32 + 2*16 = 544
+    # values an image: 13,056 bytes as JSON (24 a value), 2,904 as base64 float32.
+    settings = tiny_settings(tiny_model_repository, max_response_bytes=2**16)
+    with run_server(settings) as server:
+        calls = server.metric("dino_batch_size_count")
+        files = [("images", (f"{i}.png", png_bytes(seed=i), "image/png")) for i in range(6)]
+        dense = {"outputs": "patch,attention"}
+        response = server.client.post("/embed", files=files, data=dense)
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert (
+            error["code"] == "response_too_large" and "DINO_MAX_RESPONSE_BYTES" in error["message"]
+        )
+        assert server.metric("dino_batch_size_count") == calls  # refused before inference
+        # The same arrays fit as base64, and fewer images fit as JSON.
+        encoded = server.client.post("/embed", files=files, data={**dense, "encoding": "base64"})
+        assert encoded.status_code == 200, encoded.text
+        assert server.client.post("/embed", files=files[:4], data=dense).status_code == 200
+        # crop=none: sizes are known after decoding; still refused before encoding.
+        big = ("images", ("big.png", png_bytes(96, 96), "image/png"))
+        response = server.client.post(
+            "/embed", files=[big], data={**dense, "crop": "none", "resolution": "96"}
+        )
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "response_too_large"

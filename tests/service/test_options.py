@@ -89,3 +89,10 @@ def test_huge_resolution_never_overflows() -> None:
     for requested in (10**400, 2**1100, 10**9):
         with pytest.raises(InvalidOptionError, match="limits"):
             resolve_resolution(requested, default=224, patch_size=16, max_resolution=1024)
+
+
+def test_resolution_may_have_leading_zeros_but_not_many_digits() -> None:
+    assert parse_options({"resolution": ["0000000064"]}).resolution == 64
+    assert parse_options({"resolution": ["0224"]}).resolution == 224
+    with pytest.raises(InvalidOptionError, match="far outside the limits"):
+        parse_options({"resolution": ["1" + "0" * 12]})

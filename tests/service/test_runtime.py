@@ -61,6 +61,13 @@ def test_load_checks_and_runs(tiny_path: Path) -> None:
     assert out["attention_maps"].shape == (2, 2, 15)  # (B, heads, 5 x 3 patches)
 
 
+def test_cpu_memory_arena_is_off_unless_asked_for(tiny_path: Path) -> None:
+    default = load_model(tiny_path, name="tiny", version=1, device="cpu")
+    assert default.session.get_session_options().enable_cpu_mem_arena is False
+    kept = load_model(tiny_path, name="tiny", version=1, device="cpu", cpu_memory_arena=True)
+    assert kept.session.get_session_options().enable_cpu_mem_arena is True
+
+
 def test_tampered_reference_outputs_are_refused(tiny_path: Path, tmp_path: Path) -> None:
     def tamper(proto: onnx.ModelProto) -> None:
         reference = json.loads(
@@ -155,8 +162,8 @@ def test_cuda_device_fails_at_start_without_a_gpu(
         env=env,
         check=False,
     )
-    assert result.returncode != 0
-    assert "DINO_DEVICE=cuda" in result.stderr
+    assert result.returncode == 3
+    assert "DINO_DEVICE=cuda" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_invalid_settings_exit_with_a_message() -> None:

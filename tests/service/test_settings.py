@@ -23,6 +23,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_batch_attention_bytes == 1024**3
     assert settings.max_body_bytes_in_flight == 4 * settings.max_body_bytes
     assert settings.body_timeout_s == 60 and settings.keep_alive_s == 5
+    assert settings.cpu_memory_arena is False
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,3 +89,16 @@ def test_help_describes_the_settings_and_starts_nothing(capsys) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "DINO_MODEL_REPOSITORY" in out and "DINO_PORT" in out
+
+
+def test_every_setting_is_in_both_configuration_tables() -> None:
+    root = Path(__file__).resolve().parents[2]
+    for doc in ("README.md", "docs/api.md"):
+        text = (root / doc).read_text()
+        rows = {
+            line.split("|")[1].strip().strip("`")
+            for line in text.splitlines()
+            if line.startswith("| `DINO_")
+        }
+        fields = {f"DINO_{name.upper()}" for name in Settings.model_fields}
+        assert fields <= rows, (doc, sorted(fields - rows))

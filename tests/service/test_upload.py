@@ -82,3 +82,15 @@ def test_part_headers_and_text_fields_are_bounded() -> None:
         parse(field("crop", b"x" * 5000) + field("images", b"x", "a") + END)
     with pytest.raises(InvalidOptionError, match="unexpected file field"):
         parse(field("image", b"x", "a.png") + END)
+
+
+def test_boundary_the_parser_refuses_is_malformed_not_a_crash() -> None:
+    long = "b" * 300  # over the multipart parser's 256-byte limit
+    body = f'--{long}\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--{long}--\r\n'
+    with pytest.raises(MalformedRequestError, match="invalid multipart body"):
+        parse_upload(
+            body.encode(),
+            content_type=f"multipart/form-data; boundary={long}",
+            query=[],
+            max_images=3,
+        )
