@@ -251,19 +251,26 @@ def make_optimised_step(args, device, student, teacher, crops, variant) -> Calla
     return step
 
 
-def time_steps(step: Callable[[], None], args, device) -> dict[str, Any]:
+def timed(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds ``steps`` calls of ``fn`` take after ``warmup`` calls (device work included;
+    the CUDA peak-memory counter starts after the warm-up)."""
     cuda = device.type == "cuda"
-    for _ in range(args.warmup):
-        step()
+    for _ in range(warmup):
+        fn()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    for _ in range(steps):
+        fn()
     if cuda:
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def time_steps(step: Callable[[], None], args, device) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    elapsed = timed(step, args.warmup, args.steps, device)
     out: dict[str, Any] = {"img_per_s": round(args.batch * args.steps / elapsed, 2)}
     out["step_ms"] = round(1000 * elapsed / args.steps, 2)
     if cuda:
@@ -357,16 +364,7 @@ def bench_batched_augmentation(args, name: str, device: torch.device, mode: str)
 
         source = "uint8 crops cut by the loader"
     cuda = device.type == "cuda"
-    for _ in range(2):
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.aug_steps):
-        run()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = timed(run, 2, args.aug_steps, device)
     hw = torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()}"
     return {
         "bench": "batched_augmentation",
