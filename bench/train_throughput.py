@@ -418,7 +418,7 @@ def main() -> None:
             record["error"] = f"{type(err).__name__}: {err}"[:500]
         print(json.dumps(record), flush=True)
         del s, t
-        step = None
+        step = None  # the closure holds the networks and optimiser: drop it before empty_cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
     del student, teacher, crops

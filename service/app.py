@@ -278,7 +278,8 @@ async def _embed_admitted(
     timer.mark("decode")
     patch = model.metadata.patch_size
     grids = [(p.processed_size[1] // patch, p.processed_size[0] // patch) for p in ready]
-    check_response_size(model, grids, options, settings)  # crop=none: sizes known only now
+    if options.crop == "none":  # sizes known only now (crop=center was checked on arrival)
+        check_response_size(model, grids, options, settings)
     submitted = time.perf_counter()
     results = await state.batcher.submit(model, [p.pixels for p in ready], options.outputs)
     infer = max(result.infer_s for result in results)
@@ -335,11 +336,16 @@ def check_response_size(
     size = estimated_bytes(values, encoding=options.encoding, dtype=options.dtype)
     limit = settings.max_response_bytes
     if size > limit:
+        smaller = [
+            f"{k}={v}"
+            for k, v in (("encoding", "base64"), ("dtype", "float16"))
+            if getattr(options, k) != v
+        ]
         raise ResponseTooLargeError(
             f"the answer would hold {values} values, about {size / 2**20:.1f} MiB as "
             f"{options.encoding} {options.dtype}, over the limit of {limit / 2**20:.1f} MiB "
             "(DINO_MAX_RESPONSE_BYTES); ask for fewer images, fewer outputs or a smaller "
-            "resolution, or use encoding=base64 and dtype=float16"
+            "resolution" + (f", or use {' and '.join(smaller)}" if smaller else "")
         )
 
 
