@@ -263,7 +263,13 @@ def export_model(
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a directory; give the path of the .onnx file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise ExportError(
+            f"cannot create the folder of {path}: {err.strerror}: {err.filename} "
+            "(a file is in the way)"
+        ) from err
 
     def say(message: str) -> None:
         if log:

@@ -1,12 +1,20 @@
 """Atomic training checkpoints in the official DINO layout, with corruption detection.
 
-Every checkpoint ``X.pth`` gets a sidecar ``X.pth.sha256`` holding the file's SHA-256. On
-resume the digest is checked, and the file is loaded with ``weights_only=True`` (so every
-value stored here is a tensor, a number, a string or a container of those).
+Every checkpoint ``X.pth`` gets a sidecar ``X.pth.sha256`` holding the file's SHA-256
+(``sha256sum`` format). On resume the digest is checked, and the file is loaded with
+``weights_only=True`` (so every value stored here is a tensor, a number, a string or a
+container of those).
+
+Replacing a checkpoint is crash-consistent: the sidecar first lists the digests of both the
+new and the old file, then the file is renamed into place, then the sidecar is rewritten with
+the new digest alone. Whenever the process dies, the file on disk matches a recorded digest.
+A copy restored by hand (``cp checkpoint0010.pth checkpoint.pth``) is recognised by the
+digest in its own sidecar (``checkpoint0010.pth.sha256``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,9 +28,23 @@ CHECKPOINT_NAME = "checkpoint.pth"
 DIGEST_SUFFIX = ".sha256"
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "epoch", "dino_loss")
 
+logger = logging.getLogger("training")
+
 
 class CheckpointCorruptError(RuntimeError):
     """A checkpoint cannot be read back: truncated, modified or not a DINO checkpoint."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the usual file mode (mkstemp makes it 0600) and rename it to ``path``."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -32,10 +54,28 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def digest_path(path: Path) -> Path:
+    """The sidecar of a checkpoint: ``X.pth`` -> ``X.pth.sha256``."""
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def recorded_digests(path: Path) -> list[str]:
+    """Digests listed in the sidecar of ``path`` (empty when there is none or it is unreadable)."""
+    try:
+        text = digest_path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def _digest_lines(name: str, digests: list[str]) -> bytes:
+    return "".join(f"{digest}  {name}\n" for digest in digests).encode()
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:
@@ -53,14 +93,25 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
             handle.flush()
             os.fsync(handle.fileno())
         digest = file_sha256(Path(tmp))
-        os.replace(tmp, path)
+        if path.is_file():  # until the rename below, either file may be the one on disk
+            previous = recorded_digests(path) or [file_sha256(path)]
+            both = [digest, *(d for d in previous if d != digest)]
+            _atomic_write_bytes(digest_path(path), _digest_lines(path.name, both))
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _atomic_write_bytes(
-        path.with_name(path.name + DIGEST_SUFFIX), f"{digest}  {path.name}\n".encode()
-    )
+    _atomic_write_bytes(digest_path(path), _digest_lines(path.name, [digest]))
     return digest
+
+
+def _sibling_with_digest(path: Path, digest: str) -> Path | None:
+    """Another checkpoint in the folder whose sidecar records ``digest`` (a restored copy)."""
+    for sidecar in sorted(path.parent.glob(f"*.pth{DIGEST_SUFFIX}")):
+        sibling = sidecar.with_name(sidecar.name.removesuffix(DIGEST_SUFFIX))
+        if sibling != path and digest in recorded_digests(sibling):
+            return sibling
+    return None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -71,17 +122,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             cannot be unpickled safely or lacks the DINO training keys.
     """
     path = Path(path)
-    digest_file = path.with_name(path.name + DIGEST_SUFFIX)
-    if digest_file.is_file():
-        recorded = digest_file.read_text().split()[0] if digest_file.read_text().strip() else ""
+    recorded = recorded_digests(path)
+    if recorded:
         actual = file_sha256(path)
-        if recorded != actual:
-            raise CheckpointCorruptError(
-                f"checkpoint {path} is corrupted or was cut short: its SHA-256 {actual[:12]}... "
-                f"does not match the recorded {recorded[:12]}... in {digest_file.name}. Delete it "
-                "(or restore a copy such as checkpointNNNN.pth) to resume, or use a new "
-                "--output_dir."
-            )
+        if actual not in recorded:
+            copy_of = _sibling_with_digest(path, actual)
+            if copy_of is None:
+                raise CheckpointCorruptError(
+                    f"checkpoint {path} is corrupted or was cut short: its SHA-256 "
+                    f"{actual[:12]}... is not the one recorded in {digest_path(path).name} "
+                    f"({recorded[0][:12]}...). To resume from an earlier copy, copy it with its "
+                    f"digest: cp checkpointNNNN.pth {path.name} && cp checkpointNNNN.pth"
+                    f"{DIGEST_SUFFIX} {path.name}{DIGEST_SUFFIX} (in {path.parent}); or delete "
+                    f"both files to start over, or use a new --output_dir."
+                )
+            logger.info("%s is a copy of %s (same SHA-256)", path, copy_of.name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... here

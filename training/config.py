@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from models.contract import validate_model_name
 from training.optim import OPTIMIZERS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -149,6 +151,31 @@ class PretrainConfig:
             raise ConfigError("--local_crops_size must be at least --patch_size")
         if self.export_every < 0 or self.saveckp_freq < 0:
             raise ConfigError("--export_every and --saveckp_freq must be >= 0")
+        self._validate_numbers()
+        if self.export_to is not None:
+            target = Path(self.export_to)
+            try:
+                validate_model_name(target.name)
+            except ValueError as err:
+                raise ConfigError(f"--export_to {self.export_to!r}: {err}") from err
+
+    def _validate_numbers(self) -> None:
+        """Ranges of the optimisation and temperature options."""
+        for name in ("lr", "warmup_teacher_temp", "teacher_temp"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name} must be a positive number, got {value}")
+        for name in ("min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name} must be >= 0, got {value}")
+        if not 0 <= self.momentum_teacher <= 1:
+            raise ConfigError(
+                f"--momentum_teacher must be in [0, 1] (0.996 in the paper), "
+                f"got {self.momentum_teacher}"
+            )
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
     def resolved_precision(self) -> str:
@@ -215,6 +242,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     try:
         if isinstance(default, bool) or name == "use_fp16":
             return bool_flag(str(value)) if not isinstance(value, bool) else value
+        if isinstance(value, bool):  # YAML's true/false for a number or a string
+            raise ValueError("a boolean where a number or a string is expected")
+        if isinstance(value, list | dict) and not isinstance(default, tuple):
+            raise ValueError(f"a {type(value).__name__} where a single value is expected")
         if isinstance(default, tuple):
             low, high = value
             return (float(low), float(high))

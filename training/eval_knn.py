@@ -84,8 +84,8 @@ def knn_classifier(
     return 100.0 * top1 / total, 100.0 * top5 / total
 
 
-def preprocess(image: Image.Image, recipe: PreprocessingRecipe) -> FloatArray:
-    """Resize the shorter side (bicubic), centre-crop, scale to [0, 1], normalise: ``[3, R, R]``."""
+def resize_and_crop(image: Image.Image, recipe: PreprocessingRecipe) -> Image.Image:
+    """RGB, shorter side resized to ``recipe.resize_size`` (bicubic), centre ``R x R`` crop."""
     image = image.convert("RGB")
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
@@ -95,7 +95,12 @@ def preprocess(image: Image.Image, recipe: PreprocessingRecipe) -> FloatArray:
     res = recipe.resolution
     left = int(round((size[0] - res) / 2.0))
     top = int(round((size[1] - res) / 2.0))
-    image = image.crop((left, top, left + res, top + res))
+    return image.crop((left, top, left + res, top + res))
+
+
+def preprocess(image: Image.Image, recipe: PreprocessingRecipe) -> FloatArray:
+    """Resize the shorter side (bicubic), centre-crop, scale to [0, 1], normalise: ``[3, R, R]``."""
+    image = resize_and_crop(image, recipe)
     pixels: FloatArray = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (R, R, 3)
     mean, std = np.array(recipe.mean, np.float32), np.array(recipe.std, np.float32)
     normalised: FloatArray = ((pixels - mean) / std).astype(np.float32)
@@ -124,7 +129,13 @@ def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, Prepr
     """CLS features of an exported model with onnxruntime; the recipe comes from its metadata."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if not path.is_file():
+        raise DataError(f"--onnx {path}: no such file")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's InvalidProtobuf/Fail/... derive from Exception
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"--onnx {path} is not a loadable ONNX model: {first[:300]}") from err
     metadata = session.get_modelmeta().custom_metadata_map
     if MetadataKey.PREPROCESSING not in metadata:
         raise DataError(f"{path} has no {MetadataKey.PREPROCESSING} metadata (not our export?)")
@@ -164,10 +175,10 @@ def extract_features(
             pixels.append(prepare(image) if prepare else preprocess(image, recipe))
             indices.append(index)
             if len(pixels) == batch_size:
-                yield np.stack(pixels), indices
+                yield stack(pixels), indices
                 pixels, indices = [], []
         if pixels:
-            yield np.stack(pixels), indices
+            yield stack(pixels), indices
 
     total = (len(images) + batch_size - 1) // batch_size
     for batch, indices in tqdm(batches(), total=total, desc=desc, leave=False):
@@ -177,6 +188,21 @@ def extract_features(
         raise DataError(f"no readable images for {desc}")
     features = torch.from_numpy(np.concatenate(chunks)).float()
     return torch.nn.functional.normalize(features, dim=1, p=2), kept
+
+
+def stack(pixels: list[FloatArray]) -> FloatArray:
+    """One batch; images of several sizes (raw pixels of a folder) are a user error.
+
+    Raises:
+        DataError: The arrays differ in shape.
+    """
+    shapes = {p.shape for p in pixels}
+    if len(shapes) > 1:
+        raise DataError(
+            "the images have different sizes, so their raw pixels cannot be compared; pass "
+            "--resolution R to resize and centre-crop them to R x R first"
+        )
+    return np.stack(pixels)
 
 
 def _array_loader(array: npt.NDArray[np.uint8], index: int) -> Callable[[], Image.Image | None]:
@@ -197,13 +223,32 @@ def _file_loader(path: Path) -> Callable[[], Image.Image | None]:
 def image_folder(
     root: Path, classes: list[str] | None = None
 ) -> tuple[list[Path], list[int], list[str]]:
-    """Images and labels of an ImageFolder layout (one subfolder per class)."""
+    """Images and labels of an ImageFolder layout (one subfolder per class).
+
+    Args:
+        root: The split's folder.
+        classes: The training split's classes, when ``root`` is the evaluation split: labels
+            are their indices, and a class folder of ``root`` that is not among them is an
+            error (its images could never be classified right).
+
+    Raises:
+        DataError: Not a folder, no class subfolders, unknown classes or no images.
+    """
     if not root.is_dir():
         raise DataError(f"{root} is not a directory")
-    if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    own = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not own:
         raise DataError(f"{root} has no class subfolders (ImageFolder layout expected)")
+    if classes is None:
+        classes = own
+    unknown = [name for name in own if name not in classes]
+    if unknown:
+        shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise DataError(
+            f"{root} has class folders that the training split lacks: {shown} (training "
+            f"classes: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}); "
+            "both splits need the same class folder names"
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         for path in find_images(root / name) if (root / name).is_dir() else []:
@@ -218,9 +263,28 @@ def _limit(n: int, limit: int) -> int:
     return n if limit <= 0 else min(n, limit)
 
 
+def _sample(count: int, limit: int) -> list[int]:
+    """``limit`` indices of ``count`` drawn with a fixed seed, in order (all when limit <= 0).
+
+    ImageFolder lists are sorted by class, so their first N would hold the first classes only.
+    """
+    if limit <= 0 or limit >= count:
+        return list(range(count))
+    return sorted(np.random.default_rng(0).choice(count, size=limit, replace=False).tolist())
+
+
 def _raw_pixels(image: Image.Image) -> FloatArray:
     """The image's own pixels, flattened (the raw-pixel baseline)."""
     return np.asarray(image, dtype=np.float32).reshape(-1)
+
+
+def _raw_pixels_at(recipe: PreprocessingRecipe) -> Callable[[Image.Image], FloatArray]:
+    """Raw-pixel baseline after the recipe's resize and centre crop (no normalisation)."""
+
+    def prepare(image: Image.Image) -> FloatArray:
+        return _raw_pixels(resize_and_crop(image, recipe))
+
+    return prepare
 
 
 def _identity(batch: FloatArray) -> FloatArray:
@@ -239,7 +303,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--raw_pixels",
         action="store_true",
-        help="Baseline: the images' own pixels (no resize) as features.",
+        help="Baseline: the images' own pixels as features (no resize; with --resolution R, "
+        "resized and centre-cropped to R x R as the model's input would be).",
     )
     parser.add_argument("--checkpoint_key", default="teacher", help="teacher or student.")
     parser.add_argument("--dataset", choices=["fashion-mnist"], help="Built-in dataset.")
@@ -249,8 +314,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--resolution", type=int, default=None, help="Override the crop size.")
-    parser.add_argument("--train_limit", type=int, default=0, help="Use the first N train images.")
-    parser.add_argument("--test_limit", type=int, default=0, help="Use the first N test images.")
+    parser.add_argument(
+        "--train_limit",
+        type=int,
+        default=0,
+        help="Use N train images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded sample).",
+    )
+    parser.add_argument(
+        "--test_limit",
+        type=int,
+        default=0,
+        help="Use N test images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded sample).",
+    )
     parser.add_argument("--output", type=Path, help="Also write the results as JSON here.")
     return parser
 
@@ -270,12 +345,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from models.checkpoint import CheckpointError
     except ImportError:  # pragma: no cover
         CheckpointError = RuntimeError  # type: ignore[misc,assignment]
+    if args.output is not None:  # fail before the work, not after it
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--output {args.output}: cannot create its folder ({err})")
+        if args.output.is_dir():
+            parser.error(f"--output {args.output} is a directory; give a file name")
     try:
         prepare: Callable[[Image.Image], FloatArray] | None = None
         extract: Extractor
         if args.raw_pixels:
             recipe = PreprocessingRecipe.for_resolution(args.resolution or 224)
-            prepare, extract = _raw_pixels, _identity
+            prepare = _raw_pixels_at(recipe) if args.resolution else _raw_pixels
+            extract = _identity
         elif args.onnx is not None:
             extract, recipe = onnx_extractor(args.onnx, args.resolution)
         else:
@@ -293,8 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             train_paths, train_labels, classes = image_folder(args.train_dir)
             test_paths, test_labels, _ = image_folder(args.val_dir, classes)
-            train_paths = train_paths[: _limit(len(train_paths), args.train_limit)]
-            test_paths = test_paths[: _limit(len(test_paths), args.test_limit)]
+            keep = _sample(len(train_paths), args.train_limit)
+            train_paths, train_labels = (
+                [train_paths[i] for i in keep],
+                [train_labels[i] for i in keep],
+            )
+            keep = _sample(len(test_paths), args.test_limit)
+            test_paths, test_labels = [test_paths[i] for i in keep], [test_labels[i] for i in keep]
             train_loaders = [_file_loader(p) for p in train_paths]
             test_loaders = [_file_loader(p) for p in test_paths]
         train_f, train_kept = extract_features(

@@ -95,6 +95,34 @@ class RunLog:
             else:
                 self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 
+    def rewind(self, epoch: int, iteration: int) -> None:
+        """Drop the records of epochs ``>= epoch`` and steps ``>= iteration``.
+
+        Called when a run starts: a resumed run repeats the epoch it was interrupted in, and a
+        fresh start (``--resume false``) repeats everything, so their old records would
+        otherwise appear twice. A line cut short by a crash is dropped too.
+        """
+        if not self.enabled:
+            return
+        for name, key, first in ((EPOCH_LOG, "epoch", epoch), (STEP_LOG, "iteration", iteration)):
+            path = self.output_dir / name
+            if not path.is_file():
+                continue
+            lines = path.read_text().splitlines()
+            kept = []
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                value = record.get(key) if isinstance(record, dict) else None
+                if isinstance(value, int) and value < first:
+                    kept.append(line + "\n")
+            if len(kept) != len(lines):
+                tmp = path.with_name(f".{name}.tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(path)
+
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with open(self.output_dir / name, "a") as handle:
             handle.write(json.dumps(record) + "\n")

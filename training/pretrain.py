@@ -228,9 +228,43 @@ def checkpoint_state(
     return state
 
 
+# Options that change the shapes or the kind of the saved state: a resume must keep them.
+STATE_OPTIONS = (
+    "out_dim",
+    "use_bn_in_head",
+    "norm_last_layer",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "optimizer",
+)
+
+
+def checkpoint_differences(
+    state: dict[str, Any], config: PretrainConfig, vit: ViTConfig
+) -> list[str]:
+    """Options of this run that differ from those ``state`` was written with (``name: old ->
+    new``); empty when the checkpoint records no options (then loading decides)."""
+    differences = []
+    saved_vit = state.get("vit_config")
+    if isinstance(saved_vit, dict):
+        current = vit.to_dict()
+        for key, value in current.items():
+            if key in saved_vit and saved_vit[key] != value:
+                differences.append(f"{key}: {saved_vit[key]} -> {value}")
+    saved_args = state.get("args")
+    if isinstance(saved_args, dict):
+        current_args = config.to_dict()
+        for key in STATE_OPTIONS:
+            if key in saved_args and saved_args[key] != current_args[key]:
+                differences.append(f"{key}: {saved_args[key]} -> {current_args[key]}")
+    return differences
+
+
 def restore(
     state: dict[str, Any],
     *,
+    config: PretrainConfig,
+    vit: ViTConfig,
     nets: Networks,
     optimizer: torch.optim.Optimizer,
     dino_loss: DINOLoss,
@@ -240,8 +274,15 @@ def restore(
     """Load a checkpoint into the run; returns the epoch to start from.
 
     Raises:
-        TrainingError: The checkpoint was written for another model or optimizer configuration.
+        TrainingError: The checkpoint was written for another model, head or optimizer (named
+            from the options it records, else from the state that does not load).
     """
+    differences = checkpoint_differences(state, config, vit)
+    if differences:
+        raise TrainingError(
+            f"{path} was written with other options than this run: {'; '.join(differences)}. "
+            "Rerun with the checkpoint's options (its config.yaml) or use another --output_dir."
+        )
     student = {k.removeprefix("module."): v for k, v in state["student"].items()}
     try:
         nets.student.load_state_dict(student)
@@ -251,10 +292,11 @@ def restore(
         if scaler is not None and "fp16_scaler" in state:
             scaler.load_state_dict(state["fp16_scaler"])
     except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[:4] if line.strip())
         raise TrainingError(
             f"{path} does not match this run's configuration (arch, out_dim, head or optimizer "
-            f"options differ): {str(err).splitlines()[0]}. Use another --output_dir or "
-            "the options the checkpoint was written with (see config.yaml)."
+            f"options differ): {detail[:600]}. Use another --output_dir or the options the "
+            "checkpoint was written with (its config.yaml)."
         ) from err
     return int(state["epoch"])
 
@@ -272,7 +314,7 @@ def export_teacher(
         {k: v.detach().float().cpu() for k, v in teacher.backbone.state_dict().items()}
     )
     model.eval()
-    export_to_repository(
+    report = export_to_repository(
         model,
         target.parent,
         target.name,
@@ -280,7 +322,7 @@ def export_teacher(
         weights_sha256=digest,
         source=f"training.pretrain teacher of {ckpt}",
     )
-    logger.info("exported the teacher backbone to %s", target)
+    logger.info("exported the teacher backbone to %s", report.path)
 
 
 class Trainer:
@@ -401,6 +443,8 @@ class Trainer:
         state = load_checkpoint(path)
         self.start_epoch = restore(
             state,
+            config=self.config,
+            vit=self.vit,
             nets=self.nets,
             optimizer=self.optimizer,
             dino_loss=self.dino_loss,
@@ -482,6 +526,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         tick, tick_step = time.perf_counter(), 0
+        epoch_start = tick
         img_per_s = 0.0
         for i, (batch, bad) in enumerate(self.loader):
             it = epoch * self.niter + i
@@ -516,6 +561,9 @@ class Trainer:
                 self.log.step(it, record)
                 self.watch.observe(epoch=epoch, loss=loss_value, teacher_entropy=entropy)
         bar.close()
+        epoch_img_per_s = (
+            self.niter * images_per_step / max(time.perf_counter() - epoch_start, 1e-9)
+        )
         in_sync = self.check_ranks_in_sync()
         mean_loss = float(all_reduce_mean(loss_sum / self.niter))
         self._check_finite(mean_loss, (epoch + 1) * self.niter - 1)
@@ -526,7 +574,7 @@ class Trainer:
             "train_wd": float(np.mean(self.wd_schedule[epoch * self.niter : last + 1])),
             "train_momentum": float(self.momentum_schedule[last]),
             "teacher_entropy": float(self.dino_loss.last_teacher_entropy),
-            "img_per_s": img_per_s,
+            "img_per_s": epoch_img_per_s,
             "skipped_images": len(self.skipped),
             "world_size": self.info.world_size,
             "ranks_in_sync": in_sync,
@@ -606,12 +654,27 @@ class Trainer:
         self.resume()
         if self.start_epoch >= config.epochs:
             logger.info("nothing to do: the checkpoint already finished %d epochs", config.epochs)
+            if config.export_to:
+                target = Path(config.export_to)
+                logger.info(
+                    "to export it: python -m models.export --weights %s --repository %s --name %s",
+                    self.output_dir / CHECKPOINT_NAME,
+                    target.parent,
+                    target.name,
+                )
             return 0
+        if self.info.is_main:  # only once the checkpoint (if any) is known to fit these options
+            save_config(config, self.output_dir / "config.yaml")
+        self.log.rewind(self.start_epoch, self.start_epoch * self.niter)
         for done_this_run, epoch in enumerate(range(self.start_epoch, config.epochs), start=1):
             stats = self.train_epoch(epoch)
             self.save(epoch)
             self.log.epoch(epoch, stats)
-            logger.info("epoch %d: %s", epoch, {k: round(v, 6) for k, v in stats.items()})
+            logger.info(
+                "epoch %d: %s",
+                epoch,
+                {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
+            )
             final = epoch + 1 == config.epochs
             if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
                 self.export()
@@ -621,6 +684,17 @@ class Trainer:
                 return 0
         self.export()
         return 0
+
+
+def user_message(err: BaseException) -> str:
+    """The error's own message; for one re-raised by a DataLoader worker (whose text embeds
+    the worker's traceback), only the original message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last.removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -646,10 +720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _setup_logging(info.is_main)
     try:
-        output_dir = Path(config.output_dir)
         if info.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, output_dir / "config.yaml")
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         trainer = Trainer(config, info)
         try:
             return trainer.run()
@@ -659,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("error: %s", err)
         return 2
     except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
-        logger.error("error: %s", err)
+        logger.error("error: %s", user_message(err))
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted; resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME)

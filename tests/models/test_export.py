@@ -225,3 +225,16 @@ def test_cli_unwritable_output_is_an_error_not_a_traceback(
     assert export.main(argv) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "is a directory" in err and "Traceback" not in err
+    # A file where the output's folder should be.
+    (tmp_path / "afile").write_text("x")
+    argv = [
+        "--weights",
+        str(weights),
+        "--num-heads",
+        "2",
+        "--output",
+        str(tmp_path / "afile/m.onnx"),
+    ]
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the folder of" in err and "a file is in the way" in err

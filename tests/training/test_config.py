@@ -102,11 +102,33 @@ def test_yaml_then_cli(tmp_path):
         (["--data_path", "x", "--global_crops_size", "30"], "multiple"),
         (["--data_path", "x", "--global_crops_scale", "0.5", "0.2"], "global_crops_scale"),
         (["--epochs", "30"], "data_path"),
+        (["--data_path", "x", "--lr", "-1"], "--lr must be a positive"),
+        (["--data_path", "x", "--teacher_temp", "0"], "--teacher_temp must be a positive"),
+        (["--data_path", "x", "--momentum_teacher", "1.5"], "momentum_teacher"),
+        (["--data_path", "x", "--drop_path_rate", "2"], "drop_path_rate"),
+        (["--data_path", "x", "--clip_grad", "-1"], "clip_grad"),
+        (["--data_path", "x", "--weight_decay_end", "nan"], "weight_decay_end"),
+        (["--data_path", "x", "--export-to", "repo/bad name!"], "invalid model name"),
     ],
 )
 def test_invalid_values(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(argv)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("data_path: x\nepochs: true\n", "boolean"),
+        ("data_path: [x]\n", "single value"),
+        ("data_path: x\nlr: {a: 1}\n", "single value"),
+    ],
+)
+def test_yaml_values_of_the_wrong_kind(tmp_path, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(["--config", str(path)])
 
 
 def test_bad_yaml_key(tmp_path):

@@ -89,3 +89,50 @@ def test_raw_pixel_baseline_matches_numpy(tmp_path, monkeypatch, capsys):
     test_x /= np.linalg.norm(test_x, axis=1, keepdims=True)
     want = numpy_knn(train_x, train_y, test_x, test_y, 5, 0.07, 3)
     assert (got["top1"], got["top5"]) == pytest.approx(want)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, capsys, image_dir):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    fm = ["--dataset", "fashion-mnist"]
+    assert main(["--onnx", str(tmp_path / "missing.onnx"), *fm]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--onnx", str(bad), *fm]) == 1
+    err = capsys.readouterr().err
+    assert "is not a loadable ONNX model" in err and "Traceback" not in err
+
+    # An evaluation class that the training split lacks would be silently unclassifiable.
+    val = tmp_path / "val"
+    (val / "cats").mkdir(parents=True)
+    (val / "horses").mkdir()
+    argv = ["--raw_pixels", "--train_dir", str(image_dir), "--val_dir", str(val)]
+    assert main(argv) == 1
+    assert "class folders that the training split lacks: horses" in capsys.readouterr().err
+
+    # Raw pixels of images of several sizes cannot be compared without a common size.
+    argv = ["--raw_pixels", "--train_dir", str(image_dir), "--val_dir", str(image_dir)]
+    assert main(argv) == 1
+    assert "pass --resolution R" in capsys.readouterr().err
+
+    # --output is checked before any work.
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit):
+        main(["--raw_pixels", *fm, "--output", str(tmp_path / "taken")])
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_limits_sample_every_class_of_an_image_folder(tmp_path, capsys, image_dir):
+    out = tmp_path / "nested" / "result.json"  # its folder is created
+    argv = ["--raw_pixels", "--train_dir", str(image_dir), "--val_dir", str(image_dir)]
+    argv += ["--train_limit", "6", "--test_limit", "6", "--nb_knn", "1", "--resolution", "32"]
+    assert main([*argv, "--output", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert json.loads(out.read_text()) == [printed]
+    assert printed["n_train"] == printed["n_test"] == 6
+
+    from training.eval_knn import _sample, image_folder
+
+    _, labels, classes = image_folder(image_dir)
+    picked = [labels[i] for i in _sample(len(labels), 6)]
+    assert classes == ["cats", "dogs"] and set(picked) == {0, 1}  # not the first class only
+    assert _sample(len(labels), 6) == _sample(len(labels), 6)  # fixed seed

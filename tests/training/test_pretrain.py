@@ -128,3 +128,59 @@ def test_compile_trains_the_same_weights_as_eager(tmp_path, image_dir):
         for mode in runs
     }
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
+
+
+def test_resume_with_other_options_names_them_and_keeps_the_run(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
+    config_before = (out / "config.yaml").read_text()
+    caplog.clear()
+    assert main(tiny_args(image_dir, out, "--embed_dim", "64", "--optimizer", "sgd")) == 1
+    assert "embed_dim: 32 -> 64" in caplog.text and "optimizer: adamw -> sgd" in caplog.text
+    assert "Traceback" not in caplog.text
+    # The failed attempt changed nothing: its options are not saved over the run's.
+    assert (out / "config.yaml").read_text() == config_before
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
+
+
+def test_logs_are_not_repeated_by_a_resume_or_a_fresh_start(tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
+    # As if the process had died in epoch 1 after logging two steps, one of them cut short.
+    with open(out / "log_steps.jsonl", "a") as handle:
+        handle.write(json.dumps({"iteration": 4, "epoch": 1, "loss": 1.0}) + "\n")
+        handle.write('{"iteration": 5, "ep')
+    assert main(tiny_args(image_dir, out)) == 0
+    steps = [json.loads(line) for line in (out / "log_steps.jsonl").read_text().splitlines()]
+    assert [s["iteration"] for s in steps] == list(range(8))
+    epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert epochs[0]["ranks_in_sync"] is True and epochs[0]["img_per_s"] > 0
+
+    assert main(tiny_args(image_dir, out, "--resume", "false", "--epochs", "1")) == 0
+    epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0]
+
+
+def test_a_finished_run_says_how_to_export_it(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    caplog.clear()
+    repo = tmp_path / "repo"
+    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
+    assert main([*argv, "--export-to", str(repo / "m")]) == 0
+    assert "nothing to do" in caplog.text
+    assert f"python -m models.export --weights {out / 'checkpoint.pth'}" in caplog.text
+    assert f"--repository {repo} --name m" in caplog.text
+
+
+def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, caplog):
+    data = tmp_path / "broken"
+    data.mkdir()
+    for i in range(6):
+        (data / f"img{i}.png").write_bytes(b"not a png")
+    argv = tiny_args(data, tmp_path / "run", "--num_workers", "1")
+    assert main(argv) == 1
+    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert message.startswith("error: none of the 6 images under")
+    assert "Traceback" not in message
