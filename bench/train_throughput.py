@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.layers import Attention
 from models.vit import VisionTransformer, vit_config
@@ -126,6 +127,19 @@ def use_explicit_attention(model: nn.Module) -> None:
             )
 
 
+def use_reference_drop_path(model: nn.Module) -> None:
+    """The original's stochastic depth: each block's ``DropPath`` draws its own mask and
+    computes ``x.div(keep_prob) * mask`` (five kernels a branch), instead of one draw for all
+    blocks and one multiply a branch."""
+
+    def no_scales(self: VisionTransformer, _batch: int, _device: torch.device) -> list[None]:
+        return [None] * len(self.blocks)
+
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            module._residual_scales = types.MethodType(no_scales, module)  # type: ignore[method-assign,assignment]
+
+
 def use_reference_tokens(model: nn.Module) -> None:
     """The original's ``prepare_tokens``: ``F.interpolate`` with the +0.1 scale factor on the
     local crops, the stored table as it is for square inputs of the training size."""
@@ -166,6 +180,8 @@ def make_reference_step(args, device, student, teacher, crops, _variant) -> Call
     for model in (student, teacher):
         use_explicit_attention(model)
         use_reference_tokens(model)
+        use_reference_drop_path(model)
+        model.pack_crops = False  # one backbone call per crop resolution, as the original
     optimizer = torch.optim.AdamW(get_params_groups(student), foreach=False)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if cuda else None
@@ -268,13 +284,56 @@ def timed(fn: Callable[[], Any], warmup: int, steps: int, device: torch.device) 
     return time.perf_counter() - start
 
 
-def time_steps(step: Callable[[], None], args, device) -> dict[str, Any]:
+# Operators that only make views: no kernel on the device.
+VIEW_OPS = frozenset(
+    [
+        "view",
+        "t",
+        "detach",
+        "transpose",
+        "permute",
+        "expand",
+        "select",
+        "_unsafe_view",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "alias",
+        "split",
+        "split_with_sizes",
+        "as_strided",
+        "unbind",
+        "chunk",
+        "reshape",
+        "_reshape_alias",
+    ]
+)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators that compute (not the views) while active, backward included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ not in VIEW_OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def time_steps(step: Callable[[], None], args, device, compiled: bool) -> dict[str, Any]:
     cuda = device.type == "cuda"
     elapsed = timed(step, args.warmup, args.steps, device)
     out: dict[str, Any] = {"img_per_s": round(args.batch * args.steps / elapsed, 2)}
     out["step_ms"] = round(1000 * elapsed / args.steps, 2)
     if cuda:
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if not compiled:  # eager steps: about one device kernel per operator (launch overhead)
+        with OpCounter() as counter:
+            step()
+        out["aten_ops_per_step"] = counter.count
     return out
 
 
@@ -409,7 +468,8 @@ def main() -> None:
         torch._dynamo.reset()  # each compiled variant starts clear of the recompile limit
         try:
             step = factory(args, device, s, t, crops, variant)
-            results[name] = time_steps(step, args, device)
+            compiled = variant != "reference" and VARIANTS[variant][1] is not None
+            results[name] = time_steps(step, args, device, compiled)
             record.update(results[name])
             if name != "reference" and "reference" in results:
                 ratio = results[name]["img_per_s"] / results["reference"]["img_per_s"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,6 +18,31 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
     random_tensor.floor_()  # 1 with probability keep_prob
     return x.div(keep_prob) * random_tensor
+
+
+def drop_path_scales(
+    keep_prob: Tensor, batch: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Stochastic-depth scales for many branches in one draw (float32).
+
+    Per branch ``j`` and sample ``b`` the scale is ``floor(keep_prob[j] + U[0, 1))`` (1 with
+    probability ``keep_prob[j]``, else 0) divided by ``keep_prob[j]``: :func:`drop_path`'s
+    ``x.div(keep_prob) * mask`` as one multiplier, so a residual branch costs one multiply
+    instead of five kernels.
+
+    Args:
+        keep_prob: ``[J]`` keep probabilities, on the device of the activations.
+        batch: Samples ``B``.
+        generator: Optional random generator.
+
+    Returns:
+        ``[J, B, 1, 1]`` scales.
+    """
+    draws = torch.rand(
+        keep_prob.shape[0], batch, dtype=torch.float32, device=keep_prob.device, generator=generator
+    )  # (J, B)
+    keep = keep_prob[:, None].float()  # (J, 1)
+    return (draws + keep).floor_().div_(keep)[:, :, None, None]  # (J, B, 1, 1)
 
 
 class DropPath(nn.Module):
@@ -86,6 +113,28 @@ class Attention(nn.Module):
         projected: Tensor = self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, D)
         return projected
 
+    def forward_packed(self, x: Tensor, groups: Sequence[tuple[int, int]]) -> Tensor:
+        """Fused attention over packed rows: ``[R, D] -> [R, D]``.
+
+        ``x`` stacks several batches of sequences as rows: batch ``g`` holds ``B_g`` sequences
+        of ``N_g`` tokens (sample-major), ``R = sum(B_g * N_g)``. The projections run once over
+        all rows; each token attends only to the tokens of its own sequence, so every row gets
+        what :meth:`forward` gives it on its own batch.
+        """
+        qkv = self.qkv(x)  # (R, 3D)
+        outputs = []
+        start = 0
+        for batch, tokens in groups:
+            rows = batch * tokens
+            part = qkv[start : start + rows].view(batch, tokens, 3, self.num_heads, self.head_dim)
+            q, k, v = part.permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, hd)
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd)
+            outputs.append(out.transpose(1, 2).reshape(rows, -1))  # (B * N, D)
+            start += rows
+        merged = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (R, D)
+        projected: Tensor = self.proj(merged)
+        return projected
+
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Explicit softmax attention, as the reference computes it.
 
@@ -120,10 +169,45 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Block with fused attention."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        out: Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: Tensor, residual_scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Block with fused attention.
+
+        Args:
+            x: Tokens ``[B, N, D]``.
+            residual_scales: Stochastic depth drawn by the caller for the attention and the
+                MLP branch, each ``[B, 1, 1]`` holding ``0`` (dropped) or ``1 / keep_prob``
+                (see :func:`drop_path_scales`); None draws them here (:class:`DropPath`).
+        """
+        if residual_scales is None:
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            out: Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
+            return out
+        attn_scale, mlp_scale = residual_scales
+        x = x + self.attn(self.norm1(x)) * attn_scale
+        out = x + self.mlp(self.norm2(x)) * mlp_scale
+        return out
+
+    def forward_packed(
+        self,
+        x: Tensor,
+        groups: Sequence[tuple[int, int]],
+        residual_scales: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """The block over packed rows ``[R, D]`` (see :meth:`Attention.forward_packed`).
+
+        Args:
+            x: Packed tokens ``[R, D]``.
+            groups: ``(B_g, N_g)`` of each packed batch, in row order.
+            residual_scales: Stochastic depth of the two branches, each ``[R, 1]`` (one value
+                per sequence, repeated over its tokens); None: no stochastic depth.
+        """
+        if residual_scales is None:
+            x = x + self.attn.forward_packed(self.norm1(x), groups)
+            out: Tensor = x + self.mlp(self.norm2(x))
+            return out
+        attn_scale, mlp_scale = residual_scales
+        x = x + self.attn.forward_packed(self.norm1(x), groups) * attn_scale
+        out = x + self.mlp(self.norm2(x)) * mlp_scale
         return out
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:

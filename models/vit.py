@@ -7,13 +7,14 @@ defaults here: qkv bias, LayerNorm eps 1e-6, exact GELU, MLP ratio 4.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from models.layers import Block, PatchEmbed
+from models.layers import Block, PatchEmbed, drop_path_scales
 from models.posembed import interpolate_pos_embed
 
 # name -> (embed_dim, depth, num_heads), as the reference factories.
@@ -155,7 +156,27 @@ class VisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
+        # Branches with stochastic depth, as (block, 0 = attention | 1 = MLP), and their keep
+        # probabilities per device (a cache, not a buffer: nothing to save or broadcast).
+        self._drop_branches = [(i, j) for i, rate in enumerate(rates) if rate > 0 for j in (0, 1)]
+        self._keep_probs = [1.0 - rates[i] for i, _ in self._drop_branches]
+        self._keep_cache: dict[torch.device, Tensor] = {}
         self.reset_parameters()
+        self._cache_keep_probs()
+
+    def _cache_keep_probs(self) -> None:
+        """Put the keep probabilities on the parameters' device once (no copy per forward, and
+        nothing for ``torch.compile`` to see change)."""
+        device = self.cls_token.device
+        if self._drop_branches and device not in self._keep_cache:
+            keep = torch.tensor(self._keep_probs, dtype=torch.float32)
+            self._keep_cache[device] = keep.to(device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> VisionTransformer:
+        """``nn.Module._apply`` (behind ``.to()``, ``.cuda()`` ...), then the cache follows."""
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._cache_keep_probs()
+        return self
 
     def reset_parameters(self) -> None:
         """Reference init: trunc-normal(0.02) for Linear/pos/cls, LayerNorm (1, 0), conv default."""
@@ -183,12 +204,83 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat((cls, tokens), dim=1)  # (B, 1 + N, D)
         return tokens + interpolate_pos_embed(self.pos_embed, height, width, self.patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """CLS embedding after the final norm, ``[B, D]`` (the reference ``forward``)."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks:
-            x = block(x)
-        out: Tensor = self.norm(x)[:, 0]
+    def _draw_scales(self, batch: int, device: torch.device) -> Tensor | None:
+        """``[J, B]`` stochastic-depth scales of the ``J`` branches that have it (None: none)."""
+        if not (self.training and self._drop_branches):
+            return None
+        keep = self._keep_cache.get(device)
+        if keep is None:  # inputs on another device than the parameters: let the op complain
+            keep = torch.tensor(self._keep_probs, dtype=torch.float32, device=device)
+        return drop_path_scales(keep, batch).view(len(self._drop_branches), batch)
+
+    def _per_block(self, scales: Tensor | None) -> list[tuple[Tensor, Tensor] | None]:
+        """Split ``[J, ...]`` branch scales into (attention, MLP) pairs per block."""
+        per_block: list[tuple[Tensor, Tensor] | None] = [None] * len(self.blocks)
+        if scales is not None:
+            for k in range(0, len(self._drop_branches), 2):
+                per_block[self._drop_branches[k][0]] = (scales[k], scales[k + 1])
+        return per_block
+
+    def _residual_scales(
+        self, batch: int, device: torch.device
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """Per block, the ``[B, 1, 1]`` scales of its two branches (None: no drop path)."""
+        scales = self._draw_scales(batch, device)
+        return self._per_block(None if scales is None else scales[:, :, None, None])
+
+    def _packed_residual_scales(
+        self, groups: list[tuple[int, int]], device: torch.device
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """Per block, ``[R, 1]`` scales for packed rows: each sequence's on all its tokens."""
+        scales = self._draw_scales(sum(batch for batch, _ in groups), device)  # (J, sum B)
+        if scales is None:
+            return self._per_block(None)
+        parts, start = [], 0
+        for batch, tokens in groups:
+            part = scales[:, start : start + batch, None].expand(-1, batch, tokens)
+            parts.append(part.reshape(len(scales), batch * tokens))  # (J, B * N)
+            start += batch
+        return self._per_block(torch.cat(parts, dim=1)[:, :, None])  # (J, R, 1)
+
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """CLS embedding after the final norm, ``[B, D]`` (the reference ``forward``).
+
+        In training, every block's stochastic depth is drawn in one go (:func:`drop_path_scales`)
+        and applied as one multiply per residual branch.
+
+        Args:
+            x: ``[B, 3, H, W]``, or a sequence of such batches (sizes may differ between
+                them, e.g. the global and the local crops): these run as one packed pass
+                (:meth:`forward_packed`) and their embeddings come back concatenated.
+        """
+        if not isinstance(x, Tensor):
+            return self.forward_packed(list(x))
+        tokens = self.prepare_tokens(x)
+        residual_scales = self._residual_scales(tokens.shape[0], tokens.device)
+        for block, scales in zip(self.blocks, residual_scales, strict=True):
+            tokens = block(tokens, scales)
+        out: Tensor = self.norm(tokens[:, 0])  # the norm is per token: only CLS is needed
+        return out
+
+    def forward_packed(self, batches: list[Tensor]) -> Tensor:
+        """CLS embeddings of several batches in one pass: ``[sum B_g, D]``, batch by batch.
+
+        The tokens of all batches are stacked as rows of one ``[R, D]`` matrix, so each linear
+        layer, norm and activation runs once (and its weights get one gradient) instead of once
+        per batch; attention stays within each sequence. Per sequence the result is what
+        :meth:`forward` computes on its batch alone.
+        """
+        tokens = [self.prepare_tokens(batch) for batch in batches]  # each (B_g, N_g, D)
+        groups = [(int(t.shape[0]), int(t.shape[1])) for t in tokens]
+        x = torch.cat([t.reshape(-1, self.embed_dim) for t in tokens])  # (R, D)
+        residual_scales = self._packed_residual_scales(groups, x.device)
+        for block, scales in zip(self.blocks, residual_scales, strict=True):
+            x = cast(Block, block).forward_packed(x, groups, scales)
+        cls_rows, start = [], 0
+        for batch, count in groups:
+            cls_rows.append(x[start : start + batch * count].view(batch, count, -1)[:, 0])
+            start += batch * count
+        out: Tensor = self.norm(torch.cat(cls_rows))  # (sum B, D)
         return out
 
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

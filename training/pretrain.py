@@ -193,7 +193,7 @@ def build_networks(config: PretrainConfig, vit: ViTConfig, info: DistInfo) -> Ne
         param.requires_grad = False
     # The teacher stays in train mode, as in the reference (only matters with BatchNorm).
     if config.compile:
-        # One static graph per crop resolution (2 with local crops): no dynamic-shape code.
+        # Static shapes: one graph for the packed student pass, one for the teacher's.
         student.backbone.compile(dynamic=False)
         teacher.backbone.compile(dynamic=False)
     student_ddp: nn.Module = student

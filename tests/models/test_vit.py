@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.layers import drop_path_scales
 from models.vit import VisionTransformer, ViTConfig, count_parameters, vit_config
 from tests.models import reference_vit as ref
 
@@ -140,3 +141,81 @@ def test_config_validation() -> None:
     cfg = vit_config("deit_small", 8)
     assert (cfg.arch, cfg.embed_dim, cfg.num_heads, cfg.patch_size) == ("vit_small", 384, 6, 8)
     assert ViTConfig.from_dict({**cfg.to_dict(), "unknown": 1}) == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Training fast paths: stochastic depth drawn once per forward, packed multi-resolution batches.
+
+
+def test_drop_path_scales_have_the_reference_distribution() -> None:
+    """floor(keep + U) / keep: 0 with probability 1 - keep, else exactly 1 / keep."""
+    torch.manual_seed(0)
+    keep = torch.tensor([0.25, 0.9, 1.0])
+    scales = drop_path_scales(keep, 40_000)
+    assert scales.shape == (3, 40_000, 1, 1) and scales.dtype == torch.float32
+    for j, p in enumerate(keep.tolist()):
+        values = scales[j].flatten()
+        kept = values != 0
+        assert values[kept].unique().tolist() == [(1 / keep[j : j + 1]).item()]  # float32
+        sigma = (p * (1 - p) / len(values)) ** 0.5
+        assert abs(kept.float().mean().item() - p) <= 5 * sigma + 1e-12
+
+
+def test_one_multiply_equals_the_reference_drop_path(tiny_vit_config: ViTConfig) -> None:
+    """``x + y * (mask / keep)`` is the reference's ``x + y.div(keep) * mask``."""
+    torch.manual_seed(0)
+    block = VisionTransformer(tiny_vit_config, drop_path_rate=0.5).blocks[1].train()
+    x = torch.randn(4, 5, 32)
+    keep = 1 - block.drop_path.drop_prob
+    masks = torch.tensor([[1.0], [0.0], [1.0], [0.0]])[:, :, None]  # (B, 1, 1), 2 of 4 dropped
+    got = block(x, (masks / keep, masks.flip(0) / keep))
+    y = x + block.attn(block.norm1(x)).div(keep) * masks
+    want = y + block.mlp(block.norm2(y)).div(keep) * masks.flip(0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _batches() -> list[torch.Tensor]:
+    torch.manual_seed(5)
+    return [torch.randn(3, 3, 32, 32), torch.randn(5, 3, 16, 16), torch.randn(2, 3, 24, 40)]
+
+
+def test_packed_batches_give_each_batch_its_own_forward(tiny_vit_config: ViTConfig) -> None:
+    batches = _batches()
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_vit_config)  # no stochastic depth: comparable in train mode
+    packed = model(batches)
+    separate = torch.cat([model(b) for b in batches])
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-6)
+    assert packed.shape == (10, 32)
+
+    grads = []
+    for out in (packed, separate):
+        model.zero_grad()
+        (out**2).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_stochastic_depth_is_drawn_per_sequence(tiny_vit_config: ViTConfig) -> None:
+    """Packed training uses one draw per sequence and branch, the same numbers an unpacked
+    pass with those draws would use."""
+    batches = _batches()[:2]
+    torch.manual_seed(0)
+    model = VisionTransformer(tiny_vit_config, drop_path_rate=0.6).train()
+    torch.manual_seed(11)
+    packed = model(batches)
+
+    torch.manual_seed(11)
+    draws = model._draw_scales(8, torch.device("cpu"))  # (J, 3 + 5), the packed pass's draw
+    assert draws is not None and draws.shape == (2, 8)  # block 0 has rate 0: one block, 2 branches
+    assert (draws == 0).any() and (draws != 0).any()
+    expected, start = [], 0
+    for batch in batches:
+        x = model.prepare_tokens(batch)
+        part = draws[:, start : start + len(batch), None, None]  # (J, B, 1, 1)
+        x = model.blocks[0](x)
+        x = model.blocks[1](x, (part[0], part[1]))
+        expected.append(model.norm(x[:, 0]))
+        start += len(batch)
+    torch.testing.assert_close(packed, torch.cat(expected), rtol=1e-5, atol=1e-6)
