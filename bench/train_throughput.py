@@ -127,17 +127,20 @@ def use_explicit_attention(model: nn.Module) -> None:
             )
 
 
-def use_reference_drop_path(model: nn.Module) -> None:
-    """The original's stochastic depth: each block's ``DropPath`` draws its own mask and
-    computes ``x.div(keep_prob) * mask`` (five kernels a branch), instead of one draw for all
-    blocks and one multiply a branch."""
+def use_reference_forward(model: nn.Module) -> None:
+    """The original's backbone forward: each block's ``DropPath`` draws its own mask and
+    computes ``x.div(keep_prob) * mask`` (five kernels a branch), and the final norm runs over
+    every token before the CLS token is taken."""
 
-    def no_scales(self: VisionTransformer, _batch: int, _device: torch.device) -> list[None]:
-        return [None] * len(self.blocks)
+    def forward(self: VisionTransformer, x: Tensor) -> Tensor:
+        x = self.prepare_tokens(x)
+        for block in self.blocks:
+            x = block(x)  # no scales given: the block's DropPath draws them
+        return self.norm(x)[:, 0]
 
     for module in model.modules():
         if isinstance(module, VisionTransformer):
-            module._residual_scales = types.MethodType(no_scales, module)  # type: ignore[method-assign,assignment]
+            module.forward = types.MethodType(forward, module)  # type: ignore[method-assign]
 
 
 def use_reference_tokens(model: nn.Module) -> None:
@@ -180,7 +183,7 @@ def make_reference_step(args, device, student, teacher, crops, _variant) -> Call
     for model in (student, teacher):
         use_explicit_attention(model)
         use_reference_tokens(model)
-        use_reference_drop_path(model)
+        use_reference_forward(model)
         model.pack_crops = False  # one backbone call per crop resolution, as the original
     optimizer = torch.optim.AdamW(get_params_groups(student), foreach=False)
     cuda = device.type == "cuda"
@@ -234,7 +237,7 @@ def make_optimised_step(args, device, student, teacher, crops, variant) -> Calla
     if compile_mode is not None:  # as training.pretrain --compile: one static graph per size
         student.backbone.compile(dynamic=False, mode=compile_mode)
         teacher.backbone.compile(dynamic=False, mode=compile_mode)
-    optimizer = torch.optim.AdamW(get_params_groups(student), fused=cuda)
+    optimizer = torch.optim.AdamW(get_params_groups(student), fused=True)  # CPU has it too
     fp16 = precision == "fp16" and cuda
     scaler = torch.amp.GradScaler("cuda") if fp16 else None
     dtype = torch.float16 if fp16 else torch.bfloat16

@@ -20,10 +20,8 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     return x.div(keep_prob) * random_tensor
 
 
-def drop_path_scales(
-    keep_prob: Tensor, batch: int, generator: torch.Generator | None = None
-) -> Tensor:
-    """Stochastic-depth scales for many branches in one draw (float32).
+def drop_path_scales(keep_prob: Tensor, batch: int) -> Tensor:
+    """Stochastic-depth scales for many branches in one draw: ``[J, B]`` float32.
 
     Per branch ``j`` and sample ``b`` the scale is ``floor(keep_prob[j] + U[0, 1))`` (1 with
     probability ``keep_prob[j]``, else 0) divided by ``keep_prob[j]``: :func:`drop_path`'s
@@ -33,16 +31,22 @@ def drop_path_scales(
     Args:
         keep_prob: ``[J]`` keep probabilities, on the device of the activations.
         batch: Samples ``B``.
-        generator: Optional random generator.
-
-    Returns:
-        ``[J, B, 1, 1]`` scales.
     """
-    draws = torch.rand(
-        keep_prob.shape[0], batch, dtype=torch.float32, device=keep_prob.device, generator=generator
-    )  # (J, B)
+    draws = torch.rand(keep_prob.shape[0], batch, device=keep_prob.device)  # (J, B)
     keep = keep_prob[:, None].float()  # (J, 1)
-    return (draws + keep).floor_().div_(keep)[:, :, None, None]  # (J, B, 1, 1)
+    return (draws + keep).floor_().div_(keep)  # (J, B)
+
+
+def scaled_residual(x: Tensor, branch: Tensor, scale: Tensor | None) -> Tensor:
+    """``x + branch * scale`` in the residual stream's dtype (``x + branch`` without a scale).
+
+    The product is formed in float32 (the scale's dtype) or wider and then rounded once to
+    ``x``'s dtype, as the reference rounds ``branch.div(keep_prob)``: under autocast the stream
+    is float32 and nothing is rounded; a bfloat16 or float16 model stays in its dtype.
+    """
+    if scale is None:
+        return x + branch
+    return x + (branch * scale).to(x.dtype)
 
 
 class DropPath(nn.Module):
@@ -105,22 +109,26 @@ class Attention(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
         return qkv[0], qkv[1], qkv[2]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Fused attention (``F.scaled_dot_product_attention``)."""
+    def forward(self, x: Tensor, groups: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        """Fused attention (``F.scaled_dot_product_attention``).
+
+        Args:
+            x: Tokens ``[B, N, D]``; or, with ``groups``, packed rows ``[R, D]`` stacking
+                several batches: batch ``g`` holds ``B_g`` sequences of ``N_g`` tokens
+                (sample-major), ``R = sum(B_g * N_g)``. The projections then run once over all
+                rows, and each token attends only to the tokens of its own sequence, so every
+                row gets what it gets on its own batch.
+            groups: ``(B_g, N_g)`` of each packed batch, in row order.
+        """
+        if groups is not None:
+            return self._forward_packed(x, groups)
         B, N, C = x.shape
         q, k, v = self._qkv(x)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd)
         projected: Tensor = self.proj(out.transpose(1, 2).reshape(B, N, C))  # (B, N, D)
         return projected
 
-    def forward_packed(self, x: Tensor, groups: Sequence[tuple[int, int]]) -> Tensor:
-        """Fused attention over packed rows: ``[R, D] -> [R, D]``.
-
-        ``x`` stacks several batches of sequences as rows: batch ``g`` holds ``B_g`` sequences
-        of ``N_g`` tokens (sample-major), ``R = sum(B_g * N_g)``. The projections run once over
-        all rows; each token attends only to the tokens of its own sequence, so every row gets
-        what :meth:`forward` gives it on its own batch.
-        """
+    def _forward_packed(self, x: Tensor, groups: Sequence[tuple[int, int]]) -> Tensor:
         qkv = self.qkv(x)  # (R, 3D)
         outputs = []
         start = 0
@@ -169,46 +177,37 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, residual_scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        residual_scales: tuple[Tensor, Tensor] | None = None,
+        groups: Sequence[tuple[int, int]] | None = None,
+    ) -> Tensor:
         """Block with fused attention.
 
         Args:
-            x: Tokens ``[B, N, D]``.
+            x: Tokens ``[B, N, D]``, or packed rows ``[R, D]`` with ``groups`` (see
+                :meth:`Attention.forward`).
             residual_scales: Stochastic depth drawn by the caller for the attention and the
-                MLP branch, each ``[B, 1, 1]`` holding ``0`` (dropped) or ``1 / keep_prob``
-                (see :func:`drop_path_scales`); None draws them here (:class:`DropPath`).
-        """
-        if residual_scales is None:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            out: Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
-            return out
-        attn_scale, mlp_scale = residual_scales
-        x = x + self.attn(self.norm1(x)) * attn_scale
-        out = x + self.mlp(self.norm2(x)) * mlp_scale
-        return out
-
-    def forward_packed(
-        self,
-        x: Tensor,
-        groups: Sequence[tuple[int, int]],
-        residual_scales: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        """The block over packed rows ``[R, D]`` (see :meth:`Attention.forward_packed`).
-
-        Args:
-            x: Packed tokens ``[R, D]``.
+                MLP branch (:func:`drop_path_scales`): ``0`` (dropped) or ``1 / keep_prob``
+                per sequence, each ``[B, 1, 1]`` (``[R, 1]`` for packed rows: a sequence's
+                value on all its rows). None: this block's :class:`DropPath` draws them, which
+                packed rows cannot use (it would draw per row).
             groups: ``(B_g, N_g)`` of each packed batch, in row order.
-            residual_scales: Stochastic depth of the two branches, each ``[R, 1]`` (one value
-                per sequence, repeated over its tokens); None: no stochastic depth.
+
+        Raises:
+            ValueError: Packed rows in training with stochastic depth but no scales.
         """
         if residual_scales is None:
-            x = x + self.attn.forward_packed(self.norm1(x), groups)
-            out: Tensor = x + self.mlp(self.norm2(x))
-            return out
-        attn_scale, mlp_scale = residual_scales
-        x = x + self.attn.forward_packed(self.norm1(x), groups) * attn_scale
-        out = x + self.mlp(self.norm2(x)) * mlp_scale
-        return out
+            if groups is None:
+                x = x + self.drop_path(self.attn(self.norm1(x)))
+                out: Tensor = x + self.drop_path(self.mlp(self.norm2(x)))
+                return out
+            if self.training and self.drop_path.drop_prob > 0:
+                raise ValueError("packed rows need residual_scales drawn per sequence")
+        attn_scale, mlp_scale = residual_scales or (None, None)
+        x = scaled_residual(x, self.attn(self.norm1(x), groups), attn_scale)
+        return scaled_residual(x, self.mlp(self.norm2(x)), mlp_scale)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Block with explicit attention; also returns the attention ``[B, heads, N, N]``."""

@@ -156,21 +156,33 @@ class VisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
-        # Branches with stochastic depth, as (block, 0 = attention | 1 = MLP), and their keep
-        # probabilities per device (a cache, not a buffer: nothing to save or broadcast).
-        self._drop_branches = [(i, j) for i, rate in enumerate(rates) if rate > 0 for j in (0, 1)]
-        self._keep_probs = [1.0 - rates[i] for i, _ in self._drop_branches]
-        self._keep_cache: dict[torch.device, Tensor] = {}
+        # Keep probabilities on each device, per set of rates (a cache, not a buffer: nothing to
+        # save or broadcast). The rates themselves live in each block's DropPath.
+        self._keep_cache: dict[tuple[torch.device, tuple[float, ...]], Tensor] = {}
         self.reset_parameters()
         self._cache_keep_probs()
 
+    def _drop_blocks(self) -> tuple[list[int], tuple[float, ...]]:
+        """Blocks with stochastic depth and the keep probability of each of their two branches
+        (attention, MLP), read from the blocks' :class:`~models.layers.DropPath`."""
+        rates = [cast(Block, block).drop_path.drop_prob for block in self.blocks]
+        indices = [i for i, rate in enumerate(rates) if rate > 0]
+        return indices, tuple(1.0 - rates[i] for i in indices for _ in range(2))
+
+    def _keep_tensor(self, keep: tuple[float, ...], device: torch.device) -> Tensor:
+        key = (device, keep)
+        cached = self._keep_cache.get(key)
+        if cached is None:
+            cached = torch.tensor(keep, dtype=torch.float32).to(device)
+            self._keep_cache[key] = cached
+        return cached
+
     def _cache_keep_probs(self) -> None:
-        """Put the keep probabilities on the parameters' device once (no copy per forward, and
-        nothing for ``torch.compile`` to see change)."""
-        device = self.cls_token.device
-        if self._drop_branches and device not in self._keep_cache:
-            keep = torch.tensor(self._keep_probs, dtype=torch.float32)
-            self._keep_cache[device] = keep.to(device)
+        """Put the keep probabilities on the parameters' device ahead of the first forward (no
+        copy per forward, and nothing for ``torch.compile`` to see change)."""
+        indices, keep = self._drop_blocks()
+        if indices:
+            self._keep_tensor(keep, self.cls_token.device)
 
     def _apply(self, fn: Any, recurse: bool = True) -> VisionTransformer:
         """``nn.Module._apply`` (behind ``.to()``, ``.cuda()`` ...), then the cache follows."""
@@ -204,43 +216,49 @@ class VisionTransformer(nn.Module):
         tokens = torch.cat((cls, tokens), dim=1)  # (B, 1 + N, D)
         return tokens + interpolate_pos_embed(self.pos_embed, height, width, self.patch_size)
 
-    def _draw_scales(self, batch: int, device: torch.device) -> Tensor | None:
-        """``[J, B]`` stochastic-depth scales of the ``J`` branches that have it (None: none)."""
-        if not (self.training and self._drop_branches):
+    def _draw_scales(self, batch: int, device: torch.device) -> tuple[list[int], Tensor] | None:
+        """Blocks with stochastic depth and ``[2 * blocks, B]`` scales for their branches
+        (attention, MLP, next block ...), drawn in one go; None outside training or without."""
+        indices, keep = self._drop_blocks()
+        if not (self.training and indices):
             return None
-        keep = self._keep_cache.get(device)
-        if keep is None:  # inputs on another device than the parameters: let the op complain
-            keep = torch.tensor(self._keep_probs, dtype=torch.float32, device=device)
-        return drop_path_scales(keep, batch).view(len(self._drop_branches), batch)
+        return indices, drop_path_scales(self._keep_tensor(keep, device), batch)  # (J, B)
 
-    def _per_block(self, scales: Tensor | None) -> list[tuple[Tensor, Tensor] | None]:
-        """Split ``[J, ...]`` branch scales into (attention, MLP) pairs per block."""
+    def _per_block(
+        self, drawn: tuple[list[int], Tensor] | None
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """Per block, its (attention, MLP) scales, or None for a block without stochastic depth."""
         per_block: list[tuple[Tensor, Tensor] | None] = [None] * len(self.blocks)
-        if scales is not None:
-            for k in range(0, len(self._drop_branches), 2):
-                per_block[self._drop_branches[k][0]] = (scales[k], scales[k + 1])
+        if drawn is not None:
+            indices, scales = drawn
+            for k, index in enumerate(indices):
+                per_block[index] = (scales[2 * k], scales[2 * k + 1])
         return per_block
 
     def _residual_scales(
         self, batch: int, device: torch.device
     ) -> list[tuple[Tensor, Tensor] | None]:
-        """Per block, the ``[B, 1, 1]`` scales of its two branches (None: no drop path)."""
-        scales = self._draw_scales(batch, device)
-        return self._per_block(None if scales is None else scales[:, :, None, None])
+        """Per block, the ``[B, 1, 1]`` scales of its two branches (None: no stochastic depth)."""
+        drawn = self._draw_scales(batch, device)
+        if drawn is None:
+            return self._per_block(None)
+        indices, scales = drawn
+        return self._per_block((indices, scales[:, :, None, None]))  # (J, B, 1, 1)
 
     def _packed_residual_scales(
-        self, groups: list[tuple[int, int]], device: torch.device
+        self, groups: Sequence[tuple[int, int]], device: torch.device
     ) -> list[tuple[Tensor, Tensor] | None]:
         """Per block, ``[R, 1]`` scales for packed rows: each sequence's on all its tokens."""
-        scales = self._draw_scales(sum(batch for batch, _ in groups), device)  # (J, sum B)
-        if scales is None:
+        drawn = self._draw_scales(sum(batch for batch, _ in groups), device)
+        if drawn is None:
             return self._per_block(None)
+        indices, scales = drawn  # (J, sum B)
         parts, start = [], 0
         for batch, tokens in groups:
             part = scales[:, start : start + batch, None].expand(-1, batch, tokens)
             parts.append(part.reshape(len(scales), batch * tokens))  # (J, B * N)
             start += batch
-        return self._per_block(torch.cat(parts, dim=1)[:, :, None])  # (J, R, 1)
+        return self._per_block((indices, torch.cat(parts, dim=1)[:, :, None]))  # (J, R, 1)
 
     def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
         """CLS embedding after the final norm, ``[B, D]`` (the reference ``forward``).
@@ -269,13 +287,18 @@ class VisionTransformer(nn.Module):
         layer, norm and activation runs once (and its weights get one gradient) instead of once
         per batch; attention stays within each sequence. Per sequence the result is what
         :meth:`forward` computes on its batch alone.
+
+        Raises:
+            ValueError: No batch.
         """
+        if not batches:
+            raise ValueError("forward_packed needs at least one batch")
         tokens = [self.prepare_tokens(batch) for batch in batches]  # each (B_g, N_g, D)
         groups = [(int(t.shape[0]), int(t.shape[1])) for t in tokens]
         x = torch.cat([t.reshape(-1, self.embed_dim) for t in tokens])  # (R, D)
         residual_scales = self._packed_residual_scales(groups, x.device)
         for block, scales in zip(self.blocks, residual_scales, strict=True):
-            x = cast(Block, block).forward_packed(x, groups, scales)
+            x = block(x, scales, groups)
         cls_rows, start = [], 0
         for batch, count in groups:
             cls_rows.append(x[start : start + batch * count].view(batch, count, -1)[:, 0])

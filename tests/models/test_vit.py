@@ -152,7 +152,7 @@ def test_drop_path_scales_have_the_reference_distribution() -> None:
     torch.manual_seed(0)
     keep = torch.tensor([0.25, 0.9, 1.0])
     scales = drop_path_scales(keep, 40_000)
-    assert scales.shape == (3, 40_000, 1, 1) and scales.dtype == torch.float32
+    assert scales.shape == (3, 40_000) and scales.dtype == torch.float32
     for j, p in enumerate(keep.tolist()):
         values = scales[j].flatten()
         kept = values != 0
@@ -197,25 +197,114 @@ def test_packed_batches_give_each_batch_its_own_forward(tiny_vit_config: ViTConf
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-def test_packed_stochastic_depth_is_drawn_per_sequence(tiny_vit_config: ViTConfig) -> None:
-    """Packed training uses one draw per sequence and branch, the same numbers an unpacked
-    pass with those draws would use."""
-    batches = _batches()[:2]
-    torch.manual_seed(0)
-    model = VisionTransformer(tiny_vit_config, drop_path_rate=0.6).train()
-    torch.manual_seed(11)
-    packed = model(batches)
+def _deep_config() -> ViTConfig:
+    """Four blocks: three with stochastic depth, each with its own rate."""
+    return ViTConfig(patch_size=8, embed_dim=32, depth=4, num_heads=2, img_size=32)
 
-    torch.manual_seed(11)
-    draws = model._draw_scales(8, torch.device("cpu"))  # (J, 3 + 5), the packed pass's draw
-    assert draws is not None and draws.shape == (2, 8)  # block 0 has rate 0: one block, 2 branches
-    assert (draws == 0).any() and (draws != 0).any()
+
+def _reference_drop_path_forward(
+    model: VisionTransformer, x: torch.Tensor, draws: torch.Tensor
+) -> torch.Tensor:
+    """The reference's forward with given 0/1 masks ``[2 * blocks with drop path, B]``: each
+    branch adds ``y.div(keep_prob) * mask`` (DINO's ``drop_path``), the norm covers all tokens."""
+    x = model.prepare_tokens(x)
+    k = 0
+    for block in model.blocks:
+        keep = 1 - block.drop_path.drop_prob
+        if keep == 1:
+            x = x + block.attn(block.norm1(x))
+            x = x + block.mlp(block.norm2(x))
+            continue
+        mask_attn, mask_mlp = (draws[k + i][:, None, None] for i in (0, 1))  # (B, 1, 1)
+        x = x + block.attn(block.norm1(x)).div(keep) * mask_attn
+        x = x + block.mlp(block.norm2(x)).div(keep) * mask_mlp
+        k += 2
+    return model.norm(x)[:, 0]
+
+
+def test_stochastic_depth_is_drawn_per_sample_block_and_branch() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(_deep_config(), drop_path_rate=0.6).train()
+    rates = [block.drop_path.drop_prob for block in model.blocks]
+    indices, keep = model._drop_blocks()
+    assert indices == [1, 2, 3] and keep == pytest.approx([1 - r for r in rates[1:] for _ in "ab"])
+
+    # The keep probability of each row goes with its block: 20,000 draws per row.
+    drawn = model._draw_scales(20_000, torch.device("cpu"))
+    assert drawn is not None
+    kept = (drawn[1] != 0).float().mean(dim=1)
+    torch.testing.assert_close(kept, torch.tensor(keep, dtype=torch.float32), atol=0.02, rtol=0)
+
+    # The scales a forward hands to the blocks: per sample, different per block and branch.
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        block.register_forward_pre_hook(lambda _m, args: seen.append(args[1]) if args[1] else None)
+        for block in model.blocks
+    ]
+    x = torch.randn(1, 3, 32, 32).expand(64, -1, -1, -1)  # 64 identical images
+    out = model(x)
+    assert len(seen) == 3  # blocks 1-3; block 0 has no stochastic depth
+    flat = torch.cat([scale.flatten()[None] for pair in seen for scale in pair])  # (6, 64)
+    assert all(len(row.unique()) == 2 for row in flat)  # kept and dropped samples in every row
+    assert len({tuple(row.tolist()) for row in (flat != 0)}) == 6  # six distinct masks
+    assert len(out.unique(dim=0)) > 1  # identical inputs, different depths
+    for hook in hooks:
+        hook.remove()
+
+    # The output is the reference's with those masks.
+    masks = (flat != 0).float()
+    torch.testing.assert_close(out, _reference_drop_path_forward(model, x, masks))
+
+
+def test_packed_stochastic_depth_is_drawn_per_sequence() -> None:
+    """Packed rows share their sequence's draw; the result is the reference forward of each
+    batch with those draws."""
+    batches = _batches()
+    torch.manual_seed(0)
+    model = VisionTransformer(_deep_config(), drop_path_rate=0.6).train()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [
+        block.register_forward_pre_hook(lambda _m, args: seen.append(args[1]) if args[1] else None)
+        for block in model.blocks
+    ]
+    packed = model(batches)  # hooks fire on the packed path too
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == 3
+
+    groups = [(len(b), 1 + (b.shape[2] // 8) * (b.shape[3] // 8)) for b in batches]
+    per_sample = []
+    for pair in seen:
+        for scale in pair:  # (R, 1): constant over each sequence's rows
+            rows = list(scale.flatten().split([b * n for b, n in groups]))
+            for part, (b, n) in zip(rows, groups, strict=True):
+                assert (part.view(b, n) == part.view(b, n)[:, :1]).all()
+            per_sample.append(
+                torch.cat([p.view(b, n)[:, 0] for p, (b, n) in zip(rows, groups, strict=True)])
+            )
+    masks = (torch.stack(per_sample) != 0).float()  # (6, 10)
     expected, start = [], 0
     for batch in batches:
-        x = model.prepare_tokens(batch)
-        part = draws[:, start : start + len(batch), None, None]  # (J, B, 1, 1)
-        x = model.blocks[0](x)
-        x = model.blocks[1](x, (part[0], part[1]))
-        expected.append(model.norm(x[:, 0]))
+        expected.append(
+            _reference_drop_path_forward(model, batch, masks[:, start : start + len(batch)])
+        )
         start += len(batch)
     torch.testing.assert_close(packed, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_train_with_stochastic_depth(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(_deep_config(), drop_path_rate=0.3).to(dtype).train()
+    out = model(torch.randn(4, 3, 32, 32, dtype=dtype))
+    packed = model([torch.randn(2, 3, 32, 32, dtype=dtype), torch.randn(2, 3, 16, 16, dtype=dtype)])
+    assert out.dtype == packed.dtype == dtype
+    (out.float().sum() + packed.float().sum()).backward()
+
+
+def test_packed_rows_refuse_to_draw_per_row() -> None:
+    model = VisionTransformer(_deep_config(), drop_path_rate=0.3).train()
+    with pytest.raises(ValueError, match="per sequence"):
+        model.blocks[1](torch.randn(10, 32), None, [(2, 5)])
+    with pytest.raises(ValueError, match="at least one batch"):
+        model([])

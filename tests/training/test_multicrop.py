@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,40 @@ def test_packed_crops_match_one_call_per_resolution() -> None:
     views = crops()
     outputs = [model(views) for model in (packed, looped)]
     assert outputs[0].shape == (20, 64)  # crop-major: 5 crops x 4 images
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, a), (_, b) in zip(packed.named_parameters(), looped.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_crops_with_stochastic_depth_match_one_call_per_resolution() -> None:
+    """Given the same per-image draws, the packed student equals the reference's per-resolution
+    calls, outputs and gradients (the draws are injected in call order)."""
+    torch.manual_seed(0)
+    config = ViTConfig(patch_size=8, embed_dim=32, depth=3, num_heads=2, img_size=32)
+    head = DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16)
+    packed = MultiCropWrapper(VisionTransformer(config, drop_path_rate=0.5), head).train()
+    looped = copy.deepcopy(packed)
+    looped.pack_crops = False
+    indices, keep = packed.backbone._drop_blocks()
+    keep_t = torch.tensor(keep)[:, None]
+    draws = (torch.rand(len(keep), 20) + keep_t).floor() / keep_t  # (J, 20 images of 5 crops)
+    assert (draws == 0).any()
+
+    def in_call_order() -> Callable[[int, torch.device], tuple[list[int], Tensor]]:
+        offset = [0]
+
+        def draw(batch: int, _device: torch.device) -> tuple[list[int], Tensor]:
+            part = draws[:, offset[0] : offset[0] + batch]
+            offset[0] += batch
+            return indices, part
+
+        return draw
+
+    for model in (packed, looped):
+        model.backbone._draw_scales = in_call_order()  # type: ignore[method-assign]
+    outputs = [model(crops()) for model in (packed, looped)]
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
     for out in outputs:
         out.square().sum().backward()
