@@ -68,17 +68,19 @@ class DINOLoss(nn.Module):
             Scalar loss.
         """
         student = student_output.float() / self.student_temp
-        log_p = F.log_softmax(student, dim=-1).chunk(self.ncrops)  # ncrops x (B, K)
+        log_p = F.log_softmax(student, dim=-1)  # (ncrops * B, K)
+        log_p = log_p.view(self.ncrops, -1, log_p.shape[-1])  # (ncrops, B, K)
         temp = float(self.teacher_temp_schedule[epoch])
         teacher = teacher_output.detach().float()
         q = F.softmax((teacher - self.center) / temp, dim=-1)  # (2B, K)
         q0, q1 = q.chunk(2)
         # Sum of the teacher targets each student view is compared with (same-view pairs skipped):
-        # view 0 <- teacher 1, view 1 <- teacher 0, local views <- both.
-        both = q0 + q1
+        # view 0 <- teacher 1, view 1 <- teacher 0, local views <- both (all local views in one
+        # product: a few kernels instead of four per view).
         total = -(q1 * log_p[0]).sum(dim=-1).mean() - (q0 * log_p[1]).sum(dim=-1).mean()
-        for v in range(2, self.ncrops):
-            total = total - (both * log_p[v]).sum(dim=-1).mean()
+        if self.ncrops > 2:
+            both = q0 + q1  # (B, K)
+            total = total - (both * log_p[2:]).sum(dim=-1).mean(dim=-1).sum()  # per view, summed
         n_terms = 2 * self.ncrops - 2
         with torch.no_grad():
             self.last_teacher_entropy = -(q * torch.log(q.clamp_min(1e-30))).sum(-1).mean()

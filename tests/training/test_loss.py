@@ -36,11 +36,16 @@ def test_loss_matches_reference_and_term_count(ncrops):
     teacher = torch.randn(2 * batch, k)
     for epoch in (0, 1, 5):
         loss_fn.center.copy_(center)
-        got = loss_fn(student, teacher, epoch)
+        ours = student.clone().requires_grad_()
+        got = loss_fn(ours, teacher, epoch)
         temp = float(loss_fn.teacher_temp_schedule[epoch])
-        want, n = reference_loss(student, teacher, center, ncrops, temp)
+        theirs = student.clone().requires_grad_()
+        want, n = reference_loss(theirs, teacher, center, ncrops, temp)
         assert n == 2 * ncrops - 2
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_loss_gradient_only_through_student():
