@@ -20,6 +20,16 @@ def crops() -> list[Tensor]:
     ]
 
 
+def assert_same_outputs_and_gradients(packed: MultiCropWrapper, looped: MultiCropWrapper) -> None:
+    outputs = [model(crops()) for model in (packed, looped)]
+    assert outputs[0].shape == (20, 64)  # crop-major: 5 crops x 4 images
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for out in outputs:
+        out.square().sum().backward()
+    for (name, a), (_, b) in zip(packed.named_parameters(), looped.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_packed_crops_match_one_call_per_resolution() -> None:
     torch.manual_seed(0)
     config = ViTConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
@@ -28,14 +38,7 @@ def test_packed_crops_match_one_call_per_resolution() -> None:
     )
     looped = copy.deepcopy(packed)
     looped.pack_crops = False
-    views = crops()
-    outputs = [model(views) for model in (packed, looped)]
-    assert outputs[0].shape == (20, 64)  # crop-major: 5 crops x 4 images
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
-    for out in outputs:
-        out.square().sum().backward()
-    for (name, a), (_, b) in zip(packed.named_parameters(), looped.named_parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_outputs_and_gradients(packed, looped)
 
 
 def test_packed_crops_with_stochastic_depth_match_one_call_per_resolution() -> None:
@@ -64,12 +67,7 @@ def test_packed_crops_with_stochastic_depth_match_one_call_per_resolution() -> N
 
     for model in (packed, looped):
         model.backbone._draw_scales = in_call_order()  # type: ignore[method-assign]
-    outputs = [model(crops()) for model in (packed, looped)]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
-    for out in outputs:
-        out.square().sum().backward()
-    for (name, a), (_, b) in zip(packed.named_parameters(), looped.named_parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_outputs_and_gradients(packed, looped)
 
 
 def test_other_backbones_get_one_call_per_resolution() -> None:
