@@ -8,12 +8,13 @@ docs. Domain errors (:mod:`service.errors`) become ``{"error": {"code", "message
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from service.batcher import Batcher, attention_bytes
 from service.decode import decode_image
 from service.encode import ImageRecord, encode_response, estimated_bytes, output_values
 from service.errors import (
+    ClientDisconnectedError,
     NotReadyError,
     ResponseTooLargeError,
     ServiceError,
@@ -243,11 +245,54 @@ async def embed(request: Request) -> Response:
             side = resolution // model.metadata.patch_size
             check_response_size(model, [(side, side)] * len(upload.images), options, settings)
         with state.batcher.admitted(len(upload.images)):
-            content = await _embed_admitted(state, model, upload.images, options, resolution, timer)
+            content = await _unless_disconnected(
+                request,
+                _embed_admitted(state, model, upload.images, options, resolution, timer),
+                images=len(upload.images),
+            )
     state.metrics.images.inc(len(upload.images))
     return Response(
         content, media_type="application/json", headers={"Server-Timing": timer.header()}
     )
+
+
+async def _unless_disconnected(
+    request: Request, work: Coroutine[Any, Any, bytes], *, images: int
+) -> bytes:
+    """Run ``work`` (its body already read) unless the client disconnects first.
+
+    When the client goes away, ``work`` is cancelled: decodes not yet started are dropped, its
+    images leave the batcher's queue, and its capacity is freed for clients still waiting.
+
+    Raises:
+        ClientDisconnectedError: The client disconnected before the answer was ready.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the route itself was cancelled (shutdown)
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task.done():  # the answer is ready, even if the client left at the same moment
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    logger.info("client disconnected before the answer for its %d image(s); work withdrawn", images)
+    raise ClientDisconnectedError("the client closed the connection before its answer was ready")
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the ASGI server reports that the client disconnected.
+
+    Only called once the body has been read: the server then answers ``receive`` with
+    ``http.disconnect`` when the client goes away (or once the response is complete).
+    """
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _embed_admitted(

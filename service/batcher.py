@@ -18,6 +18,10 @@ and the client sees only that reference, never the engine's text.
 
 Admission is counted in images from the moment a request's images are accepted (before they
 are decoded) until its answer is built; beyond ``capacity`` the request is refused with 429.
+
+A request cancelled while its images wait (its client disconnected) withdraws them from the
+queue, so no batch runs for an answer nobody will read; images already in a running batch finish
+and their results are dropped.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class Result:
     infer_s: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity: items are found and removed by identity, arrays inside
 class _Item:
     pixels: np.ndarray  # (3, H, W)
     outputs: tuple[str, ...]
@@ -182,16 +186,38 @@ class Batcher:
             InferenceFailedError: Inference failed on one of the images (even alone).
         """
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Result]] = []
+        items: list[tuple[tuple[OnnxModel, int, int], _Item]] = []
         for array in pixels:
             future: asyncio.Future[Result] = loop.create_future()
             key = (model, int(array.shape[1]), int(array.shape[2]))
-            self._groups.setdefault(key, deque()).append(_Item(array, outputs, model, future))
-            futures.append(future)
+            item = _Item(array, outputs, model, future)
+            self._groups.setdefault(key, deque()).append(item)
+            items.append((key, item))
         self._queued += len(pixels)
         self._metrics.queue_depth.set(self._queued)
         self._wake.set()
-        return list(await asyncio.gather(*futures))
+        try:
+            return list(await asyncio.gather(*(item.future for _, item in items)))
+        except asyncio.CancelledError:
+            self._withdraw(items)
+            raise
+
+    def _withdraw(self, items: list[tuple[tuple[OnnxModel, int, int], _Item]]) -> None:
+        """Take a cancelled request's images that still wait out of the queue."""
+        withdrawn = 0
+        for key, item in items:
+            group = self._groups.get(key)
+            if group is None or item not in group:
+                continue  # already taken by the scheduler (its result will be dropped)
+            group.remove(item)
+            withdrawn += 1
+            if not group:
+                del self._groups[key]
+        if withdrawn:
+            self._queued -= withdrawn
+            self._metrics.queue_depth.set(self._queued)
+            self._metrics.withdrawn.inc(withdrawn)
+            self._wake.set()  # the scheduler may be waiting on a group that is now gone
 
     async def _schedule(self) -> None:
         while True:
@@ -203,13 +229,15 @@ class Batcher:
             group = self._groups[key]
             limit = self.batch_limit(*key)
             deadline = group[0].enqueued + self._delay
-            while len(group) < limit:
+            while 0 < len(group) < limit:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), remaining)
+            if self._groups.get(key) is not group:
+                continue  # every image of the group was withdrawn while it filled
             taken = [group.popleft() for _ in range(min(len(group), limit))]
             if not group:
                 del self._groups[key]

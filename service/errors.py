@@ -96,7 +96,10 @@ class RequestTimeoutError(ServiceError):
 
 
 class ClientDisconnectedError(ServiceError):
-    """The client closed the connection before its body arrived (nobody reads the answer)."""
+    """The client closed the connection before its body arrived or its answer was ready.
+
+    Nobody reads this answer; the status (nginx's 499) shows in the request metrics and logs.
+    """
 
     status = 499
     code = "client_closed_request"

@@ -48,6 +48,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.withdrawn = Counter(
+            "dino_withdrawn_images",
+            "Images taken out of the batcher queue before inference because their client "
+            "disconnected.",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "dino_batch_size",
             "Images per inference call.",

@@ -15,6 +15,7 @@ from PIL import Image
 
 from models.contract import model_path
 from service.decode import decode_image
+from service.metrics import Metrics
 from service.preprocess import plan_geometry, to_pixels
 from service.runtime import parse_metadata
 from service.schemas import EmbedResponse, ErrorResponse, ModelsResponse
@@ -485,3 +486,18 @@ def test_api_keys(strict: LiveServer) -> None:
     )
     for raw in [b"Bearer s\xe9cret", b"Bearer \xff\xfe", b"Bearer alph\xe1"]:  # latin-1 bytes
         assert_error(client.get("/v1/models", headers={"Authorization": raw}), 401, "unauthorized")
+
+
+def test_every_metric_is_in_the_metrics_table() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    table = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = {
+        line.split("|")[1].strip().strip("`")
+        for line in table.splitlines()
+        if line.startswith("| `")
+    }
+    exposed = set()
+    for family in Metrics().registry.collect():
+        suffix = "_total" if family.type == "counter" else ""
+        exposed.add(family.name + suffix)
+    assert exposed == documented, (sorted(exposed - documented), sorted(documented - exposed))
