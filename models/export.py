@@ -391,7 +391,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-key", default="teacher", help="network of a full checkpoint")
     parser.add_argument("--arch", default="auto", help="auto, vit_tiny, vit_small or vit_base")
     parser.add_argument("--patch-size", type=int, default=None, help="check the patch size")
-    parser.add_argument("--num-heads", type=int, default=None, help="default: embed_dim / 64")
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="default: from the checkpoint's config or --arch, else embed_dim / 64",
+    )
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--output", type=Path, help="write this .onnx file")
     out.add_argument(

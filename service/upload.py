@@ -6,9 +6,10 @@ query string. Parts are kept in memory (the body limit bounds them); nothing is 
 URLs.
 
 Bodies are read before a request is admitted to the batcher, so reading is bounded too: every
-request's body bytes are reserved in a shared :class:`BodyBudget` (the declared
-``Content-Length`` up front, or chunk by chunk) for the request's whole life, a request that
-would overdraw it is refused with 429, and a body that takes longer than the read timeout is
+request's body bytes are reserved in a shared :class:`BodyBudget` chunk by chunk as they arrive
+(a declared ``Content-Length`` alone reserves nothing, so idle connections that only announce
+large bodies hold no budget) for the request's whole life, a request that would overdraw it is
+refused with 429, and a body that takes longer than the read timeout is
 refused with 408. Multipart parts are counted while they are parsed, and parsing stops at the
 first part beyond what the limits allow.
 """

@@ -59,8 +59,14 @@ class PretrainConfig:
     teacher_temp: float = _opt(0.04, "Teacher temperature after the warm-up.")
     warmup_teacher_temp_epochs: int = _opt(0, "Epochs of teacher temperature warm-up.")
     # Optimisation.
-    precision: str = _opt("auto", "bf16, fp16 (grad scaler) or fp32; auto: bf16 on GPU, else fp32.")
-    use_fp16: bool | None = _opt(None, "Compatibility: true means --precision fp16.")
+    precision: str = _opt(
+        "auto",
+        "bf16, fp16 (grad scaler) or fp32; auto: bf16 on GPUs that have it, fp16 on older GPUs, "
+        "fp32 on the CPU.",
+    )
+    use_fp16: bool | None = _opt(
+        None, "Compatibility: true/false means --precision fp16/fp32 (when --precision is auto)."
+    )
     weight_decay: float = _opt(0.04, "Initial weight decay.")
     weight_decay_end: float = _opt(0.4, "Final weight decay (cosine).")
     clip_grad: float = _opt(3.0, "Per-tensor gradient norm clip; 0 disables.")

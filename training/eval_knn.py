@@ -306,13 +306,28 @@ def _parser() -> argparse.ArgumentParser:
         help="Baseline: the images' own pixels as features (no resize; with --resolution R, "
         "resized and centre-cropped to R x R as the model's input would be).",
     )
-    parser.add_argument("--checkpoint_key", default="teacher", help="teacher or student.")
+    parser.add_argument(
+        "--checkpoint_key", default="teacher", help="teacher or student (default: teacher)."
+    )
     parser.add_argument("--dataset", choices=["fashion-mnist"], help="Built-in dataset.")
     parser.add_argument("--train_dir", type=Path, help="ImageFolder training split.")
     parser.add_argument("--val_dir", type=Path, help="ImageFolder evaluation split.")
-    parser.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
-    parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument(
+        "--nb_knn",
+        type=int,
+        nargs="+",
+        default=[10, 20, 100, 200],
+        help="Numbers of neighbours k (default: 10 20 100 200).",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.07,
+        help="Temperature T of the exp(similarity / T) vote weights (default: 0.07).",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=128, help="Images per forward pass (default: 128)."
+    )
     parser.add_argument("--resolution", type=int, default=None, help="Override the crop size.")
     parser.add_argument(
         "--train_limit",
