@@ -313,16 +313,26 @@ VIEW_OPS = frozenset(
 )
 
 
+# Operators that read a tensor's value on the host (item, float(t), data-dependent shapes): on a
+# GPU each one waits for the device to catch up.
+HOST_SYNC_OPS = frozenset(["_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"])
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operators that compute (not the views) while active, backward included."""
+    """Counts the ATen operators that compute (not the views) while active, backward included,
+    and among them those that read a value on the host (``syncs``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.syncs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func.overloadpacket.__name__ not in VIEW_OPS:
+        name = func.overloadpacket.__name__
+        if name not in VIEW_OPS:
             self.count += 1
+        if name in HOST_SYNC_OPS:
+            self.syncs += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -337,6 +347,7 @@ def time_steps(step: Callable[[], None], args, device, compiled: bool) -> dict[s
         with OpCounter() as counter:
             step()
         out["aten_ops_per_step"] = counter.count
+        out["host_syncs_per_step"] = counter.syncs
     return out
 
 

@@ -92,7 +92,8 @@ def build_optimizer(
     Args:
         name: ``adamw``, ``sgd`` or ``lars``.
         param_groups: Output of :func:`get_params_groups`.
-        fused: Use the fused CUDA AdamW kernel (identical update, one launch).
+        fused: Use the fused AdamW kernel (CUDA or CPU: the same update up to rounding, one
+            launch, and its step counts stay on the device, so no host sync).
 
     Raises:
         ValueError: Unknown optimiser name.

@@ -404,7 +404,7 @@ class Trainer:
         self.optimizer = build_optimizer(
             config.optimizer,
             get_params_groups(self.nets.student),
-            fused=self.device.type == "cuda",
+            fused=self.device.type in ("cuda", "cpu"),  # both have the fused AdamW kernel
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         total_batch = config.batch_size_per_gpu * info.world_size

@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.contract import model_versions
 from tests.training.conftest import tiny_args
 from training.checkpoint import CheckpointCorruptError, load_checkpoint
-from training.pretrain import main
+from training.config import parse_config
+from training.distributed import cleanup_distributed, init_distributed
+from training.pretrain import Trainer, main
 
 
 def test_full_run_resume_is_exact_and_exports(tmp_path, image_dir):
@@ -184,3 +187,52 @@ def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, c
     message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
     assert message.startswith("error: none of the 6 images under")
     assert "Traceback" not in message
+
+
+# Operators that copy a device value to the host (or need its value to size a result): each one
+# stalls the CPU until the GPU catches up, so a step must run none of them.
+_HOST_SYNC_OPS = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_consecutive"}
+)
+
+
+class _SyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ in _HOST_SYNC_OPS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("augment_device", "optimizer"),
+    [("cpu", "adamw"), ("gpu", "adamw"), ("cpu", "sgd"), ("cpu", "lars")],
+)
+def test_a_training_step_never_waits_for_the_device(tmp_path, image_dir, augment_device, optimizer):
+    # On a GPU every `.item()`, `float(t)` or data-dependent shape is a host sync; the eager
+    # step (augmentation on the device included) must queue its work without one. The loss is
+    # read only at log points.
+    config = parse_config(
+        tiny_args(
+            image_dir,
+            tmp_path / "run",
+            "--augment_device",
+            augment_device,
+            "--optimizer",
+            optimizer,
+        )
+    )
+    trainer = Trainer(config, init_distributed("cpu"))
+    try:
+        batch, _ = next(iter(trainer.loader))
+        trainer.train_step(trainer.device_crops(batch), 0, 0)  # lazy optimiser state
+        with _SyncCounter() as counter:
+            crops = trainer.device_crops(batch)
+            trainer.train_step(crops, 1, 1)  # epoch 1: the last layer trains too
+        assert counter.seen == []
+    finally:
+        trainer.log.close()
+        cleanup_distributed()
