@@ -164,8 +164,8 @@ class PreprocessingRecipe:
                 mean=(mean[0], mean[1], mean[2]),
                 std=(std[0], std[1], std[2]),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise ValueError(f"invalid preprocessing recipe {text!r}: {err}") from err
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, RecursionError) as err:
+            raise ValueError(f"invalid preprocessing recipe {text[:200]!r}: {err}") from err
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"invalid preprocessing recipe {text!r}: mean/std need 3 values")
         return recipe
@@ -248,7 +248,7 @@ def parse_reference_metadata(text: str) -> dict[str, Any]:
         float(data["max_abs_error"])
         float(data["min_cosine"])
         int(data["resolution"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as err:
         raise ValueError(f"invalid reference outputs metadata: {err}") from err
     if not isinstance(data, dict):
         raise ValueError("invalid reference outputs metadata: not an object")
@@ -276,7 +276,11 @@ def model_versions(repository: Path, name: str) -> list[int]:
 
     Only directories whose name is a positive integer count, and only when
     ``<version>/model.onnx`` exists (writers create it by an atomic rename, so its presence
-    means the file is complete).
+    means the file is complete). A version folder that cannot be looked into (permissions)
+    counts too, so that whoever loads it reports why it cannot be read.
+
+    Raises:
+        OSError: The model's folder cannot be looked into or listed (permissions).
     """
     root = Path(repository) / validate_model_name(name)
     if not root.is_dir():
@@ -288,10 +292,20 @@ def model_versions(repository: Path, name: str) -> list[int]:
             and child.name.isdigit()
             and int(child.name) > 0
             and str(int(child.name)) == child.name  # "2", not "02": model_path reads "2/"
-            and (child / MODEL_FILENAME).is_file()
+            and _holds_model(child)
         ):
             versions.append(int(child.name))
     return sorted(versions)
+
+
+def _holds_model(version_dir: Path) -> bool:
+    """Whether ``version_dir/model.onnx`` is a file, or cannot be checked (no permission)."""
+    try:
+        return (version_dir / MODEL_FILENAME).is_file()
+    except PermissionError:
+        return True
+    except OSError:
+        return False
 
 
 def model_path(repository: Path, name: str, version: int) -> Path:

@@ -157,11 +157,14 @@ async def readyz(request: Request) -> JSONResponse:
     Every field is always present: ``reason`` is null when ready; ``model``, ``version`` and
     ``execution_provider`` are null when not.
     """
-    manager = _state(request).manager
-    model = manager.current
+    state = _state(request)
+    model = state.manager.current
     if model is None:
-        reason = manager.describe()["last_error"] or "no model version found in the repository"
-        body = ReadyResponse(ready=False, reason=str(reason))
+        if state.settings.api_keys:  # public route: the details (paths, errors) need a key
+            reason = "no model serves yet; /v1/models (with an API key) says why"
+        else:
+            reason = state.manager.not_ready_reason()
+        body = ReadyResponse(ready=False, reason=reason)
         return JSONResponse(body.model_dump(), status_code=503)
     body = ReadyResponse(
         ready=True, model=model.name, version=model.version, execution_provider=model.provider

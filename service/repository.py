@@ -76,6 +76,7 @@ class ModelManager:
         self._current: OnnxModel | None = None
         self._loaded_at: float | None = None
         self._failures: dict[int, LoadFailure] = {}
+        self._scan_error: str | None = None  # the model folder itself could not be listed
         self._last_error: str | None = None
         self._last_refresh: float | None = None
         self._lock = asyncio.Lock()
@@ -94,12 +95,7 @@ class ModelManager:
         """
         await self.refresh(fatal_device_errors=True)
         if self._current is None:
-            logger.warning(
-                "no servable version of %r in %s yet; not ready (%s)",
-                self._settings.model_name,
-                self._settings.model_repository,
-                self._last_error or "repository empty",
-            )
+            logger.warning("no servable model yet; not ready (%s)", self.not_ready_reason())
         if self._settings.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="model-poller")
 
@@ -145,7 +141,10 @@ class ModelManager:
         settings = self._settings
         async with self._lock:
             self._last_refresh = time.time()
-            versions = model_versions(settings.model_repository, settings.model_name)
+            versions = self._list_versions()
+            if versions is None:
+                serving = self._current.version if self._current is not None else None
+                return RefreshResult(False, serving, self._scan_error)
             self._forget_missing(versions)
             scan_error: str | None = None
             for version in self._candidates(versions):
@@ -173,11 +172,56 @@ class ModelManager:
                     scan_error = self._record_failure(version, fingerprint, err)
                 except ModelLoadError as err:
                     scan_error = self._record_failure(version, fingerprint, err)
+                except Exception as err:  # a file that breaks the loader is still just refused
+                    logger.exception("unexpected error loading version %d of %s", version, path)
+                    scan_error = self._record_failure(
+                        version, fingerprint, ModelLoadError(f"cannot load {path}: {err!r}")
+                    )
                 else:
                     self._swap(model)
                     return RefreshResult(True, version, scan_error)
             serving = self._current.version if self._current is not None else None
             return RefreshResult(False, serving, scan_error)
+
+    def _list_versions(self) -> list[int] | None:
+        """The repository's versions, or None (and ``_scan_error`` set) if it cannot be listed."""
+        settings = self._settings
+        try:
+            versions = model_versions(settings.model_repository, settings.model_name)
+        except OSError as err:
+            folder = Path(settings.model_repository) / settings.model_name
+            message = f"cannot list {folder}: {err.strerror or err}"
+            if message != self._scan_error:  # logged once, not at every poll
+                logger.error("%s (still serving version %s)", message, self._serving_label())
+            self._scan_error = message
+            self._update_last_error()
+            return None
+        if self._scan_error is not None:
+            logger.info("the model folder can be listed again")
+            self._scan_error = None
+            self._update_last_error()
+        return versions
+
+    def _serving_label(self) -> str:
+        return str(self._current.version) if self._current is not None else "none"
+
+    def not_ready_reason(self) -> str:
+        """Why no model serves: the last error, a missing pinned version, or an empty folder."""
+        if self._last_error is not None:
+            return self._last_error
+        settings = self._settings
+        folder = Path(settings.model_repository) / settings.model_name
+        try:
+            versions = model_versions(settings.model_repository, settings.model_name)
+        except OSError as err:
+            return f"cannot list {folder}: {err.strerror or err}"
+        if settings.version_policy == "pinned" and versions:
+            listed = ", ".join(str(v) for v in versions)
+            return (
+                f"the pinned version {settings.model_version} is not in {folder} "
+                f"(versions there: {listed})"
+            )
+        return f"no model version found in {folder}"
 
     def _forget_missing(self, versions: list[int]) -> None:
         """Drop failures of versions whose files are gone (deleted versions are not news)."""
@@ -187,7 +231,11 @@ class ModelManager:
         self._update_last_error()
 
     def _update_last_error(self) -> None:
-        """``last_error``: the most recent failure among versions that still fail, or None."""
+        """``last_error``: the repository listing error, else the most recent failure among
+        versions that still fail, or None."""
+        if self._scan_error is not None:
+            self._last_error = self._scan_error
+            return
         if not self._failures:
             self._last_error = None
             return
@@ -201,8 +249,7 @@ class ModelManager:
         self._failures[version] = LoadFailure(version, str(err), fingerprint, time.time())
         self._update_last_error()
         self._metrics.model_loads.labels("failed").inc()
-        serving = self._current.version if self._current is not None else None
-        logger.error("refused model %s (still serving version %s)", message, serving)
+        logger.error("refused model %s (still serving version %s)", message, self._serving_label())
         return message
 
     def _swap(self, model: OnnxModel) -> None:
@@ -229,7 +276,10 @@ class ModelManager:
     def describe(self) -> dict[str, object]:
         """State for ``/v1/models``: policy, loaded model, every version's state, errors."""
         settings = self._settings
-        versions = set(model_versions(settings.model_repository, settings.model_name))
+        try:
+            versions = set(model_versions(settings.model_repository, settings.model_name))
+        except OSError:  # reported as last_error by the scans
+            versions = set(self._failures)
         current = self._current
         if current is not None:
             versions.add(current.version)

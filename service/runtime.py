@@ -1,10 +1,11 @@
 """One ONNX model on onnxruntime: provider choice, contract check, self-check and warm-up.
 
 A model only serves after :func:`load_model` has (1) bound the intended execution provider,
-(2) checked the graph's inputs/outputs against :mod:`models.contract`, (3) parsed its metadata,
-(4) re-computed the reference images' CLS embeddings through this service's own decode and
-preprocessing path and compared them with the outputs recorded at export, and (5) run warm-up
-batches.
+(2) checked the graph's inputs/outputs against :mod:`models.contract` (names, ranks, sizes and
+which axes are dynamic), (3) parsed its metadata, (4) re-computed the reference images' CLS
+embeddings through this service's own decode and preprocessing path and compared them with the
+outputs recorded at export, (5) run a non-square input of another size and checked every
+output's shape, and (6) run warm-up batches (their output shapes checked too).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def check_contract(session: ort.InferenceSession, metadata: ModelMetadata) -> No
     shape = inputs[0].shape
     if len(shape) != contract.PIXEL_VALUES.rank or (isinstance(shape[1], int) and shape[1] != 3):
         raise ModelLoadError(f"input shape {shape} is not [batch, 3, height, width]")
+    for axis, axis_name in contract.DYNAMIC_INPUT_AXES[contract.PIXEL_VALUES.name].items():
+        if isinstance(shape[axis], int):
+            raise ModelLoadError(
+                f"input {contract.PIXEL_VALUES.name!r} has a fixed {axis_name} of {shape[axis]}; "
+                "the contract needs it dynamic (export with models.export)"
+            )
     outputs = {o.name: o for o in session.get_outputs()}
     expected = {
         contract.CLS_EMBEDDING.name: (contract.CLS_EMBEDDING.rank, metadata.embed_dim),
@@ -151,6 +158,37 @@ def check_contract(session: ort.InferenceSession, metadata: ModelMetadata) -> No
     heads = outputs[contract.ATTENTION_MAPS.name].shape[1]
     if isinstance(heads, int) and heads != metadata.num_heads:
         raise ModelLoadError(f"attention has {heads} heads, metadata says {metadata.num_heads}")
+    for name, axes in contract.DYNAMIC_OUTPUT_AXES.items():
+        for axis, axis_name in axes.items():
+            size = outputs[name].shape[axis]
+            if isinstance(size, int):
+                raise ModelLoadError(
+                    f"output {name!r} has a fixed {axis_name} of {size}; the contract needs it "
+                    "dynamic (export with models.export)"
+                )
+
+
+def check_output_shapes(
+    values: dict[str, np.ndarray], metadata: ModelMetadata, *, batch: int, height: int, width: int
+) -> None:
+    """Check a run's outputs against the shapes the contract gives for its input.
+
+    Raises:
+        ModelLoadError: An output's shape differs (``[B, D]``, ``[B, N, D]``, ``[B, heads, N]``
+            with ``N = (height / patch) * (width / patch)``).
+    """
+    patches = (height // metadata.patch_size) * (width // metadata.patch_size)
+    expected = {
+        contract.CLS_EMBEDDING.name: (batch, metadata.embed_dim),
+        contract.PATCH_FEATURES.name: (batch, patches, metadata.embed_dim),
+        contract.ATTENTION_MAPS.name: (batch, metadata.num_heads, patches),
+    }
+    for name, value in values.items():
+        if tuple(value.shape) != expected[name]:
+            raise ModelLoadError(
+                f"output {name!r} has shape {list(value.shape)} for a {batch}x3x{height}x{width} "
+                f"input; the contract says {list(expected[name])}"
+            )
 
 
 def gpu_present() -> bool:
@@ -309,11 +347,38 @@ class OnnxModel:
             )
         return result
 
+    def check_other_sizes(self) -> None:
+        """Run one non-square image of another size and check every output's shape.
+
+        Requests may ask for any patch-multiple size (``resolution``, ``crop=none``); a graph
+        exported with a fixed size, or whose outputs do not follow the patch grid, is refused
+        here rather than failing those requests later.
+
+        Raises:
+            ModelLoadError: The run fails or an output has the wrong shape.
+        """
+        patch = self.metadata.patch_size
+        height = max(2 * patch, (self.metadata.resolution // 2) // patch * patch)
+        width = height + patch
+        try:
+            values = self.run(np.zeros((1, 3, height, width), np.float32), contract.OUTPUT_NAMES)
+        except Exception as err:
+            raise ModelLoadError(
+                f"the model fails on a {height}x{width} input (other sizes than "
+                f"{self.metadata.resolution} must work): {err}"
+            ) from err
+        check_output_shapes(values, self.metadata, batch=1, height=height, width=width)
+
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run zero batches at the default resolution so the first request is not slow."""
+        """Run zero batches at the default resolution so the first request is not slow.
+
+        Raises:
+            ModelLoadError: An output's shape differs from the contract's.
+        """
         side = self.metadata.resolution
         for size in batch_sizes:
-            self.run(np.zeros((size, 3, side, side), np.float32), contract.OUTPUT_NAMES)
+            values = self.run(np.zeros((size, 3, side, side), np.float32), contract.OUTPUT_NAMES)
+            check_output_shapes(values, self.metadata, batch=size, height=side, width=side)
 
 
 def load_model(
@@ -370,6 +435,7 @@ def load_model(
     )
     try:
         model.self_check = model.check_reference()
+        model.check_other_sizes()
         model.warm_up(warmup_batch_sizes)
     except ModelLoadError:
         raise

@@ -78,3 +78,32 @@ def test_model_versions_ignore_non_ascii_digit_dirs(tmp_path: Path) -> None:
         (root / name).mkdir(parents=True)
         (root / name / contract.MODEL_FILENAME).write_bytes(b"x")
     assert contract.model_versions(tmp_path, "m") == [2]  # no ValueError from int("²")
+
+
+def test_model_versions_count_version_dirs_that_cannot_be_looked_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another user's umask-077 export: is_file() raises PermissionError (Python 3.11/3.12).
+    # The version counts, so whoever loads it reports "permission denied" instead of the scan
+    # failing; an unreadable model folder is an OSError for the caller to report.
+    root = tmp_path / "m"
+    for version in (1, 2):
+        (root / str(version)).mkdir(parents=True)
+        (root / str(version) / contract.MODEL_FILENAME).write_bytes(b"x")
+    (root / "3").mkdir()
+    real_is_file = Path.is_file
+
+    def is_file(path: Path) -> bool:
+        if path.parent.name == "2":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert contract.model_versions(tmp_path, "m") == [1, 2]
+
+    def iterdir(path: Path) -> object:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(PermissionError):
+        contract.model_versions(tmp_path, "m")

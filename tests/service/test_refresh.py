@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+import service.repository as repository_module
 from models.contract import MODEL_FILENAME, model_path
 from models.export import export_to_repository
+from service.runtime import load_model
 from tests.conftest import TINY_MODEL_NAME, make_tiny_vit
 from tests.service.conftest import (
     LiveServer,
@@ -217,3 +220,79 @@ def test_deleted_failed_versions_are_forgotten(tiny_model_repository: Path, tmp_
         (repository / TINY_MODEL_NAME / "\u00b2" / MODEL_FILENAME).write_bytes(b"x")
         assert server.client.post("/admin/reload").status_code == 200
         assert server.client.get("/v1/models").status_code == 200
+
+
+def test_a_model_folder_that_cannot_be_listed_is_reported_not_a_500(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    real = repository_module.model_versions
+    broken = {"on": True}
+
+    def model_versions(root: Path, name: str) -> list[int]:
+        if broken["on"]:
+            raise PermissionError(13, "Permission denied", str(root / name))
+        return real(root, name)
+
+    monkeypatch.setattr(repository_module, "model_versions", model_versions)
+    with run_server(tiny_settings(repository)) as server:  # starts, not ready
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503
+        assert (
+            ready.json()["reason"]
+            == f"cannot list {repository / TINY_MODEL_NAME}: Permission denied"
+        )
+        models = server.client.get("/v1/models")
+        assert models.status_code == 200 and "Permission denied" in models.json()["last_error"]
+        reload = server.client.post("/admin/reload")
+        assert reload.status_code == 200 and "cannot list" in reload.json()["error"]
+        broken["on"] = False
+        reload = server.client.post("/admin/reload").json()
+        assert reload == {"changed": True, "serving_version": 1, "error": None}
+        assert _models(server)["last_error"] is None
+        # Serving: a listing failure now keeps the model and says so.
+        broken["on"] = True
+        assert server.client.post("/admin/reload").json()["serving_version"] == 1
+        assert server.client.get("/readyz").status_code == 200
+        assert server.client.get("/v1/models").status_code == 200
+
+
+def test_a_version_that_breaks_the_loader_is_refused_and_the_scan_goes_on(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    source = model_path(repository, TINY_MODEL_NAME, 1)
+    for version in (2, 3):
+        shutil.copytree(source.parent, source.parent.with_name(str(version)))
+
+    def loader(path: Path, **kwargs: Any) -> Any:
+        if kwargs["version"] == 3:
+            raise RecursionError("maximum recursion depth exceeded")  # not a ModelLoadError
+        return load_model(path, **kwargs)
+
+    with run_server(tiny_settings(repository), loader=loader) as server:
+        assert server.client.get("/readyz").json()["version"] == 2
+        assert _states(server) == {1: "available", 2: "serving", 3: "failed"}
+        assert "RecursionError" in _models(server)["last_error"]
+        reload = server.client.post("/admin/reload")
+        assert reload.status_code == 200 and "version 3" in reload.json()["error"]
+
+
+def test_readiness_reasons(tiny_model_repository: Path, tmp_path: Path) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    source = model_path(repository, TINY_MODEL_NAME, 1)
+    shutil.copytree(source.parent, source.parent.with_name("2"))
+    pinned = tiny_settings(repository, version_policy="pinned", model_version=5)
+    with run_server(pinned) as server:
+        reason = server.client.get("/readyz").json()["reason"]
+        assert reason == (
+            f"the pinned version 5 is not in {repository / TINY_MODEL_NAME} (versions there: 1, 2)"
+        )
+    # /readyz needs no key: with keys set it names no path or error, /v1/models does.
+    keyed = tiny_settings(repository, version_policy="pinned", model_version=5, api_keys="k1")
+    with run_server(keyed) as server:
+        reason = server.client.get("/readyz").json()["reason"]
+        assert str(repository) not in reason and "/v1/models" in reason
+        assert server.client.get("/v1/models").status_code == 401
+        models = server.client.get("/v1/models", headers={"Authorization": "Bearer k1"})
+        assert models.status_code == 200

@@ -89,6 +89,13 @@ def test_tampered_reference_outputs_are_refused(tiny_path: Path, tmp_path: Path)
         (MetadataKey.PATCH_SIZE, "seven", "malformed metadata"),
         (MetadataKey.RESOLUTION, "36", "disagree"),
         (MetadataKey.REFERENCE, "{}", "malformed metadata"),
+        # json reads 1e999 as infinity: int() of it is an OverflowError, not a ValueError
+        (
+            MetadataKey.REFERENCE,
+            '{"cases": [], "max_abs_error": 1, "min_cosine": 1, "resolution": 1e999}',
+            "malformed metadata",
+        ),
+        (MetadataKey.PREPROCESSING, "[" * 100_000, "malformed metadata"),  # RecursionError
     ],
 )
 def test_bad_metadata_is_refused(
@@ -109,6 +116,37 @@ def test_contract_mismatch_is_refused(tiny_path: Path, tmp_path: Path) -> None:
 
     path = _variant(tiny_path, tmp_path / "renamed.onnx", rename)
     with pytest.raises(ModelLoadError, match="'cls_embedding' is missing"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_a_fixed_input_size_is_refused(tiny_path: Path, tmp_path: Path) -> None:
+    # Requests may ask for any patch-multiple size: a graph frozen at 32x32 would fail them.
+    def freeze(proto: onnx.ModelProto) -> None:
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        for axis in (2, 3):
+            dims[axis].ClearField("dim_param")
+            dims[axis].dim_value = 32
+
+    path = _variant(tiny_path, tmp_path / "fixed.onnx", freeze)
+    with pytest.raises(ModelLoadError, match="fixed height of 32"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_outputs_off_the_patch_grid_are_refused(tiny_path: Path, tmp_path: Path) -> None:
+    # patch_features[:, 1:, :]: every declared axis is right, only a run shows one token missing.
+    def drop_first_token(proto: onnx.ModelProto) -> None:
+        for node in proto.graph.node:
+            node.output[:] = ["raw" if o == "patch_features" else o for o in node.output]
+        proto.graph.initializer.extend(
+            onnx.numpy_helper.from_array(np.array([value], np.int64), name)
+            for name, value in (("start", 1), ("end", 2**62), ("axis", 1))
+        )
+        proto.graph.node.append(
+            onnx.helper.make_node("Slice", ["raw", "start", "end", "axis"], ["patch_features"])
+        )
+
+    path = _variant(tiny_path, tmp_path / "dropped.onnx", drop_first_token)
+    with pytest.raises(ModelLoadError, match=r"'patch_features' has shape \[1, 5, 32\]"):
         load_model(path, name="tiny", version=1, device="cpu")
 
 
