@@ -590,18 +590,18 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         )
         return _error_response(422, "invalid_option", message or "invalid request", None)
 
-    async def unexpected(request: Request, _exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error_response(500, "internal_error", "internal server error", None)
-
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
+    # Any other exception: answered 500 internal_error by _RequestMetrics (see there).
 
 
 class _RequestMetrics:
-    """ASGI middleware counting requests by route template and status, and their latency."""
+    """ASGI middleware counting requests by route template and status, and their latency.
+
+    It also answers any exception the routes and handlers leave (a bug) with a JSON 500
+    ``internal_error``, logged once with its traceback.
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -614,14 +614,26 @@ class _RequestMetrics:
         started = time.perf_counter()
         status = 500
 
+        started = False
+
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                started = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
+        except Exception:
+            # Answered here rather than by Starlette's outermost handler, which re-raises after
+            # answering: uvicorn would then log the error a second time and close the
+            # keep-alive connection under the client's next request.
+            if started:
+                raise  # part of an answer is out: only closing the connection is left
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            response = _error_response(500, "internal_error", "internal server error", None)
+            await response(scope, receive, send_and_record)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+import service.app as app_module
 from models.contract import model_path
 from service.decode import decode_image
 from service.metrics import Metrics
@@ -501,3 +503,25 @@ def test_every_metric_is_in_the_metrics_table() -> None:
         suffix = "_total" if family.type == "counter" else ""
         exposed.add(family.name + suffix)
     assert exposed == documented, (sorted(exposed - documented), sorted(documented - exposed))
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_usable(
+    tiny_model_repository: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(**_kwargs: Any) -> bytes:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "encode_response", broken)
+    with run_server(tiny_settings(tiny_model_repository)) as server:
+        with caplog.at_level(logging.ERROR):
+            response = post_images(server, [png_bytes()])
+        assert response.status_code == 500
+        assert response.json() == {
+            "error": {"code": "internal_error", "message": "internal server error", "index": None}
+        }
+        assert "a bug" not in response.text
+        logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(logged) == 1 and "unhandled error on POST /embed" in logged[0].getMessage()
+        # The same keep-alive connection answers the next request.
+        assert server.client.get("/healthz").status_code == 200
+        assert server.metric("dino_http_requests_total", {"route": "/embed", "status": "500"}) == 1
