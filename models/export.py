@@ -426,11 +426,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_pretrained(name: str, cache_dir: Path | None) -> LoadedBackbone:
+    """Fetch (or reuse) the checked download of ``name`` and load it.
+
+    The source recorded for the metadata names the URL the file was really downloaded from:
+    ``official`` only for the release server, else the mirror, else that it is not recorded.
+    """
     path = pretrained.fetch_pretrained(name, cache_dir=cache_dir or pretrained.default_cache_dir())
     spec = pretrained.PRETRAINED[name]
-    loaded = load_backbone(path, arch=spec.arch, patch_size=spec.patch_size)
+    try:
+        loaded = load_backbone(path, arch=spec.arch, patch_size=spec.patch_size)
+    except CheckpointError as err:
+        raise pretrained.PretrainedError(
+            f"{err}. {path} is the download cache's copy of {name}: delete it and run the "
+            "command again to download it anew"
+        ) from None
     pretrained.verify_structure(loaded.model.state_dict(), spec)
-    loaded.source = f"official {name} ({spec.url})"
+    loaded.source = pretrained.describe_source(spec, path, loaded.sha256)
     return loaded
 
 
