@@ -1,8 +1,11 @@
 """Training images: a folder (ImageFolder layout or flat, recursive) or Fashion-MNIST IDX files.
 
 Unreadable or truncated files never stop a run: the dataset substitutes the next readable image
-and reports the bad path with the sample, so the training loop can warn once per file and count
-them (worker processes cannot share a counter).
+and reports the bad path and why with the sample, so the training loop can warn once per file
+and count them (worker processes cannot share a counter). Images over a pixel limit are refused
+from their header, before any pixel is decoded. The folder scan visits every real folder once
+(symlinked folders are followed, loops are not), skips hidden files and folders and anything
+that is not a regular file, and warns about folders it cannot read.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import stat
+import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,44 +42,126 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_PREFIX = "fashion-mnist:"
 
 Transform = Callable[[Image.Image], Any]
+Skipped = tuple[tuple[str, str], ...]  # (path, reason) of the files an item passed over
 
 
 class DataError(ValueError):
     """The data source is missing, empty or malformed (a user mistake)."""
 
 
+# PIL's own threshold for a decompression-bomb warning (it refuses twice as many pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+# What a bad file raises while it is opened and decoded.
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than allowed (refused before decoding)."""
+
+
 def find_images(root: Path) -> list[Path]:
-    """Image files under ``root``, recursively, sorted, following symlinked folders."""
-    found = []
-    for dirpath, _dirs, files in os.walk(root, followlinks=True):
-        for name in files:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                found.append(Path(dirpath) / name)
+    """Image files under ``root``, recursively, sorted.
+
+    Symlinked folders are followed, but each real folder is visited once, so a link loop (or a
+    second link to the same folder) neither hangs the scan nor repeats its images. Hidden files
+    and folders (names starting with a dot) and entries that are not regular files (pipes,
+    sockets, devices) are left out; a folder that cannot be read is named in a warning.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            info = folder.stat()
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            logger.warning("cannot read the folder %s (%s); its images are left out", folder, err)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows symlinks
+                    pending.append(Path(entry.path))
+                elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    found.append(Path(entry.path))
+            except OSError:  # a dangling or looping link: as unreadable as it gets, skip it
+                continue
     return sorted(found)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully and convert it to RGB (raises on unreadable or truncated files)."""
-    with Image.open(path) as img:
-        img.load()
-        return img.convert("RGB")
+def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully and convert it to 8-bit RGB.
+
+    16-bit greyscale is scaled to 8 bits (``convert("RGB")`` alone would clip it to white), as
+    the service does.
+
+    Args:
+        path: The image file.
+        max_pixels: Refuse images with more pixels, from the header (0: PIL's own hard limit,
+            twice :data:`DEFAULT_MAX_IMAGE_PIXELS`, still applies).
+
+    Raises:
+        ImageTooLargeError: Over ``max_pixels``.
+        OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError: Unreadable,
+            truncated, not a regular file, or over PIL's limit.
+    """
+    with open(path, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        with warnings.catch_warnings():  # the size is checked here, with the limit in force
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(handle)
+        with img:
+            width, height = img.size
+            if max_pixels and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{width}x{height} = {width * height} pixels, over --max_image_pixels "
+                    f"{max_pixels}"
+                )
+            img.load()
+            return _to_rgb(img)
 
 
-class ImageFolderDataset(Dataset[tuple[Any, tuple[str, ...]]]):
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # round(v * 255 / 65535) in integers (65535 = 255 * 257 leaves no ties).
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        values = (values * 255 + 32767) // 65535
+        return Image.fromarray(values.astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"[:200] if text else type(err).__name__
+
+
+class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
     """All images under a folder; labels are ignored (self-supervised).
 
-    Each item is ``(transform(image), bad_paths)`` where ``bad_paths`` lists the files that
-    were skipped to reach a readable one (usually empty).
+    Each item is ``(transform(image), bad)`` where ``bad`` lists the ``(path, reason)`` of the
+    files that were skipped to reach a readable one (usually empty). A file found bad is
+    remembered by the process (each loader worker has its own memory) and not tried again, so
+    a folder of bad files costs one attempt per file, not one per item that passes by it.
 
     Args:
         root: Folder to scan recursively.
         transform: Applied to the RGB PIL image.
+        max_image_pixels: Images with more pixels are skipped (see :func:`load_rgb`).
 
     Raises:
         DataError: The folder is missing or holds no images.
     """
 
-    def __init__(self, root: Path, transform: Transform) -> None:
+    def __init__(
+        self, root: Path, transform: Transform, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"data folder {root} does not exist or is not a directory")
@@ -84,31 +172,54 @@ class ImageFolderDataset(Dataset[tuple[Any, tuple[str, ...]]]):
                 f"no images found under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
         self.transform = transform
+        self.max_image_pixels = max_image_pixels
+        self._known_bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Any, tuple[str, ...]]:
-        bad: list[str] = []
-        for offset in range(len(self.paths)):
-            path = self.paths[(index + offset) % len(self.paths)]
+    def __getitem__(self, index: int) -> tuple[Any, Skipped]:
+        bad: list[tuple[str, str]] = []
+        count = len(self.paths)
+        for offset in range(count):
+            position = (index + offset) % count
+            if position in self._known_bad:
+                continue  # reported when it was found
+            path = self.paths[position]
             try:
-                image = load_rgb(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-                logger.debug("unreadable image %s: %s", path, err)
-                bad.append(str(path))
+                image = load_rgb(path, self.max_image_pixels)
+            except UNREADABLE_ERRORS as err:
+                self._known_bad.add(position)
+                bad.append((str(path), _reason(err)))
                 continue
             return self.transform(image), tuple(bad)
-        raise DataError(f"none of the {len(self.paths)} images under {self.root} is readable")
+        raise DataError(f"none of the {count} images under {self.root} is readable")
 
 
-def _read_idx(path: Path, offset: int) -> npt.NDArray[np.uint8]:
+def _read_idx(path: Path, magic: int, dims: int) -> npt.NDArray[np.uint8]:
+    """The uint8 payload of a gzipped IDX file, its header checked (``magic`` and ``dims``)."""
     try:
         with gzip.open(path) as handle:
             data = handle.read()
-    except OSError as err:
-        raise DataError(f"cannot read Fashion-MNIST file {path}: {err}") from err
-    return np.frombuffer(data, np.uint8, offset=offset)
+    except (OSError, EOFError, zlib.error) as err:  # missing, cut short, corrupt
+        raise DataError(
+            f"cannot read Fashion-MNIST file {path}: {err} (reinstall dataset-fashion-mnist or "
+            "download the file again)"
+        ) from None
+    header = 4 + 4 * dims
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise DataError(
+            f"{path} is not a Fashion-MNIST IDX file (expected magic number {magic:#010x} and "
+            f"a {header}-byte header); reinstall dataset-fashion-mnist or download it again"
+        )
+    sizes = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+    payload = np.frombuffer(data, np.uint8, offset=header)
+    if payload.size != int(np.prod(sizes)):
+        raise DataError(
+            f"{path} is cut short or padded: its header announces {'x'.join(map(str, sizes))} "
+            f"values, it holds {payload.size}; reinstall dataset-fashion-mnist or download it again"
+        )
+    return payload
 
 
 def fashion_mnist_root() -> Path:
@@ -133,14 +244,14 @@ def read_fashion_mnist(
             f"Fashion-MNIST not found in {root}: install it with "
             f"`apt-get install -y dataset-fashion-mnist` or set ${FASHION_MNIST_ENV}"
         )
-    images = _read_idx(root / images_name, 16)
-    labels = _read_idx(root / labels_name, 8).astype(np.int64)
+    images = _read_idx(root / images_name, magic=0x803, dims=3)  # [N, 28, 28] uint8
+    labels = _read_idx(root / labels_name, magic=0x801, dims=1).astype(np.int64)
     if images.size != labels.size * 28 * 28:
         raise DataError(f"Fashion-MNIST {split} files in {root} do not match ({images.size} bytes)")
     return images.reshape(-1, 28, 28), labels
 
 
-class ArrayImageDataset(Dataset[tuple[Any, tuple[str, ...]]]):
+class ArrayImageDataset(Dataset[tuple[Any, Skipped]]):
     """Grayscale uint8 images held in memory, served as RGB PIL images.
 
     Args:
@@ -155,12 +266,14 @@ class ArrayImageDataset(Dataset[tuple[Any, tuple[str, ...]]]):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Any, tuple[str, ...]]:
+    def __getitem__(self, index: int) -> tuple[Any, Skipped]:
         image = Image.fromarray(self.images[index], mode="L").convert("RGB")
         return self.transform(image), ()
 
 
-def build_dataset(data_path: str, transform: Transform) -> Dataset[tuple[Any, tuple[str, ...]]]:
+def build_dataset(
+    data_path: str, transform: Transform, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Dataset[tuple[Any, Skipped]]:
     """Dataset for ``--data_path``: ``fashion-mnist:train|test`` or an image folder.
 
     Raises:
@@ -169,12 +282,12 @@ def build_dataset(data_path: str, transform: Transform) -> Dataset[tuple[Any, tu
     if data_path.startswith(FASHION_MNIST_PREFIX):
         images, _ = read_fashion_mnist(data_path[len(FASHION_MNIST_PREFIX) :])
         return ArrayImageDataset(images, transform)
-    return ImageFolderDataset(Path(data_path), transform)
+    return ImageFolderDataset(Path(data_path), transform, max_image_pixels)
 
 
 def collate_crops(
-    batch: Sequence[tuple[list[Tensor], tuple[str, ...]]],
-) -> tuple[list[Tensor], list[str]]:
+    batch: Sequence[tuple[list[Tensor], Skipped]],
+) -> tuple[list[Tensor], list[tuple[str, str]]]:
     """Stack crop lists into crop-major ``[B, 3, H, W]`` tensors; gather the skipped paths."""
     ncrops = len(batch[0][0])
     crops = [torch.stack([sample[0][i] for sample in batch]) for i in range(ncrops)]
@@ -185,13 +298,16 @@ def collate_crops(
 def canvas_transform(size: int | None) -> Transform:
     """PIL RGB image -> uint8 ``[3, S, S]`` canvas for the batched device-side augmentation.
 
-    The shorter side is resized to ``size`` (PIL bicubic, antialiased) and a random
-    ``size x size`` square is cut (torch's RNG, seeded per worker and epoch). ``None`` keeps the
-    image as it is (for sources whose images all share one size, such as Fashion-MNIST).
+    The shorter side is resized to ``size`` (PIL bicubic, antialiased; an image more than 4
+    times longer than wide, or the reverse, first loses a random part of its longer side, so the
+    resize stays small) and a random ``size x size`` square is cut (torch's RNG, seeded per
+    worker and epoch). ``None`` keeps the image as it is (for sources whose images all share
+    one size, such as Fashion-MNIST).
     """
     steps: list[Any] = []
     if size is not None:
         steps = [
+            _limit_aspect,
             v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.RandomCrop(size),
         ]
@@ -199,9 +315,27 @@ def canvas_transform(size: int | None) -> Transform:
     return transform
 
 
+# Before the shorter-side resize of a canvas, a longer side beyond this many times the shorter
+# one is cut (a random window): a 100000x2 strip would otherwise be resized to 11 million x 224.
+_MAX_CANVAS_ASPECT = 4
+
+
+def _limit_aspect(image: Image.Image) -> Image.Image:
+    width, height = image.size
+    if width > _MAX_CANVAS_ASPECT * height:
+        keep = _MAX_CANVAS_ASPECT * height
+        left = int(torch.randint(0, width - keep + 1, ()))
+        return image.crop((left, 0, left + keep, height))
+    if height > _MAX_CANVAS_ASPECT * width:
+        keep = _MAX_CANVAS_ASPECT * width
+        top = int(torch.randint(0, height - keep + 1, ()))
+        return image.crop((0, top, width, top + keep))
+    return image
+
+
 def collate_canvases(
-    batch: Sequence[tuple[Tensor, tuple[str, ...]]],
-) -> tuple[Tensor, list[str]]:
+    batch: Sequence[tuple[Tensor, Skipped]],
+) -> tuple[Tensor, list[tuple[str, str]]]:
     """Stack uint8 canvases into ``[B, 3, H, W]``; gather the skipped paths.
 
     Raises:

@@ -32,7 +32,13 @@ from models.contract import (
     MetadataKey,
     PreprocessingRecipe,
 )
-from training.data import DataError, find_images, load_rgb, read_fashion_mnist
+from training.data import (
+    UNREADABLE_ERRORS,
+    DataError,
+    find_images,
+    load_rgb,
+    read_fashion_mnist,
+)
 
 logger = logging.getLogger("training.eval_knn")
 
@@ -213,7 +219,7 @@ def _file_loader(path: Path) -> Callable[[], Image.Image | None]:
     def load() -> Image.Image | None:
         try:
             return load_rgb(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UNREADABLE_ERRORS as err:
             logger.warning("skipping unreadable image %s: %s", path, err)
             return None
 

@@ -361,7 +361,7 @@ class Trainer:
         else:
             self.transform = DataAugmentationDINO(*crop_args)  # type: ignore[arg-type]
             collate = collate_crops
-        self.dataset = build_dataset(config.data_path, self.transform)
+        self.dataset = build_dataset(config.data_path, self.transform, config.max_image_pixels)
         self.sampler: DistributedSampler[Any] = DistributedSampler(
             self.dataset,
             num_replicas=info.world_size,
@@ -495,11 +495,13 @@ class Trainer:
         detached: Tensor = loss.detach()
         return detached
 
-    def _note_skipped(self, bad: list[str]) -> None:
-        for path in bad:
+    def _note_skipped(self, bad: list[tuple[str, str]]) -> None:
+        for path, reason in bad:
             if path not in self.skipped:
                 self.skipped.add(path)
-                logger.warning("skipped unreadable image %s (%d so far)", path, len(self.skipped))
+                logger.warning(
+                    "skipped image %s: %s (%d skipped so far)", path, reason, len(self.skipped)
+                )
 
     def _check_finite(self, loss: float, it: int) -> None:
         if not math.isfinite(loss):
@@ -732,6 +734,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
         logger.error("error: %s", user_message(err))
+        return 1
+    except MemoryError as err:
+        logger.error(
+            "error: out of memory%s; try a smaller --batch_size_per_gpu, fewer --num_workers or "
+            "a lower --max_image_pixels (resume from %s)",
+            f" ({user_message(err)})" if str(err) else "",
+            Path(config.output_dir) / CHECKPOINT_NAME,
+        )
+        return 1
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err) or "exited unexpectedly" not in str(err):
+            raise  # a bug: its traceback is the report
+        logger.error(
+            "error: %s; the system killed it, usually for lack of memory: try fewer "
+            "--num_workers, a smaller --batch_size_per_gpu or a lower --max_image_pixels "
+            "(resume from %s)",
+            str(err).splitlines()[0].rstrip(". "),
+            Path(config.output_dir) / CHECKPOINT_NAME,
+        )
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted; resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME)

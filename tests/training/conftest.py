@@ -50,8 +50,9 @@ def write_fashion_mnist(root: Path, n_train: int = 60, n_test: int = 20, seed: i
         for i, label in enumerate(labels):
             images[i, :, :] = rng.integers(0, 40, (28, 28))
             images[i, label * 9 : label * 9 + 9, :] = 220  # a class-specific bright band
+        header = [0x803, n, 28, 28]  # IDX: magic (unsigned byte, 3 dims), then the sizes
         with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(b"\0" * 16 + images.tobytes())
+            f.write(b"".join(v.to_bytes(4, "big") for v in header) + images.tobytes())
         with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(b"\0" * 8 + labels.tobytes())
+            f.write(b"".join(v.to_bytes(4, "big") for v in (0x801, n)) + labels.tobytes())
     return root

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import gzip
+import logging
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import training.data as data_module
 from tests.training.conftest import write_fashion_mnist
 from training.augment import DataAugmentationDINO
 from training.data import (
     DataError,
     ImageFolderDataset,
+    ImageTooLargeError,
     build_dataset,
+    canvas_transform,
     collate_crops,
     find_images,
+    load_rgb,
     read_fashion_mnist,
 )
 
@@ -36,7 +45,8 @@ def test_folder_is_recursive_and_skips_unreadable_files(tmp_path):
         assert image.ndim == 3 and image.shape[2] == 3  # grayscale became RGB
         seen.append(image.shape)
         skipped.update(bad)
-    assert {p.rsplit("/", 1)[-1] for p in skipped} == {"c.jpg", "d.png"}
+    assert {path.rsplit("/", 1)[-1] for path, _ in skipped} == {"c.jpg", "d.png"}
+    assert all(reason for _, reason in skipped)  # the warning says why
 
 
 def test_missing_or_empty_folder(tmp_path):
@@ -65,9 +75,125 @@ def test_multicrop_shapes_order_and_collation():
     crops = aug(image)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 for c in crops)
-    batch, bad = collate_crops([(crops, ()), (aug(image), ("x.jpg",))])
+    batch, bad = collate_crops([(crops, ()), (aug(image), (("x.jpg", "OSError: truncated"),))])
     assert [tuple(b.shape) for b in batch] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
-    assert bad == ["x.jpg"]
+    assert bad == [("x.jpg", "OSError: truncated")]
     # A constant mid-grey image stays finite and ImageNet-normalised.
     grey = aug(Image.new("RGB", (40, 40), (124, 116, 104)))[0]
     assert grey.abs().max() < 3
+
+
+def test_folder_scan_visits_each_real_folder_once_and_only_regular_files(tmp_path, caplog):
+    root = tmp_path / "data"
+    (root / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "cats" / "a.png")
+    Image.new("RGB", (8, 8)).save(root / "b.png")
+    (root / "loop").symlink_to(root)  # a loop: followed once, not 40 levels deep
+    (root / "cats" / "again").symlink_to(root / "cats")
+    (root / "alias").symlink_to(root / "cats")  # a second name for one folder
+    (root / ".thumbnails").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".thumbnails" / "c.png")  # hidden folder
+    Image.new("RGB", (8, 8)).save(root / ".d.png")  # hidden file
+    os.mkfifo(root / "pipe.png")  # would block open() forever
+    (root / "dangling.png").symlink_to(root / "missing.png")
+    found = [path.relative_to(root).as_posix() for path in find_images(root)]
+    assert len(found) == 2 and "b.png" in found
+    assert sum(name.endswith("a.png") for name in found) == 1
+
+
+def test_folders_that_cannot_be_read_are_named(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "data"
+    (root / "locked").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # chmod 000 does not stop root, who runs CI
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(data_module.os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        assert [p.name for p in find_images(root)] == ["b.png"]
+    assert any("locked" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 16).astype(np.uint16).reshape(16, 64)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")  # mode I;16
+    rgb = np.asarray(load_rgb(tmp_path / "ramp.png"))
+    expected = (ramp.astype(np.uint32) * 255 + 32767) // 65535  # round(v * 255 / 65535)
+    assert rgb.shape == (16, 64, 3)
+    np.testing.assert_array_equal(rgb[..., 0], expected)
+    assert len(np.unique(rgb)) > 200  # convert("RGB") alone leaves 2 levels, mostly white
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header(tmp_path):
+    Image.new("L", (300, 200)).save(tmp_path / "big.png")
+    Image.new("L", (10, 10)).save(tmp_path / "small.png")
+    with pytest.raises(ImageTooLargeError, match="300x200 = 60000 pixels"):
+        load_rgb(tmp_path / "big.png", max_pixels=50_000)
+    dataset = ImageFolderDataset(tmp_path, lambda im: im.size, max_image_pixels=50_000)
+    size, bad = dataset[0]  # big.png sorts first: passed over, with the reason
+    assert size == (10, 10)
+    assert [(Path(path).name, reason.split(":")[0]) for path, reason in bad] == [
+        ("big.png", "ImageTooLargeError")
+    ]
+    assert load_rgb(tmp_path / "big.png", max_pixels=0).size == (300, 200)
+
+
+def test_a_run_of_bad_files_is_tried_once_per_file(tmp_path, monkeypatch):
+    for i in range(30):
+        (tmp_path / f"bad{i:02}.jpg").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "z.png")
+    attempts = []
+    real = data_module.load_rgb
+
+    def counting(path, *args):
+        attempts.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(data_module, "load_rgb", counting)
+    dataset = ImageFolderDataset(tmp_path, lambda im: im.size)
+    reported = []
+    for index in range(len(dataset)):
+        size, bad = dataset[index]
+        assert size == (8, 8)
+        reported += [path for path, _ in bad]
+    assert len(attempts) == 30 + 31  # each bad file once, the good one per item
+    assert sorted(Path(p).name for p in reported) == [f"bad{i:02}.jpg" for i in range(30)]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncated", "cannot read Fashion-MNIST file"),
+        ("not_idx", "not a Fashion-MNIST IDX file"),
+        ("short", "cut short or padded"),
+        ("empty", "not a Fashion-MNIST IDX file"),
+    ],
+)
+def test_damaged_fashion_mnist_files_are_one_line_errors(tmp_path, damage, message):
+    root = write_fashion_mnist(tmp_path / "fm", n_train=12, n_test=5)
+    path = root / "t10k-images-idx3-ubyte.gz"
+    packed = path.read_bytes()
+    raw = gzip.decompress(packed)
+    if damage == "truncated":  # an interrupted download
+        path.write_bytes(packed[: len(packed) // 2])
+    elif damage == "not_idx":
+        path.write_bytes(gzip.compress(b"<html>" + raw[6:]))
+    elif damage == "short":
+        path.write_bytes(gzip.compress(raw[:-100]))
+    else:
+        path.write_bytes(gzip.compress(b""))
+    with pytest.raises(DataError, match=message):
+        read_fashion_mnist("test", root)
+
+
+def test_canvases_of_thin_images_stay_small():
+    torch.manual_seed(0)
+    strip = Image.new("RGB", (20_000, 2))  # resized whole, 2.2 million x 224
+    canvas = canvas_transform(224)(strip)
+    assert tuple(canvas.shape) == (3, 224, 224)
+    tall = canvas_transform(32)(Image.new("RGB", (3, 900)))
+    assert tuple(tall.shape) == (3, 32, 32)

@@ -341,8 +341,8 @@ def test_canvas_transform_and_collation():
     canvas = canvas_transform(37)(image)
     assert canvas.dtype == torch.uint8 and tuple(canvas.shape) == (3, 37, 37)
     assert tuple(canvas_transform(None)(image).shape) == (3, 40, 60)
-    batch, bad = collate_canvases([(canvas, ()), (canvas, ("x.jpg",))])
-    assert tuple(batch.shape) == (2, 3, 37, 37) and bad == ["x.jpg"]
+    batch, bad = collate_canvases([(canvas, ()), (canvas, (("x.jpg", "OSError"),))])
+    assert tuple(batch.shape) == (2, 3, 37, 37) and bad == [("x.jpg", "OSError")]
     with pytest.raises(DataError, match="canvas_size"):
         collate_canvases([(canvas, ()), (canvas[:, :30], ())])
 

@@ -189,6 +189,37 @@ def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, c
     assert "Traceback" not in message
 
 
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (
+            RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"),
+            "the system killed it",
+        ),
+        (MemoryError(), "out of memory; try a smaller --batch_size_per_gpu"),
+    ],
+)
+def test_a_killed_worker_or_lack_of_memory_is_one_line(
+    tmp_path, image_dir, caplog, monkeypatch, failure, expected
+):
+    def run(self):
+        raise failure
+
+    monkeypatch.setattr(Trainer, "run", run)
+    assert main(tiny_args(image_dir, tmp_path / "run")) == 1
+    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert expected in message and "checkpoint.pth" in message
+
+
+def test_other_runtime_errors_keep_their_traceback(tmp_path, image_dir, monkeypatch):
+    def run(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Trainer, "run", run)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(tiny_args(image_dir, tmp_path / "run"))
+
+
 # Operators that copy a device value to the host (or need its value to size a result): each one
 # stalls the CPU until the GPU catches up, so a step must run none of them.
 _HOST_SYNC_OPS = frozenset(
