@@ -78,20 +78,24 @@ def find_images(root: Path) -> list[Path]:
             if (info.st_dev, info.st_ino) in seen:
                 continue
             seen.add((info.st_dev, info.st_ino))
-            entries = list(os.scandir(folder))
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as err:
             logger.warning("cannot read the folder %s (%s); its images are left out", folder, err)
             continue
+        subfolders = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
                 if entry.is_dir():  # follows symlinks
-                    pending.append(Path(entry.path))
+                    subfolders.append(Path(entry.path))
                 elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
                     found.append(Path(entry.path))
             except OSError:  # a dangling or looping link: as unreadable as it gets, skip it
                 continue
+        # Depth first in name order, so which name of a folder linked twice is kept does not
+        # depend on the file system's listing order.
+        pending.extend(reversed(subfolders))
     return sorted(found)
 
 
