@@ -198,30 +198,6 @@ def fetch_pretrained(
     return target
 
 
-def fetch_and_verify(
-    name: str,
-    *,
-    cache_dir: Path,
-    base_url: str | None = None,
-    progress: bool = True,
-    timeout: float = 60.0,
-) -> Path:
-    """:func:`fetch_pretrained`, whose file is loaded and checked by :func:`verify_structure`.
-
-    :func:`fetch_pretrained` itself now checks every file it returns; this name stays for the
-    callers that spell the check out.
-
-    Returns:
-        The cached checkpoint, known to hold exactly the named architecture's tensors.
-
-    Raises:
-        PretrainedError: As :func:`fetch_pretrained`.
-    """
-    return fetch_pretrained(
-        name, cache_dir=cache_dir, base_url=base_url, progress=progress, timeout=timeout
-    )
-
-
 def describe_source(spec: PretrainedSpec, path: Path, sha256: str) -> str:
     """Where the cached checkpoint of ``spec`` came from, for an export's metadata.
 

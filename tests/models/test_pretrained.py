@@ -33,7 +33,6 @@ from models.pretrained import (
     PRETRAINED,
     PretrainedError,
     default_cache_dir,
-    fetch_and_verify,
     fetch_pretrained,
     get_spec,
     read_state_dict,
@@ -206,7 +205,7 @@ def test_download_then_structure_check(
 ) -> None:
     mirror.routes[VITS16_PATH] = ("ok", vits16_bytes)
     cache = tmp_path / "cache"
-    path = fetch_and_verify("dino_vits16", cache_dir=cache, base_url=mirror.base_url)
+    path = fetch_pretrained("dino_vits16", cache_dir=cache, base_url=mirror.base_url)
 
     assert path == cache / "dino_deitsmall16_pretrain.pth"
     assert path.read_bytes() == vits16_bytes
