@@ -315,7 +315,9 @@ VIEW_OPS = frozenset(
 
 # Operators that read a tensor's value on the host (item, float(t), data-dependent shapes): on a
 # GPU each one waits for the device to catch up.
-HOST_SYNC_OPS = frozenset(["_local_scalar_dense", "nonzero", "masked_select", "is_nonzero"])
+HOST_SYNC_OPS = frozenset(
+    ["_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_consecutive"]
+)
 
 
 class OpCounter(TorchDispatchMode):

@@ -167,7 +167,7 @@ class PreprocessingRecipe:
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, RecursionError) as err:
             raise ValueError(f"invalid preprocessing recipe {text[:200]!r}: {err}") from err
         if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"invalid preprocessing recipe {text!r}: mean/std need 3 values")
+            raise ValueError(f"invalid preprocessing recipe {text[:200]!r}: mean/std need 3 values")
         return recipe
 
 

@@ -254,6 +254,8 @@ def _check_cached(target: Path, spec: PretrainedSpec) -> str | None:
             before.st_mtime_ns,
         ):
             target.unlink()
+            with contextlib.suppress(OSError):  # its record goes with it, not a newer file's
+                origin_path(target).unlink(missing_ok=True)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -261,8 +263,6 @@ def _check_cached(target: Path, spec: PretrainedSpec) -> str | None:
             f"the cached {target} {problem}, and it cannot be removed ({exc.strerror or exc}); "
             "delete it by hand and run again"
         ) from None
-    with contextlib.suppress(OSError):
-        origin_path(target).unlink(missing_ok=True)
     return problem
 
 

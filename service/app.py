@@ -8,7 +8,6 @@ docs. Domain errors (:mod:`service.errors`) become ``{"error": {"code", "message
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import hmac
@@ -274,16 +273,25 @@ async def _unless_disconnected(
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.exception() is not None:
+            # The server could not tell (an ASGI server without disconnect events): just wait.
+            logger.debug("disconnect watch failed", exc_info=watcher.exception())
+            await asyncio.wait((task,))
     except BaseException:  # the route itself was cancelled (shutdown)
         task.cancel()
         watcher.cancel()
+        await asyncio.wait((task,))  # its capacity is freed only once its work has stopped
         raise
     if task.done():  # the answer is ready, even if the client left at the same moment
         watcher.cancel()
         return task.result()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the route itself is being cancelled too: not the client's doing
     logger.info("client disconnected before the answer for its %d image(s); work withdrawn", images)
     raise ClientDisconnectedError("the client closed the connection before its answer was ready")
 
@@ -613,14 +621,13 @@ class _RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
-
-        started = False
+        answering = False  # the response's start has been sent
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, answering
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                started = True
+                answering = True
             await send(message)
 
         try:
@@ -629,7 +636,7 @@ class _RequestMetrics:
             # Answered here rather than by Starlette's outermost handler, which re-raises after
             # answering: uvicorn would then log the error a second time and close the
             # keep-alive connection under the client's next request.
-            if started:
+            if answering:
                 raise  # part of an answer is out: only closing the connection is left
             logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
             response = _error_response(500, "internal_error", "internal server error", None)

@@ -19,9 +19,9 @@ and the client sees only that reference, never the engine's text.
 Admission is counted in images from the moment a request's images are accepted (before they
 are decoded) until its answer is built; beyond ``capacity`` the request is refused with 429.
 
-A request cancelled while its images wait (its client disconnected) withdraws them from the
-queue, so no batch runs for an answer nobody will read; images already in a running batch finish
-and their results are dropped.
+A request that ends while its images wait (its client disconnected, or another of its images
+failed) withdraws them from the queue, so no batch runs for an answer nobody will read; images
+already in a running batch finish and their results are dropped.
 """
 
 from __future__ import annotations
@@ -198,12 +198,14 @@ class Batcher:
         self._wake.set()
         try:
             return list(await asyncio.gather(*(item.future for _, item in items)))
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled (client gone), or one image failed: the rest is moot
             self._withdraw(items)
+            for _, item in items:
+                item.future.cancel()  # a no-op for those done; running batches drop the rest
             raise
 
     def _withdraw(self, items: list[tuple[tuple[OnnxModel, int, int], _Item]]) -> None:
-        """Take a cancelled request's images that still wait out of the queue."""
+        """Take the images of a request that ended early and still wait out of the queue."""
         withdrawn = 0
         for key, item in items:
             group = self._groups.get(key)

@@ -50,8 +50,8 @@ class Metrics:
         )
         self.withdrawn = Counter(
             "dino_withdrawn_images",
-            "Images taken out of the batcher queue before inference because their client "
-            "disconnected.",
+            "Images taken out of the batcher queue before inference because their request "
+            "ended (the client disconnected, or another of its images failed).",
             registry=registry,
         )
         self.batch_size = Histogram(

@@ -215,13 +215,18 @@ class ModelManager:
             versions = model_versions(settings.model_repository, settings.model_name)
         except OSError as err:
             return f"cannot list {folder}: {err.strerror or err}"
-        if settings.version_policy == "pinned" and versions:
-            listed = ", ".join(str(v) for v in versions)
+        if not versions:
+            return f"no model version found in {folder}"
+        listed = ", ".join(str(v) for v in versions)
+        if settings.version_policy == "pinned" and settings.model_version not in versions:
             return (
                 f"the pinned version {settings.model_version} is not in {folder} "
                 f"(versions there: {listed})"
             )
-        return f"no model version found in {folder}"
+        return (
+            f"versions {listed} found in {folder} but not loaded yet (the next scan or "
+            "POST /admin/reload loads them)"
+        )
 
     def _forget_missing(self, versions: list[int]) -> None:
         """Drop failures of versions whose files are gone (deleted versions are not news)."""

@@ -99,8 +99,8 @@ class PretrainConfig:
     data_path: str = _opt("", "Image folder, or fashion-mnist:train / fashion-mnist:test.")
     max_image_pixels: int = _opt(
         89_478_485,
-        "Images with more pixels are skipped (read from the header, before decoding); 0: no "
-        "limit of ours (PIL's hard limit, twice the default, still applies).",
+        "Images with more pixels are skipped (read from the header, before decoding); at most "
+        "178956970, PIL's hard limit (0: that limit).",
     )
     output_dir: str = _opt(".", "Where checkpoints and logs go.")
     saveckp_freq: int = _opt(20, "Also keep checkpoint{epoch:04}.pth every N epochs.")
@@ -136,8 +136,11 @@ class PretrainConfig:
             )
         if self.canvas_size < 0:
             raise ConfigError(f"--canvas_size must be >= 0, got {self.canvas_size}")
-        if self.max_image_pixels < 0:
-            raise ConfigError(f"--max_image_pixels must be >= 0, got {self.max_image_pixels}")
+        if not 0 <= self.max_image_pixels <= 2 * 89_478_485:
+            raise ConfigError(
+                f"--max_image_pixels must be in [0, 178956970] (PIL refuses larger images "
+                f"anyway), got {self.max_image_pixels}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         positive = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_every")

@@ -10,6 +10,7 @@ that is not a regular file, and warns about folders it cannot read.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import os
@@ -52,6 +53,10 @@ class DataError(ValueError):
 # PIL's own threshold for a decompression-bomb warning (it refuses twice as many pixels).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+# Errors of the moment (I/O, file-table limits, NFS), not of the file: not remembered as bad.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EIO, errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.ENOMEM, errno.ESTALE}
+)
 # What a bad file raises while it is opened and decoded.
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -115,9 +120,17 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
         OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError: Unreadable,
             truncated, not a regular file, or over PIL's limit.
     """
-    with open(path, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+    # Non-blocking open: opening a named pipe for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
+        os.set_blocking(fd, True)
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
         with warnings.catch_warnings():  # the size is checked here, with the limit in force
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(handle)
@@ -152,7 +165,8 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
     Each item is ``(transform(image), bad)`` where ``bad`` lists the ``(path, reason)`` of the
     files that were skipped to reach a readable one (usually empty). A file found bad is
     remembered by the process (each loader worker has its own memory) and not tried again, so
-    a folder of bad files costs one attempt per file, not one per item that passes by it.
+    a folder of bad files costs one attempt per file, not one per item that passes by it (an
+    error of the moment, such as EIO or a stale NFS handle, is not remembered).
 
     Args:
         root: Folder to scan recursively.
@@ -193,7 +207,8 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
             try:
                 image = load_rgb(path, self.max_image_pixels)
             except UNREADABLE_ERRORS as err:
-                self._known_bad.add(position)
+                if not (isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS):
+                    self._known_bad.add(position)  # a transient failure is tried again later
                 bad.append((str(path), _reason(err)))
                 continue
             return self.transform(image), tuple(bad)

@@ -699,6 +699,22 @@ def user_message(err: BaseException) -> str:
     return last.removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
 
 
+def resource_failure(err: BaseException) -> str | None:
+    """A one-line account of a run stopped by lack of memory or a killed loader worker, or
+    ``None`` for any other error (a bug, whose traceback is the report)."""
+    first = user_message(err).strip().splitlines()[0].rstrip(". ") if str(err).strip() else ""
+    if isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError)
+        and (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err))
+    ):
+        return f"out of memory ({first})" if first else "out of memory"
+    text = str(err)
+    died = "exited unexpectedly" in text or "killed by signal" in text
+    if isinstance(err, RuntimeError) and "DataLoader worker" in text and died:
+        return f"{first}: the system killed it, usually for lack of memory"
+    return None
+
+
 def _setup_logging(is_main: bool) -> None:
     """Log INFO on rank 0 and warnings only elsewhere, to stderr (once per process)."""
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -735,22 +751,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
         logger.error("error: %s", user_message(err))
         return 1
-    except MemoryError as err:
-        logger.error(
-            "error: out of memory%s; try a smaller --batch_size_per_gpu, fewer --num_workers or "
-            "a lower --max_image_pixels (resume from %s)",
-            f" ({user_message(err)})" if str(err) else "",
-            Path(config.output_dir) / CHECKPOINT_NAME,
-        )
-        return 1
-    except RuntimeError as err:
-        if "DataLoader worker" not in str(err) or "exited unexpectedly" not in str(err):
+    except (MemoryError, RuntimeError) as err:
+        message = resource_failure(err)
+        if message is None:
             raise  # a bug: its traceback is the report
         logger.error(
-            "error: %s; the system killed it, usually for lack of memory: try fewer "
-            "--num_workers, a smaller --batch_size_per_gpu or a lower --max_image_pixels "
-            "(resume from %s)",
-            str(err).splitlines()[0].rstrip(". "),
+            "error: %s; try a smaller --batch_size_per_gpu, fewer --num_workers or a lower "
+            "--max_image_pixels (resume from %s)",
+            message,
             Path(config.output_dir) / CHECKPOINT_NAME,
         )
         return 1

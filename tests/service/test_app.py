@@ -373,6 +373,10 @@ def test_health_readiness_models_metrics_docs(live: LiveServer) -> None:
     ]:
         assert name in text, name
     assert live.metric("dino_http_requests_total", {"route": "/embed", "status": "200"}) >= 1
+    # Latency is the request's duration (seconds), not a clock reading.
+    count = live.metric("dino_http_request_duration_seconds_count", {"route": "/embed"})
+    total = live.metric("dino_http_request_duration_seconds_sum", {"route": "/embed"})
+    assert count >= 1 and 0 < total < 10 * count
     spec = live.client.get("/openapi.json").json()
     body = spec["paths"]["/embed"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "image/*" in body

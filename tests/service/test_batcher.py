@@ -118,3 +118,34 @@ def test_cancelled_while_running_finishes_and_drops_its_results() -> None:
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_image_withdraws_the_rest_of_its_request() -> None:
+    async def scenario() -> None:
+        metrics = Metrics()
+        batcher = _batcher(metrics, delay_s=0.3)
+        model = _FakeModel()
+        model.gate.set()
+        await batcher.start()
+        try:
+            small = np.zeros((3, 8, 8), np.float32)  # two groups, both waiting 0.3 s
+            waiting = _images(2.0)[0]
+            request = asyncio.create_task(
+                batcher.submit(model, [small, waiting], ("cls_embedding",))
+            )
+            await asyncio.sleep(0.05)
+            # Fail the 8x8 image's future as a failed inference would.
+            for group in list(batcher._groups.values()):
+                for item in group:
+                    if item.pixels.shape[1] == 8:
+                        item.future.set_exception(RuntimeError("inference failed"))
+            with pytest.raises(RuntimeError, match="inference failed"):
+                await request
+            assert _sample(metrics, "dino_withdrawn_images_total") == 2  # both left the queue
+            await asyncio.sleep(0.4)
+            assert model.calls == []  # the 16x16 image never ran
+            assert _sample(metrics, "dino_queue_depth") == 0
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,14 +87,15 @@ def _raw_embed(url: str, blob: bytes) -> socket.socket:
 
 
 def test_disconnected_client_is_withdrawn_from_the_queue(tiny_model_repository: Path) -> None:
-    # A long queue delay keeps both requests waiting; the one whose client leaves is taken out
-    # of the queue (no inference for it, capacity freed at once) and the other one is answered
-    # from a batch of one image.
-    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=1500, max_batch_size=8)
+    # A 60 s queue delay and batches of 3: nothing runs until a batch is full, so no timing is
+    # involved. The client that leaves has its image taken out of the queue (no inference for
+    # it, capacity freed at once); the batch that runs holds the kept image and a later
+    # request's two.
+    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=60_000, max_batch_size=3)
     with run_server(settings) as server:
         batches = server.metric("dino_batch_size_count")
         images = server.metric("dino_batch_size_sum")
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             barrier = threading.Barrier(1)
             kept = pool.submit(_post, server.url, png_bytes(seed=1), {}, barrier)
             wait_for(lambda: server.metric("dino_queue_depth") == 1)
@@ -103,35 +103,15 @@ def test_disconnected_client_is_withdrawn_from_the_queue(tiny_model_repository: 
             wait_for(lambda: server.metric("dino_queue_depth") == 2)
             leaving.close()
             wait_for(lambda: server.metric("dino_withdrawn_images_total") == 1)
+            wait_for(lambda: server.metric("dino_http_requests_total", {"status": "499"}) == 1)
             assert server.metric("dino_queue_depth") == 1
             assert server.metric("dino_images_in_flight") == 1
+            assert server.metric("dino_batch_size_count") == batches  # nothing ran yet
+            files = [("images", (f"{i}.png", png_bytes(seed=3 + i), "image/png")) for i in (0, 1)]
+            assert server.client.post("/embed", files=files).status_code == 200
             assert kept.result() == 200
-        wait_for(
-            lambda: server.metric("dino_http_requests_total", {"status": "499"}) == 1,
-        )
         assert server.metric("dino_batch_size_count") - batches == 1
-        assert server.metric("dino_batch_size_sum") - images == 1
+        assert server.metric("dino_batch_size_sum") - images == 3
         assert server.metric("dino_images_in_flight") == 0
         assert server.metric("dino_queue_depth") == 0
         assert server.metric("dino_http_requests_total", {"status": "500"}) == 0
-        # The batcher still serves the size whose group was emptied under it.
-        assert (
-            server.client.post(
-                "/embed", content=png_bytes(seed=3), headers={"content-type": "image/png"}
-            ).status_code
-            == 200
-        )
-
-
-def test_disconnect_of_the_only_waiting_client_runs_no_batch(tiny_model_repository: Path) -> None:
-    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=800, max_batch_size=8)
-    with run_server(settings) as server:
-        batches = server.metric("dino_batch_size_count")
-        leaving = _raw_embed(server.url, png_bytes(seed=4))
-        wait_for(lambda: server.metric("dino_queue_depth") == 1)
-        leaving.close()
-        wait_for(lambda: server.metric("dino_withdrawn_images_total") == 1)
-        assert server.metric("dino_images_in_flight") == 0
-        time.sleep(1.0)  # past the group's deadline: nothing is left to run
-        assert server.metric("dino_batch_size_count") == batches
-        assert server.metric("dino_queue_depth") == 0

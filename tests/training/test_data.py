@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import os
@@ -99,6 +100,8 @@ def test_folder_scan_visits_each_real_folder_once_and_only_regular_files(tmp_pat
     found = [path.relative_to(root).as_posix() for path in find_images(root)]
     assert len(found) == 2 and "b.png" in found
     assert sum(name.endswith("a.png") for name in found) == 1
+    with pytest.raises(ValueError, match="not a regular file"):  # and no wait for a writer
+        load_rgb(root / "pipe.png")
 
 
 def test_folders_that_cannot_be_read_are_named(tmp_path, monkeypatch, caplog):
@@ -162,6 +165,25 @@ def test_a_run_of_bad_files_is_tried_once_per_file(tmp_path, monkeypatch):
         reported += [path for path, _ in bad]
     assert len(attempts) == 30 + 31  # each bad file once, the good one per item
     assert sorted(Path(p).name for p in reported) == [f"bad{i:02}.jpg" for i in range(30)]
+
+
+def test_a_transient_io_error_is_not_remembered(tmp_path, monkeypatch):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    real = data_module.load_rgb
+    failures = {"a.png": 1}
+
+    def flaky(path, *args):
+        if failures.get(path.name):
+            failures[path.name] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, *args)
+
+    monkeypatch.setattr(data_module, "load_rgb", flaky)
+    dataset = ImageFolderDataset(tmp_path, lambda im: im.size)
+    size, bad = dataset[0]
+    assert size == (4, 4) and [Path(p).name for p, _ in bad] == ["a.png"]
+    assert dataset[0] == ((8, 8), ())  # tried again: it reads now
 
 
 @pytest.mark.parametrize(

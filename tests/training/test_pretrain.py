@@ -196,7 +196,10 @@ def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, c
             RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"),
             "the system killed it",
         ),
+        (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), "killed it"),
         (MemoryError(), "out of memory; try a smaller --batch_size_per_gpu"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "memory (CUDA"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"), "out of memory ("),
     ],
 )
 def test_a_killed_worker_or_lack_of_memory_is_one_line(
