@@ -273,9 +273,9 @@ async def _unless_disconnected(
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done() and watcher.exception() is not None:
+        if not task.done() and (watcher.cancelled() or watcher.exception() is not None):
             # The server could not tell (an ASGI server without disconnect events): just wait.
-            logger.debug("disconnect watch failed", exc_info=watcher.exception())
+            logger.debug("the disconnect watch ended without a disconnect")
             await asyncio.wait((task,))
     except BaseException:  # the route itself was cancelled (shutdown)
         task.cancel()
@@ -630,8 +630,12 @@ class _RequestMetrics:
                 answering = True
             await send(message)
 
+        cancelled = False
         try:
             await self.app(scope, receive, send_and_record)
+        except asyncio.CancelledError:
+            cancelled = True  # shutdown: not an answer, not counted as one
+            raise
         except Exception:
             # Answered here rather than by Starlette's outermost handler, which re-raises after
             # answering: uvicorn would then log the error a second time and close the
@@ -646,8 +650,9 @@ class _RequestMetrics:
             path = getattr(route, "path", None)
             if path is None:
                 path = "other"  # unmatched paths: one label, not one per probe
-            self.metrics.requests.labels(path, str(status)).inc()
-            self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+            if answering or not cancelled:
+                self.metrics.requests.labels(path, str(status)).inc()
+                self.metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class _Item:
     outputs: tuple[str, ...]
     model: OnnxModel
     future: asyncio.Future[Result]
+    siblings: list[asyncio.Future[Result]]  # every future of the request, this one included
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -187,10 +188,10 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         items: list[tuple[tuple[OnnxModel, int, int], _Item]] = []
-        for array in pixels:
-            future: asyncio.Future[Result] = loop.create_future()
+        futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in pixels]
+        for array, future in zip(pixels, futures, strict=True):
             key = (model, int(array.shape[1]), int(array.shape[2]))
-            item = _Item(array, outputs, model, future)
+            item = _Item(array, outputs, model, future, futures)
             self._groups.setdefault(key, deque()).append(item)
             items.append((key, item))
         self._queued += len(pixels)
@@ -245,7 +246,9 @@ class Batcher:
                 del self._groups[key]
             self._queued -= len(taken)
             self._metrics.queue_depth.set(self._queued)
-            live = [item for item in taken if not item.future.done()]  # skip cancelled requests
+            live = [item for item in taken if not item.future.done()]
+            if len(live) < len(taken):  # their requests ended while they waited
+                self._metrics.withdrawn.inc(len(taken) - len(live))
             if live:
                 await self._execute(live)
 
@@ -282,6 +285,8 @@ class Batcher:
                         "the details are in the service log"
                     )
                 )
+                for sibling in items[0].siblings:  # the request has failed: no work for the rest
+                    sibling.cancel()
             return
         elapsed = time.perf_counter() - started
         self._metrics.stage_seconds.labels("inference").observe(elapsed)

@@ -223,9 +223,10 @@ class ModelManager:
                 f"the pinned version {settings.model_version} is not in {folder} "
                 f"(versions there: {listed})"
             )
+        chosen = settings.model_version if settings.version_policy == "pinned" else versions[-1]
         return (
-            f"versions {listed} found in {folder} but not loaded yet (the next scan or "
-            "POST /admin/reload loads them)"
+            f"version {chosen} (of {listed}) found in {folder} but not loaded yet; the next "
+            "scan or POST /admin/reload loads it"
         )
 
     def _forget_missing(self, versions: list[int]) -> None:

@@ -17,6 +17,7 @@ import os
 import stat
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _TRANSIENT_ERRNOS = frozenset(
     {errno.EIO, errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.ENOMEM, errno.ESTALE}
 )
+_TRANSIENT_TRIES = 3  # failures of the moment before a file is given up on all the same
 # What a bad file raises while it is opened and decoded.
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -166,7 +168,7 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
     files that were skipped to reach a readable one (usually empty). A file found bad is
     remembered by the process (each loader worker has its own memory) and not tried again, so
     a folder of bad files costs one attempt per file, not one per item that passes by it (an
-    error of the moment, such as EIO or a stale NFS handle, is not remembered).
+    error of the moment, such as EIO or a stale NFS handle, is given three tries).
 
     Args:
         root: Folder to scan recursively.
@@ -192,6 +194,7 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
         self.transform = transform
         self.max_image_pixels = max_image_pixels
         self._known_bad: set[int] = set()
+        self._transient: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -207,8 +210,11 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
             try:
                 image = load_rgb(path, self.max_image_pixels)
             except UNREADABLE_ERRORS as err:
-                if not (isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS):
-                    self._known_bad.add(position)  # a transient failure is tried again later
+                transient = isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS
+                if transient:  # tried again later, a few times: EIO may also be for good
+                    self._transient[position] += 1
+                if not transient or self._transient[position] >= _TRANSIENT_TRIES:
+                    self._known_bad.add(position)
                 bad.append((str(path), _reason(err)))
                 continue
             return self.transform(image), tuple(bad)

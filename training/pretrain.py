@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -699,20 +700,51 @@ def user_message(err: BaseException) -> str:
     return last.removeprefix(prefix).removeprefix(f"{type(err).__name__}: ")
 
 
+_MEMORY_ADVICE = (
+    "try a smaller --batch_size_per_gpu, fewer --num_workers or a lower --max_image_pixels"
+)
+
+
+def _worker_signal(err: BaseException) -> str | None:
+    """The signal that killed a loader worker, from the error or the errors it wraps."""
+    seen: BaseException | None = err
+    for _ in range(8):  # a short chain; a cycle is not followed forever
+        if seen is None:
+            break
+        found = re.search(r"killed by signal: ([^.\n]+)", str(seen))
+        if found:
+            return found.group(1).strip()
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def resource_failure(err: BaseException) -> str | None:
-    """A one-line account of a run stopped by lack of memory or a killed loader worker, or
-    ``None`` for any other error (a bug, whose traceback is the report)."""
-    first = user_message(err).strip().splitlines()[0].rstrip(". ") if str(err).strip() else ""
+    """A one-line account, with advice, of a run stopped by lack of memory or by a loader
+    worker killed for it; ``None`` for anything else (a crash or a bug, whose traceback is the
+    report)."""
+    lines = user_message(err).strip().splitlines()
+    first = lines[0].rstrip(". ") if lines else ""
     if isinstance(err, MemoryError) or (
         isinstance(err, RuntimeError)
         and (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err))
     ):
-        return f"out of memory ({first})" if first else "out of memory"
-    text = str(err)
-    died = "exited unexpectedly" in text or "killed by signal" in text
-    if isinstance(err, RuntimeError) and "DataLoader worker" in text and died:
-        return f"{first}: the system killed it, usually for lack of memory"
-    return None
+        return (
+            f"out of memory ({first}); {_MEMORY_ADVICE}"
+            if first
+            else f"out of memory; {_MEMORY_ADVICE}"
+        )
+    if not (isinstance(err, RuntimeError) and "DataLoader worker" in str(err)):
+        return None
+    signal = _worker_signal(err)
+    if signal == "Killed":  # SIGKILL: the kernel's out-of-memory killer, as a rule
+        return f"{first} (killed by signal: Killed), usually for lack of memory; {_MEMORY_ADVICE}"
+    if signal == "Bus error":  # shared memory (/dev/shm) ran out
+        return (
+            f"{first} (killed by signal: Bus error): the shared memory (/dev/shm) that loader "
+            "workers pass batches through ran out; give the container more (docker run "
+            "--shm-size, compose shm_size) or use fewer --num_workers"
+        )
+    return None  # another signal (a crash in a decoder?) or none: the traceback says more
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -756,10 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise  # a bug: its traceback is the report
         logger.error(
-            "error: %s; try a smaller --batch_size_per_gpu, fewer --num_workers or a lower "
-            "--max_image_pixels (resume from %s)",
-            message,
-            Path(config.output_dir) / CHECKPOINT_NAME,
+            "error: %s (resume from %s)", message, Path(config.output_dir) / CHECKPOINT_NAME
         )
         return 1
     except KeyboardInterrupt:

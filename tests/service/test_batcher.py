@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.app import _unless_disconnected
 from service.batcher import Batcher
+from service.errors import ClientDisconnectedError, InferenceFailedError
 from service.metrics import Metrics
 
 
@@ -121,31 +123,99 @@ def test_cancelled_while_running_finishes_and_drops_its_results() -> None:
 
 
 def test_a_failed_image_withdraws_the_rest_of_its_request() -> None:
+    # The 8x8 image makes inference fail; its request's 16x16 image, waiting in another group,
+    # is withdrawn at once and never run (its group's deadline has passed by then too).
+    class _Failing(_FakeModel):
+        def run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+            if batch.shape[-1] == 8:
+                self.calls.append(len(batch))
+                raise RuntimeError("inference failed")
+            return super().run(batch, outputs)
+
     async def scenario() -> None:
         metrics = Metrics()
-        batcher = _batcher(metrics, delay_s=0.3)
-        model = _FakeModel()
+        batcher = _batcher(metrics, delay_s=0.1)
+        model = _Failing()
         model.gate.set()
         await batcher.start()
         try:
-            small = np.zeros((3, 8, 8), np.float32)  # two groups, both waiting 0.3 s
-            waiting = _images(2.0)[0]
-            request = asyncio.create_task(
-                batcher.submit(model, [small, waiting], ("cls_embedding",))
-            )
-            await asyncio.sleep(0.05)
-            # Fail the 8x8 image's future as a failed inference would.
-            for group in list(batcher._groups.values()):
-                for item in group:
-                    if item.pixels.shape[1] == 8:
-                        item.future.set_exception(RuntimeError("inference failed"))
-            with pytest.raises(RuntimeError, match="inference failed"):
-                await request
-            assert _sample(metrics, "dino_withdrawn_images_total") == 2  # both left the queue
-            await asyncio.sleep(0.4)
-            assert model.calls == []  # the 16x16 image never ran
+            small = np.zeros((3, 8, 8), np.float32)  # queued first: its group runs first
+            with pytest.raises(InferenceFailedError):
+                await batcher.submit(model, [small, _images(2.0)[0]], ("cls_embedding",))
+            assert model.calls == [1]  # the 16x16 image never ran
+            assert _sample(metrics, "dino_withdrawn_images_total") == 1
             assert _sample(metrics, "dino_queue_depth") == 0
+            # Another request of both sizes is served as usual.
+            results = await batcher.submit(model, _images(1.0, 3.0), ("cls_embedding",))
+            assert [r.outputs["cls_embedding"].tolist() for r in results] == [[768.0], [2304.0]]
         finally:
             await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+class _Receive:
+    """An ASGI ``receive`` after the body: blocks until ``leave()`` (or fails, if told to)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.gone = asyncio.Event()
+        self.fail = fail
+
+    async def __call__(self) -> dict[str, Any]:
+        if self.fail:
+            raise RuntimeError("this server does not report disconnects")
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+@dataclass
+class _Request:
+    receive: _Receive
+
+
+def test_unless_disconnected_answers_cancels_or_waits() -> None:
+    async def work(done: asyncio.Event, log: list[str]) -> bytes:
+        try:
+            await done.wait()
+            return b"answer"
+        except asyncio.CancelledError:
+            log.append("work cancelled")
+            raise
+
+    async def scenario() -> None:
+        # The answer comes first.
+        done, log = asyncio.Event(), []
+        done.set()
+        assert await _unless_disconnected(_Request(_Receive()), work(done, log), images=1) == (
+            b"answer"
+        )
+        # The client leaves first: the work is cancelled, the route answers 499.
+        done, log, receive = asyncio.Event(), [], _Receive()
+        route = asyncio.create_task(
+            _unless_disconnected(_Request(receive), work(done, log), images=1)
+        )
+        await asyncio.sleep(0)
+        receive.gone.set()
+        with pytest.raises(ClientDisconnectedError):
+            await route
+        assert log == ["work cancelled"]
+        # The route itself is cancelled (shutdown): the work too, and no 499.
+        done, log = asyncio.Event(), []
+        route = asyncio.create_task(
+            _unless_disconnected(_Request(_Receive()), work(done, log), images=1)
+        )
+        await asyncio.sleep(0)
+        route.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await route
+        assert log == ["work cancelled"]
+        # A server that cannot report disconnects: the answer is awaited.
+        done, log = asyncio.Event(), []
+        route = asyncio.create_task(
+            _unless_disconnected(_Request(_Receive(fail=True)), work(done, log), images=1)
+        )
+        await asyncio.sleep(0.01)
+        done.set()
+        assert await route == b"answer" and log == []
 
     asyncio.run(scenario())

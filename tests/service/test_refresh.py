@@ -291,7 +291,7 @@ def test_readiness_reasons(tiny_model_repository: Path, tmp_path: Path) -> None:
         # The pinned version appears after the last scan (polling off): found, not loaded yet.
         shutil.copytree(source.parent, source.parent.with_name("5"))
         reason = server.client.get("/readyz").json()["reason"]
-        assert reason.startswith("versions 1, 2, 5 found in") and "not loaded yet" in reason
+        assert reason.startswith("version 5 (of 1, 2, 5) found in") and "not loaded yet" in reason
         assert server.client.post("/admin/reload").json()["serving_version"] == 5
     shutil.rmtree(source.parent.with_name("5"))
     # /readyz needs no key: with keys set it names no path or error, /v1/models does.

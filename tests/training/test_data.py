@@ -184,6 +184,11 @@ def test_a_transient_io_error_is_not_remembered(tmp_path, monkeypatch):
     size, bad = dataset[0]
     assert size == (4, 4) and [Path(p).name for p, _ in bad] == ["a.png"]
     assert dataset[0] == ((8, 8), ())  # tried again: it reads now
+    # An I/O error that stays is given up on after three tries, not retried by every item.
+    failures["a.png"] = 1000
+    for _ in range(10):
+        dataset[0]
+    assert failures["a.png"] == 1000 - 2  # three failures in all, with the first one above
 
 
 @pytest.mark.parametrize(

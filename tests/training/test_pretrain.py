@@ -189,14 +189,19 @@ def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, c
     assert "Traceback" not in message
 
 
+def _worker_died(signal: str) -> RuntimeError:
+    """The error torch raises when a loader worker dies: the signal is in the wrapped cause."""
+    err = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    err.__cause__ = RuntimeError(f"DataLoader worker (pid 4242) is killed by signal: {signal}. ")
+    return err
+
+
 @pytest.mark.parametrize(
     ("failure", "expected"),
     [
-        (
-            RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"),
-            "the system killed it",
-        ),
-        (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), "killed it"),
+        (_worker_died("Killed"), "(killed by signal: Killed), usually for lack of memory"),
+        (RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. "), "memory"),
+        (_worker_died("Bus error"), "shm_size"),
         (MemoryError(), "out of memory; try a smaller --batch_size_per_gpu"),
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "memory (CUDA"),
         (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"), "out of memory ("),
@@ -214,12 +219,21 @@ def test_a_killed_worker_or_lack_of_memory_is_one_line(
     assert expected in message and "checkpoint.pth" in message
 
 
-def test_other_runtime_errors_keep_their_traceback(tmp_path, image_dir, monkeypatch):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("a bug"),
+        _worker_died("Segmentation fault"),  # a crash in a decoder: not a lack of memory
+        RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"),  # no signal known
+        RuntimeError("   "),
+    ],
+)
+def test_other_runtime_errors_keep_their_traceback(tmp_path, image_dir, monkeypatch, failure):
     def run(self):
-        raise RuntimeError("a bug")
+        raise failure
 
     monkeypatch.setattr(Trainer, "run", run)
-    with pytest.raises(RuntimeError, match="a bug"):
+    with pytest.raises(RuntimeError):
         main(tiny_args(image_dir, tmp_path / "run"))
 
 
