@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,18 @@ def _batcher(metrics: Metrics, delay_s: float) -> Batcher:
     )
 
 
+@contextlib.asynccontextmanager
+async def _running(delay_s: float) -> AsyncIterator[tuple[Batcher, Metrics]]:
+    """A started batcher (with its metrics), stopped on exit."""
+    metrics = Metrics()
+    batcher = _batcher(metrics, delay_s=delay_s)
+    await batcher.start()
+    try:
+        yield batcher, metrics
+    finally:
+        await batcher.stop()
+
+
 def _sample(metrics: Metrics, name: str) -> float:
     value = metrics.registry.get_sample_value(name)
     return 0.0 if value is None else value
@@ -66,12 +80,9 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 def test_cancelled_while_queued_is_withdrawn_and_never_run() -> None:
     async def scenario() -> None:
-        metrics = Metrics()
-        batcher = _batcher(metrics, delay_s=0.3)
         model = _FakeModel()
         model.gate.set()
-        await batcher.start()
-        try:
+        async with _running(delay_s=0.3) as (batcher, metrics):
             kept = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
             leaving = asyncio.create_task(
                 batcher.submit(model, _images(2.0, 3.0), ("cls_embedding",))
@@ -94,19 +105,14 @@ def test_cancelled_while_queued_is_withdrawn_and_never_run() -> None:
             (again,) = await batcher.submit(model, _images(5.0), ("cls_embedding",))
             assert again.outputs["cls_embedding"].tolist() == [3 * 16 * 16 * 5.0]
             assert model.calls == [1, 1]
-        finally:
-            await batcher.stop()
 
     asyncio.run(scenario())
 
 
 def test_cancelled_while_running_finishes_and_drops_its_results() -> None:
     async def scenario() -> None:
-        metrics = Metrics()
-        batcher = _batcher(metrics, delay_s=0.05)
         model = _FakeModel()
-        await batcher.start()
-        try:
+        async with _running(delay_s=0.05) as (batcher, metrics):
             kept = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
             leaving = asyncio.create_task(batcher.submit(model, _images(2.0), ("cls_embedding",)))
             await asyncio.to_thread(model.started.wait, 10)
@@ -116,8 +122,6 @@ def test_cancelled_while_running_finishes_and_drops_its_results() -> None:
             (result,) = await kept
             assert result.outputs["cls_embedding"].tolist() == [3 * 16 * 16 * 1.0]
             assert model.calls == [2]
-        finally:
-            await batcher.stop()
 
     asyncio.run(scenario())
 
@@ -133,12 +137,9 @@ def test_a_failed_image_withdraws_the_rest_of_its_request() -> None:
             return super().run(batch, outputs)
 
     async def scenario() -> None:
-        metrics = Metrics()
-        batcher = _batcher(metrics, delay_s=0.1)
         model = _Failing()
         model.gate.set()
-        await batcher.start()
-        try:
+        async with _running(delay_s=0.1) as (batcher, metrics):
             small = np.zeros((3, 8, 8), np.float32)  # queued first: its group runs first
             with pytest.raises(InferenceFailedError):
                 await batcher.submit(model, [small, _images(2.0)[0]], ("cls_embedding",))
@@ -148,8 +149,6 @@ def test_a_failed_image_withdraws_the_rest_of_its_request() -> None:
             # Another request of both sizes is served as usual.
             results = await batcher.submit(model, _images(1.0, 3.0), ("cls_embedding",))
             assert [r.outputs["cls_embedding"].tolist() for r in results] == [[768.0], [2304.0]]
-        finally:
-            await batcher.stop()
 
     asyncio.run(scenario())
 
