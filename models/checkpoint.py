@@ -111,26 +111,57 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = [line for line in str(err).splitlines() if "Unsupported global" in line]
+    except Exception as err:  # noqa: BLE001 - torch's unpickler raises KeyError, EOFError, ...
+        refused = weights_only_refusal(err)
         if refused:
             raise CheckpointError(
-                f"{path} contains Python objects that a safe load (torch.load weights_only=True) "
-                f"refuses ({refused[0].strip()}). Loading it would run code from the file. "
+                f"{path} {refused}. Loading it would run code from the file. "
                 "If you trust its source, pass --trust-checkpoint (trust=True)."
             ) from err
         raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupt ({_first_line(err)})"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - torch's unpickler raises KeyError, EOFError, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or corrupt ({_first_line(err)})"
+            f"cannot read checkpoint {path}: the file is not a torch.save file, or it is "
+            f"truncated or corrupt ({load_failure(err)})"
         ) from err
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def first_line(err: BaseException) -> str:
+    """``Type: first line of the message``, without terminal colour codes, at most 200 chars."""
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(err)).splitlines()]
+    text = next((line for line in lines if line), "")
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def weights_only_refusal(err: BaseException) -> str | None:
+    """Why ``torch.load(weights_only=True)`` refused a file, as a clause; ``None`` when ``err``
+    is another failure (a truncated or corrupt file).
+
+    torch's own message is a page of advice that ends in the fact that matters (which Python
+    object the file needs); this keeps that fact.
+    """
+    text = _ANSI_ESCAPE.sub("", str(err))
+    if not isinstance(err, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    needed = re.search(r"GLOBAL ([\w.]+)", text)
+    if needed:
+        return (
+            f"needs the Python object {needed.group(1)}, which a safe load "
+            "(torch.load weights_only=True) refuses"
+        )
+    if re.search(r"Unsupported operand", text):
+        return None  # random bytes and a plain pickle alike: not a torch.save file
+    return "holds Python objects that a safe load (torch.load weights_only=True) refuses"
+
+
+def load_failure(err: BaseException) -> str:
+    """One line on why ``torch.load`` could not read a file that it did not refuse for its
+    Python objects (see :func:`weights_only_refusal`)."""
+    operand = re.search(r"Unsupported operand (\d+)", _ANSI_ESCAPE.sub("", str(err)))
+    if operand:
+        return f"{type(err).__name__}: unknown pickle operation {operand.group(1)}"
+    return first_line(err)
 
 
 def extract_backbone_state_dict(

@@ -226,7 +226,9 @@ def reference_metadata(
                 {"case": i, "size": list(REFERENCE_CASES[i]), CLS_EMBEDDING.name: emb}
                 for i, emb in enumerate(cls_embeddings)
             ],
-            "max_abs_error": REFERENCE_MAX_ABS_ERROR[precision],
+            # rounding grows with the values' size: relative above magnitude 1
+            "max_abs_error": REFERENCE_MAX_ABS_ERROR[precision]
+            * max([1.0, *(abs(v) for emb in cls_embeddings for v in emb)]),
             "min_cosine": REFERENCE_MIN_COSINE[precision],
         }
     )

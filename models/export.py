@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from torchvision import transforms
 
 from models import contract, pretrained
 from models.checkpoint import CheckpointError, LoadedBackbone, load_backbone
+from models.files import fsync_file, fsync_folder, new_temp_file
 from models.vit import VisionTransformer
 
 PRECISIONS = ("float32", "float16")
@@ -162,11 +162,14 @@ def check_parity(
                 row[f"{spec.name}_min_cosine"] = _cosine(out, exp)
             rows.append(row)
             if precision == "float32":
+                by_name = dict(zip(contract.OUTPUT_NAMES, expected, strict=True))
                 for name, limit in FP32_MAX_ABS.items():
-                    if row[f"{name}_max_abs"] > limit:
+                    # float32 rounding grows with the values' size: relative above magnitude 1
+                    allowed = limit * max(1.0, float(np.abs(by_name[name]).max()))
+                    if row[f"{name}_max_abs"] > allowed:
                         raise ExportError(
                             f"parity check failed: {name} differs from PyTorch by "
-                            f"{row[f'{name}_max_abs']:.3g} > {limit:g} at {height}x{width}, "
+                            f"{row[f'{name}_max_abs']:.3g} > {allowed:.3g} at {height}x{width}, "
                             f"batch {batch}"
                         )
     return rows
@@ -282,13 +285,8 @@ def export_model(
         weights_sha256=weights_sha256,
         source=source,
     )
-    fd, tmp_name = tempfile.mkstemp(prefix=".export-", suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkstemp creates 0600; a model file must be readable by the service's user (0644 by default).
-    os.chmod(tmp, 0o666 & ~umask)
+    # mode 0666 less the umask: readable by the service's user (0644 by default)
+    tmp = new_temp_file(path.parent, ".export-", ".onnx.tmp")
     try:
         say(f"tracing ({precision}, resolution {resolution})")
         if precision == "float16":
@@ -302,11 +300,17 @@ def export_model(
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        onnx.checker.check_model(proto)
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid graph"
+            raise ExportError(f"the ONNX checker refused the exported graph: {first}") from err
         onnx.save(proto, str(tmp))
         say("parity check against PyTorch")
         parity = check_parity(_session(tmp), model, resolution=resolution, precision=precision)
+        fsync_file(tmp)  # on disk before the rename makes it visible to a watching service
         os.replace(tmp, path)
+        fsync_folder(path.parent)
     except BaseException:  # also Ctrl-C: never leave a temp file behind
         tmp.unlink(missing_ok=True)
         raise
@@ -320,6 +324,27 @@ def export_model(
     )
     say(report.summary())
     return report
+
+
+def check_repository_target(repository: Path, name: str) -> Path:
+    """Create ``repository/name`` when missing and check that versions can be written there,
+    so that a long job that exports at its end learns of a bad target before it starts.
+
+    Raises:
+        ExportError: The name is invalid, or the folder cannot be created or written.
+    """
+    try:
+        root = Path(repository) / contract.validate_model_name(name)
+    except ValueError as err:
+        raise ExportError(str(err)) from err
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        new_temp_file(root, ".write-check-", ".tmp").unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        where = f" ({err.filename})" if err.filename else ""
+        raise ExportError(f"cannot write model versions into {root}: {reason}{where}") from err
+    return root
 
 
 def next_version_dir(repository: Path, name: str) -> Path:
@@ -388,11 +413,19 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(pretrained.PRETRAINED),
         help="download an official DINO backbone (needs network)",
     )
-    parser.add_argument("--checkpoint-key", default="teacher", help="network of a full checkpoint")
+    parser.add_argument(
+        "--checkpoint-key",
+        "--checkpoint_key",
+        default="teacher",
+        help="network of a full checkpoint",
+    )
     parser.add_argument("--arch", default="auto", help="auto, vit_tiny, vit_small or vit_base")
-    parser.add_argument("--patch-size", type=int, default=None, help="check the patch size")
+    parser.add_argument(
+        "--patch-size", "--patch_size", type=int, default=None, help="check the patch size"
+    )
     parser.add_argument(
         "--num-heads",
+        "--num_heads",
         type=int,
         default=None,
         help="default: from the checkpoint's config or --arch, else embed_dim / 64",
@@ -412,11 +445,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, default=None, help="default: training size")
     parser.add_argument(
         "--trust-checkpoint",
+        "--trust_checkpoint",
         action="store_true",
         help="allow arbitrary pickled objects in the file (only for files you trust)",
     )
     parser.add_argument(
         "--cache-dir",
+        "--cache_dir",
         type=Path,
         default=None,
         help="download cache for --pretrained (default: $DINO_CACHE_DIR, else "

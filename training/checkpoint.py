@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.checkpoint import file_sha256
+from models.checkpoint import file_sha256, load_failure, weights_only_refusal
+from models.files import fsync_folder, new_temp_file
 
 CHECKPOINT_NAME = "checkpoint.pth"
 DIGEST_SUFFIX = ".sha256"
@@ -35,29 +36,23 @@ class CheckpointCorruptError(RuntimeError):
     """A checkpoint cannot be read back: truncated, modified or not a DINO checkpoint."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give ``tmp`` the usual file mode (mkstemp makes it 0600) and rename it to ``path``."""
-    os.chmod(tmp, 0o666 & ~_umask())
+def _publish(tmp: Path, path: Path) -> None:
+    """Make the complete temporary file ``tmp`` the file ``path`` (one atomic rename)."""
     os.replace(tmp, path)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with tmp.open("wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         _publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
 
 
 def digest_path(path: Path) -> Path:
@@ -86,23 +81,48 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with tmp.open("wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        digest = file_sha256(Path(tmp))
+        digest = file_sha256(tmp)
         if path.is_file():  # until the rename below, either file may be the one on disk
             previous = recorded_digests(path) or [file_sha256(path)]
             both = [digest, *(d for d in previous if d != digest)]
             _atomic_write_bytes(digest_path(path), _digest_lines(path.name, both))
         _publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _atomic_write_bytes(digest_path(path), _digest_lines(path.name, [digest]))
     return digest
+
+
+_STALE_TEMP = re.compile(r"\.checkpoint(\d+)?\.pth(\.sha256)?\.[A-Za-z0-9_]+\.tmp")
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Delete the temporary files a killed save left in ``folder``; returns how many.
+
+    A save cut short by SIGKILL (the out-of-memory killer, ``kill -9``, a node failure) leaves
+    ``.checkpoint.pth.<random>.tmp``, as large as a checkpoint; one run owns its output folder,
+    so at its start no other save can be writing them.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if _STALE_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            removed += 1
+    return removed
 
 
 def _sibling_with_digest(path: Path, digest: str) -> Path | None:
@@ -140,9 +160,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... here
+        refused = weights_only_refusal(err)
+        if refused:
+            raise CheckpointCorruptError(
+                f"{path} is not a training.pretrain checkpoint: it {refused}. Official DINO "
+                "checkpoints cannot be resumed; move it away or use another --output_dir."
+            ) from err
         raise CheckpointCorruptError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); "
-            "the file is truncated or corrupted. Delete it to start over, or restore a copy."
+            f"checkpoint {path} cannot be read ({load_failure(err)}); the file is truncated or "
+            "corrupted, or not a checkpoint. Delete it to start over, or restore a copy."
         ) from err
     if not isinstance(state, dict):
         raise CheckpointCorruptError(f"checkpoint {path} does not hold a dict")
@@ -151,4 +177,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointCorruptError(
             f"{path} is not a DINO training checkpoint (missing keys: {', '.join(missing)})"
         )
+    wrong = [
+        f"{key} is {type(state[key]).__name__}"
+        for key in (*REQUIRED_KEYS, "fp16_scaler")
+        if key != "epoch" and key in state and not _is_state_dict(state[key])
+    ]
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        wrong.append(f"epoch is {epoch!r}, not a count of epochs")
+    if wrong:
+        raise CheckpointCorruptError(
+            f"{path} is not a DINO training checkpoint ({'; '.join(wrong)}); move it away or "
+            "use another --output_dir"
+        )
     return state
+
+
+def _is_state_dict(value: Any) -> bool:
+    """A dict with string keys, as ``state_dict()`` returns."""
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from models.contract import validate_model_name
+from models.files import new_temp_file
 from training.optim import OPTIMIZERS
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -113,7 +115,11 @@ class PretrainConfig:
     max_epochs_this_run: int = _opt(0, "Stop after this many epochs in this invocation (0: no).")
     log_every: int = _opt(10, "Steps between progress/log updates.")
     progress: bool = _opt(True, "Show a progress bar.")
-    export_to: str | None = _opt(None, "Export the teacher to model_repository/NAME at the end.")
+    export_to: str | None = _opt(
+        None,
+        "Export the teacher at the end as a new version of the model folder REPOSITORY/NAME "
+        "(a path, e.g. model_repository/dino_default).",
+    )
     export_every: int = _opt(0, "Also export every K epochs (with --export_to).")
     dist_url: str = _opt("env://", "Accepted for compatibility; torchrun's env is used.")
     local_rank: int = _opt(0, "Accepted for compatibility; ignored.")
@@ -143,13 +149,32 @@ class PretrainConfig:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
-        positive = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_every")
+        positive = (
+            "patch_size",
+            "out_dim",
+            "head_hidden_dim",
+            "head_bottleneck_dim",
+            "batch_size_per_gpu",
+            "epochs",
+            "log_every",
+        )
         for name in positive + ("global_crops_size", "local_crops_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("local_crops_number", "num_workers", "warmup_epochs", "freeze_last_layer"):
+        non_negative = (
+            "local_crops_number",
+            "num_workers",
+            "warmup_epochs",
+            "freeze_last_layer",
+            "seed",
+            "max_epochs_this_run",
+            "warmup_teacher_temp_epochs",
+        )
+        for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed >= 2**32:  # the samplers and generators take 64-bit seeds plus the epoch
+            raise ConfigError(f"--seed must be below 2**32 = {2**32}, got {self.seed}")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"--warmup_epochs {self.warmup_epochs} > --epochs {self.epochs}")
         if self.warmup_teacher_temp_epochs > self.epochs:
@@ -168,7 +193,14 @@ class PretrainConfig:
         if self.export_every < 0 or self.saveckp_freq < 0:
             raise ConfigError("--export_every and --saveckp_freq must be >= 0")
         self._validate_numbers()
+        if self.export_every and self.export_to is None:
+            raise ConfigError("--export_every needs --export_to (the repository/NAME to write)")
         if self.export_to is not None:
+            if self.export_to.endswith(("/", "\\")) or Path(self.export_to).name in ("", ".", ".."):
+                raise ConfigError(
+                    f"--export_to {self.export_to!r} names a folder; give the model's folder "
+                    "inside the repository, e.g. model_repository/dino_default"
+                )
             target = Path(self.export_to)
             try:
                 validate_model_name(target.name)
@@ -252,9 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NULLABLE = ("embed_dim", "depth", "num_heads", "use_fp16", "export_to")
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     if value is None:
-        return None
+        if name in _NULLABLE:
+            return None
+        raise ConfigError(
+            f"option {name}: no value (YAML null or an empty entry); give one or remove the "
+            f"line for the default ({default})"
+        )
     try:
         if isinstance(default, bool) or name == "use_fp16":
             return bool_flag(str(value)) if not isinstance(value, bool) else value
@@ -276,6 +316,24 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"option {name}: invalid value {value!r} ({err})") from err
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last one silently, so ``epochs: 300`` further up would be ignored without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if not isinstance(key, str):
+                continue  # load_yaml reports keys that are no option names
+            if key.replace("-", "_") in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"option {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key.replace("-", "_"))
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping of option names (dashes or underscores) to values.
 
@@ -283,9 +341,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
         ConfigError: Missing file, invalid YAML, not a mapping, or an unknown option.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if data is None:
@@ -322,5 +382,16 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
 
 
 def save_config(config: PretrainConfig, path: Path) -> None:
-    """Write the merged configuration as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the merged configuration as YAML, atomically (a crash or a full disk leaves the
+    previous file, never half of one)."""
+    path = Path(path)
+    tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
+    try:
+        with tmp.open("w") as handle:
+            handle.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -79,12 +80,19 @@ def knn_classifier(
         similarity = features @ train_features.T  # (b, N)
         distances, indices = similarity.topk(k, dim=1, largest=True, sorted=True)  # (b, k)
         neighbours = train_labels[indices]  # (b, k)
-        weights = (distances / temperature).exp()
+        # exp((sim - nearest) / T): the reference's weights times one factor per test image,
+        # which leaves its ranking alone and cannot overflow float32 at a small T.
+        weights = ((distances - distances[:, :1]) / temperature).exp()
         votes = torch.zeros(len(features), num_classes, dtype=weights.dtype)
         votes.scatter_add_(1, neighbours, weights)  # (b, C)
+        voted = torch.zeros(len(features), num_classes, dtype=torch.bool)
+        voted.scatter_(1, neighbours, True)  # (b, C)
         predictions = votes.argsort(dim=1, descending=True)
         top1 += int((predictions[:, 0] == targets).sum())
-        hits = predictions[:, : min(5, k)] == targets[:, None]
+        # A class no neighbour voted for is no prediction: the reference's 1000-class vote
+        # matrix makes such a class all but never land in the top 5 of a 10-class problem.
+        shortlist = predictions[:, : min(5, k)]  # (b, min(5, k))
+        hits = (shortlist == targets[:, None]) & voted.gather(1, shortlist)
         top5 += int(hits.any(dim=1).sum())
     total = len(test_features)
     return 100.0 * top1 / total, 100.0 * top5 / total
@@ -113,13 +121,21 @@ def preprocess(image: Image.Image, recipe: PreprocessingRecipe) -> FloatArray:
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))  # (3, R, R)
 
 
+def _check_resolution(resolution: int | None, patch_size: int) -> None:
+    if resolution is not None and resolution < patch_size:
+        raise DataError(
+            f"--resolution {resolution} is smaller than the model's patch size {patch_size}"
+        )
+
+
 def torch_extractor(
-    checkpoint: Path, checkpoint_key: str, resolution: int | None
+    checkpoint: Path, checkpoint_key: str, resolution: int | None, num_heads: int | None = None
 ) -> tuple[Extractor, PreprocessingRecipe]:
     """CLS features of a checkpoint's backbone (teacher by default) on the CPU or GPU."""
     from models.checkpoint import load_backbone
 
-    loaded = load_backbone(checkpoint, checkpoint_key=checkpoint_key)
+    loaded = load_backbone(checkpoint, checkpoint_key=checkpoint_key, num_heads=num_heads)
+    _check_resolution(resolution, loaded.config.patch_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device).eval()
     recipe = PreprocessingRecipe.for_resolution(resolution or loaded.config.img_size)
@@ -146,6 +162,8 @@ def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, Prepr
     if MetadataKey.PREPROCESSING not in metadata:
         raise DataError(f"{path} has no {MetadataKey.PREPROCESSING} metadata (not our export?)")
     recipe = PreprocessingRecipe.from_json(metadata[MetadataKey.PREPROCESSING])
+    if metadata.get(MetadataKey.PATCH_SIZE, "").isdigit():
+        _check_resolution(resolution, int(metadata[MetadataKey.PATCH_SIZE]))
     if resolution:
         recipe = PreprocessingRecipe.for_resolution(resolution)
 
@@ -242,7 +260,8 @@ def image_folder(
     """
     if not root.is_dir():
         raise DataError(f"{root} is not a directory")
-    own = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are no classes, as find_images skips them
+    own = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not own:
         raise DataError(f"{root} has no class subfolders (ImageFolder layout expected)")
     if classes is None:
@@ -297,29 +316,55 @@ def _identity(batch: FloatArray) -> FloatArray:
     return batch
 
 
+def _names(name: str) -> list[str]:
+    """``--a_b`` and ``--a-b``: both spellings, as ``training.pretrain`` accepts."""
+    return [name, name.replace("_", "-")] if "_" in name else [name]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.eval_knn", description="Weighted k-NN evaluation (DINO protocol)."
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--checkpoint", "--pretrained_weights", type=Path, help="Training or backbone checkpoint."
+        *_names("--checkpoint"),
+        *_names("--pretrained_weights"),
+        dest="checkpoint",
+        type=Path,
+        help="Training or backbone checkpoint.",
     )
     source.add_argument("--onnx", type=Path, help="Exported ONNX model (model.onnx).")
     source.add_argument(
-        "--raw_pixels",
+        *_names("--raw_pixels"),
+        dest="raw_pixels",
         action="store_true",
         help="Baseline: the images' own pixels as features (no resize; with --resolution R, "
         "resized and centre-cropped to R x R as the model's input would be).",
     )
     parser.add_argument(
-        "--checkpoint_key", default="teacher", help="teacher or student (default: teacher)."
+        *_names("--checkpoint_key"),
+        dest="checkpoint_key",
+        default="teacher",
+        help="teacher or student (default: teacher).",
+    )
+    parser.add_argument(
+        *_names("--num_heads"),
+        dest="num_heads",
+        type=int,
+        default=None,
+        help="Attention heads of a backbone-only checkpoint whose width is not a standard one "
+        "(default: from the checkpoint, else embed_dim / 64).",
     )
     parser.add_argument("--dataset", choices=["fashion-mnist"], help="Built-in dataset.")
-    parser.add_argument("--train_dir", type=Path, help="ImageFolder training split.")
-    parser.add_argument("--val_dir", type=Path, help="ImageFolder evaluation split.")
     parser.add_argument(
-        "--nb_knn",
+        *_names("--train_dir"), dest="train_dir", type=Path, help="ImageFolder training split."
+    )
+    parser.add_argument(
+        *_names("--val_dir"), dest="val_dir", type=Path, help="ImageFolder evaluation split."
+    )
+    parser.add_argument(
+        *_names("--nb_knn"),
+        dest="nb_knn",
         type=int,
         nargs="+",
         default=[10, 20, 100, 200],
@@ -332,20 +377,33 @@ def _parser() -> argparse.ArgumentParser:
         help="Temperature T of the exp(similarity / T) vote weights (default: 0.07).",
     )
     parser.add_argument(
-        "--batch_size", type=int, default=128, help="Images per forward pass (default: 128)."
-    )
-    parser.add_argument("--resolution", type=int, default=None, help="Override the crop size.")
-    parser.add_argument(
-        "--train_limit",
+        *_names("--batch_size"),
+        dest="batch_size",
         type=int,
-        default=0,
-        help="Use N train images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded sample).",
+        default=128,
+        help="Images per forward pass (default: 128).",
     )
     parser.add_argument(
-        "--test_limit",
+        "--resolution",
+        type=int,
+        default=None,
+        help="Override the crop size (at least the patch size).",
+    )
+    parser.add_argument(
+        *_names("--train_limit"),
+        dest="train_limit",
         type=int,
         default=0,
-        help="Use N test images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded sample).",
+        help="Use N train images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded "
+        "sample; default 0: all).",
+    )
+    parser.add_argument(
+        *_names("--test_limit"),
+        dest="test_limit",
+        type=int,
+        default=0,
+        help="Use N test images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded "
+        "sample; default 0: all).",
     )
     parser.add_argument("--output", type=Path, help="Also write the results as JSON here.")
     return parser
@@ -360,8 +418,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --dataset fashion-mnist or --train_dir and --val_dir")
     if not args.dataset and not (args.train_dir and args.val_dir):
         parser.error("--train_dir and --val_dir go together")
-    if any(k <= 0 for k in args.nb_knn) or args.temperature <= 0 or args.batch_size <= 0:
-        parser.error("--nb_knn, --temperature and --batch_size must be positive")
+    if any(k <= 0 for k in args.nb_knn) or args.batch_size <= 0:
+        parser.error("--nb_knn and --batch_size must be positive")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        parser.error(f"--temperature must be a positive number, got {args.temperature}")
+    if args.resolution is not None and args.resolution <= 0:
+        parser.error(f"--resolution must be positive, got {args.resolution}")
+    if args.num_heads is not None and args.num_heads <= 0:
+        parser.error(f"--num_heads must be positive, got {args.num_heads}")
+    if args.train_limit < 0 or args.test_limit < 0:
+        parser.error("--train_limit and --test_limit must be >= 0 (0: all images)")
     try:
         from models.checkpoint import CheckpointError
     except ImportError:  # pragma: no cover
@@ -383,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.onnx is not None:
             extract, recipe = onnx_extractor(args.onnx, args.resolution)
         else:
-            extract, recipe = torch_extractor(args.checkpoint, args.checkpoint_key, args.resolution)
+            extract, recipe = torch_extractor(
+                args.checkpoint, args.checkpoint_key, args.resolution, args.num_heads
+            )
         if args.dataset:
             train_x, train_y = read_fashion_mnist("train")
             test_x, test_y = read_fashion_mnist("test")
@@ -419,9 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_t = torch.tensor([int(test_labels[i]) for i in test_kept])
     results = []
     for k in args.nb_knn:
+        if k > len(train_t):
+            logger.warning(
+                "k=%d is more than the %d training images: all of them vote", k, len(train_t)
+            )
         top1, top5 = knn_classifier(train_f, train_t, test_f, test_t, k, args.temperature)
         result = {
             "k": k,
+            "k_used": min(k, len(train_t)),
             "top1": round(top1, 3),
             "top5": round(top5, 3),
             "n_train": len(train_t),

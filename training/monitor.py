@@ -96,15 +96,17 @@ class RunLog:
                 self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 
     def rewind(self, epoch: int, iteration: int) -> None:
-        """Drop the records of epochs ``>= epoch`` and steps ``>= iteration``.
+        """Drop the records of epochs ``>= epoch`` (steps without an epoch: ``>= iteration``).
 
         Called when a run starts: a resumed run repeats the epoch it was interrupted in, and a
         fresh start (``--resume false``) repeats everything, so their old records would
-        otherwise appear twice. A line cut short by a crash is dropped too.
+        otherwise appear twice. Steps are matched by their epoch, not their iteration number,
+        which depends on the steps per epoch (a resume with another batch size or world size).
+        A line cut short by a crash is dropped too.
         """
         if not self.enabled:
             return
-        for name, key, first in ((EPOCH_LOG, "epoch", epoch), (STEP_LOG, "iteration", iteration)):
+        for name in (EPOCH_LOG, STEP_LOG):
             path = self.output_dir / name
             if not path.is_file():
                 continue
@@ -115,7 +117,10 @@ class RunLog:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                value = record.get(key) if isinstance(record, dict) else None
+                if not isinstance(record, dict):
+                    continue
+                key, first = ("epoch", epoch) if "epoch" in record else ("iteration", iteration)
+                value = record.get(key)
                 if isinstance(value, int) and value < first:
                     kept.append(line + "\n")
             if len(kept) != len(lines):

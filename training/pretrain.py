@@ -12,9 +12,11 @@ import contextlib
 import logging
 import math
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from models.files import new_temp_file
 from models.vit import VisionTransformer, ViTConfig, arch_name, vit_config
 from training.augment import DataAugmentationDINO, MultiCropGeometry
 from training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointCorruptError,
     load_checkpoint,
+    remove_stale_temps,
     save_checkpoint,
 )
 from training.config import ConfigError, PretrainConfig, parse_config, save_config
@@ -187,6 +191,12 @@ def build_networks(config: PretrainConfig, vit: ViTConfig, info: DistInfo) -> Ne
     if config.use_bn_in_head and info.distributed and info.device.type == "cuda":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # type: ignore[no-untyped-call]
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)  # type: ignore[no-untyped-call]
+    elif config.use_bn_in_head and info.distributed:
+        logger.warning(
+            "--use_bn_in_head on %s processes of the CPU: BatchNorm statistics stay per process "
+            "(SyncBatchNorm needs CUDA), so the head normalises each rank's batch alone",
+            info.world_size,
+        )
     student.to(info.device)
     teacher.to(info.device)
     teacher.load_state_dict(student.state_dict())
@@ -240,6 +250,14 @@ STATE_OPTIONS = (
 )
 
 
+def _change(key: str, old: object, new: object) -> str:
+    """``key: old -> new``, with quotes where the two would otherwise read the same (``'32'``
+    against ``32``)."""
+    if str(old) == str(new):
+        return f"{key}: {old!r} -> {new!r}"
+    return f"{key}: {old} -> {new}"
+
+
 def checkpoint_differences(
     state: dict[str, Any], config: PretrainConfig, vit: ViTConfig
 ) -> list[str]:
@@ -251,13 +269,13 @@ def checkpoint_differences(
         current = vit.to_dict()
         for key, value in current.items():
             if key in saved_vit and saved_vit[key] != value:
-                differences.append(f"{key}: {saved_vit[key]} -> {value}")
+                differences.append(_change(key, saved_vit[key], value))
     saved_args = state.get("args")
     if isinstance(saved_args, dict):
         current_args = config.to_dict()
         for key in STATE_OPTIONS:
             if key in saved_args and saved_args[key] != current_args[key]:
-                differences.append(f"{key}: {saved_args[key]} -> {current_args[key]}")
+                differences.append(_change(key, saved_args[key], current_args[key]))
     return differences
 
 
@@ -292,7 +310,8 @@ def restore(
         dino_loss.load_state_dict(state["dino_loss"])
         if scaler is not None and "fp16_scaler" in state:
             scaler.load_state_dict(state["fp16_scaler"])
-    except (RuntimeError, ValueError, KeyError) as err:
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        # a foreign or damaged file's values: any of these from load_state_dict
         detail = " ".join(line.strip() for line in str(err).splitlines()[:4] if line.strip())
         raise TrainingError(
             f"{path} does not match this run's configuration (arch, out_dim, head or optimizer "
@@ -439,6 +458,8 @@ class Trainer:
     def resume(self) -> None:
         """Continue from ``output_dir/checkpoint.pth`` when it exists."""
         path = self.output_dir / CHECKPOINT_NAME
+        if path.exists() and not path.is_file():
+            raise TrainingError(f"{path} is not a file; move it away or use another --output_dir")
         if not (self.config.resume and path.is_file()):
             return
         state = load_checkpoint(path)
@@ -620,20 +641,62 @@ class Trainer:
             scaler=self.scaler,
             epoch=epoch,
         )
-        self.last_digest = save_checkpoint(state, self.output_dir / CHECKPOINT_NAME)
-        if self.config.saveckp_freq and epoch % self.config.saveckp_freq == 0:
-            save_checkpoint(state, self.output_dir / f"checkpoint{epoch:04}.pth")
+        try:
+            self.last_digest = save_checkpoint(state, self.output_dir / CHECKPOINT_NAME)
+            if self.config.saveckp_freq and epoch % self.config.saveckp_freq == 0:
+                save_checkpoint(state, self.output_dir / f"checkpoint{epoch:04}.pth")
+        except OSError as err:
+            raise TrainingError(
+                f"cannot write the checkpoint of epoch {epoch} into {self.output_dir} "
+                f"({err.strerror or err}); the last complete checkpoint there is kept"
+            ) from err
 
-    def export(self) -> None:
-        """Export the teacher (main rank only)."""
-        if self.info.is_main and self.config.export_to:
-            export_teacher(
-                self.config,
-                self.vit,
-                self.nets.teacher,
-                self.output_dir / CHECKPOINT_NAME,
-                self.last_digest,
-            )
+    def check_export_target(self) -> None:
+        """Fail before training, not after it, when ``--export_to`` cannot be written."""
+        if not (self.info.is_main and self.config.export_to):
+            return
+        from models.export import ExportError, check_repository_target
+
+        target = Path(self.config.export_to)
+        try:
+            check_repository_target(target.parent, target.name)
+        except ExportError as err:
+            raise TrainingError(f"--export_to {self.config.export_to}: {err}") from err
+
+    def export(self, *, final: bool) -> None:
+        """Export the teacher (main rank only).
+
+        A periodic export that fails is reported and training goes on (the next one tries
+        again); the final one's failure stops the run with the command that retries it.
+
+        Raises:
+            TrainingError: The final export failed (the checkpoint is saved).
+        """
+        if not (self.info.is_main and self.config.export_to):
+            return
+        from models.checkpoint import CheckpointError
+        from models.export import ExportError
+
+        ckpt = self.output_dir / CHECKPOINT_NAME
+        try:
+            export_teacher(self.config, self.vit, self.nets.teacher, ckpt, self.last_digest)
+        except (ExportError, CheckpointError, OSError, ValueError) as err:
+            message = user_message(err).strip().splitlines()[0] if str(err).strip() else ""
+            message = message or type(err).__name__
+            if not final:
+                logger.warning(
+                    "the export to %s failed (%s); training goes on and the next export tries "
+                    "again",
+                    self.config.export_to,
+                    message,
+                )
+                return
+            target = Path(self.config.export_to)
+            raise TrainingError(
+                f"the export to {self.config.export_to} failed ({message}); the checkpoint "
+                f"{ckpt} is saved: export it with python -m models.export --weights {ckpt} "
+                f"--repository {target.parent} --name {target.name}"
+            ) from err
 
     def run(self) -> int:
         """The epoch loop; returns the exit status."""
@@ -654,9 +717,35 @@ class Trainer:
                 self.gpu_input, ""
             ),
         )
+        if self.info.is_main:
+            try:  # before an epoch of work, not after it
+                new_temp_file(self.output_dir, ".write-check-", ".tmp").unlink()
+            except OSError as err:
+                raise TrainingError(
+                    f"--output_dir {self.output_dir} is not writable ({err.strerror or err})"
+                ) from err
+            stale = remove_stale_temps(self.output_dir)
+            if stale:
+                logger.info(
+                    "removed %d temporary file(s) an interrupted checkpoint save left in %s",
+                    stale,
+                    self.output_dir,
+                )
         self.resume()
+        if self.start_epoch < config.epochs:
+            self.check_export_target()
         if self.start_epoch >= config.epochs:
-            logger.info("nothing to do: the checkpoint already finished %d epochs", config.epochs)
+            if self.start_epoch > config.epochs:
+                logger.warning(
+                    "the checkpoint has trained %d epochs, more than --epochs %d: nothing to do "
+                    "(its schedules were those of its own --epochs; give that to continue it)",
+                    self.start_epoch,
+                    config.epochs,
+                )
+            else:
+                logger.info(
+                    "nothing to do: the checkpoint already finished %d epochs", config.epochs
+                )
             if config.export_to:
                 target = Path(config.export_to)
                 logger.info(
@@ -680,12 +769,12 @@ class Trainer:
             )
             final = epoch + 1 == config.epochs
             if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
-                self.export()
+                self.export(final=False)
             limit = config.max_epochs_this_run
             if limit and done_this_run >= limit and not final:
                 logger.info("stopping after %d epochs (--max_epochs_this_run)", done_this_run)
                 return 0
-        self.export()
+        self.export(final=True)
         return 0
 
 
@@ -747,6 +836,26 @@ def resource_failure(err: BaseException) -> str | None:
     return None  # another signal (a crash in a decoder?) or none: the traceback says more
 
 
+_PEER_GONE = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|"
+    r"Socket Timeout|ProcessGroupNCCL's watchdog|failed to recv|Read error",
+    re.IGNORECASE,
+)
+
+
+def peer_failure(err: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run stopped
+    (its own error, logged by that process, is the report); ``None`` for anything else."""
+    if not (isinstance(err, RuntimeError) and _PEER_GONE.search(str(err))):
+        return None
+    lines = str(err).strip().splitlines()
+    first = lines[0][:200] if lines else type(err).__name__
+    return (
+        f"another process of this run stopped, so this one cannot go on ({first}); its own "
+        "error says why"
+    )
+
+
 def _setup_logging(is_main: bool) -> None:
     """Log INFO on rank 0 and warnings only elsewhere, to stderr (once per process)."""
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -754,6 +863,37 @@ def _setup_logging(is_main: bool) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``docker stop``, a scheduler's time limit, torchrun stopping a job).
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that it unwinds through the same
+    clean-up (a checkpoint being written is discarded, the last complete one is kept).
+    """
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread, unless someone else handles
+    it already (an embedding program's own handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -769,6 +909,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _setup_logging(info.is_main)
+    with _sigterm_unwinds():
+        return _run(config, info)
+
+
+def _run(config: PretrainConfig, info: DistInfo) -> int:
+    """Train with ``config`` in this process; returns the exit status."""
     try:
         if info.is_main:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -785,6 +931,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except (MemoryError, RuntimeError) as err:
         message = resource_failure(err)
+        if message is None and info.distributed:
+            message = peer_failure(err)
         if message is None:
             raise  # a bug: its traceback is the report
         logger.error(
@@ -794,6 +942,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted; resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME)
         return 130
+    except Terminated:
+        logger.error(
+            "terminated (SIGTERM); resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME
+        )
+        return 128 + signal.SIGTERM
     finally:
         cleanup_distributed()
 

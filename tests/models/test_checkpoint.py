@@ -181,3 +181,32 @@ def test_nested_model_entry_loads(tmp_path: Path, tiny_vit: VisionTransformer) -
     path = tmp_path / "nested.pth"
     torch.save({"model": tiny_vit.state_dict()}, path)
     assert torch.equal(load_backbone(path, num_heads=2).model.cls_token, tiny_vit.cls_token)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a malicious checkpoint does."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, ("touch /nonexistent-dir/pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_named(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": {}, "x": _RunsCode()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(path)
+    message = str(info.value)
+    assert "needs the Python object" in message and "system" in message
+    assert "--trust-checkpoint" in message and "corrupt" not in message
+    assert "\n" not in message and "\x1b" not in message  # torch's page of advice is not pasted
+
+
+def test_garbage_names_the_pickle_operation_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(path)
+    assert "unknown pickle operation 110" in str(info.value)  # b"n"
+    assert "\n" not in str(info.value) and "weights_only` set" not in str(info.value)

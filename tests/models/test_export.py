@@ -238,3 +238,90 @@ def test_cli_unwritable_output_is_an_error_not_a_traceback(
     assert export.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot create the folder of" in err and "a file is in the way" in err
+
+
+def test_parity_tolerance_grows_with_the_values(tmp_path: Path) -> None:
+    """float32 rounding is relative: a model whose features are in the hundreds exports (its
+    absolute error is above 1e-4), and its recorded self-check tolerance scales alike."""
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit()
+    with torch.no_grad():
+        model.norm.weight.mul_(300.0)
+        model.norm.bias.mul_(300.0)
+    report = export_to_repository(
+        model, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
+    )
+    worst = max(row["patch_features_max_abs"] for row in report.parity)
+    assert worst > export.FP32_MAX_ABS[contract.PATCH_FEATURES.name]  # the old rule failed it
+    reference = json.loads(report.metadata[contract.MetadataKey.REFERENCE])
+    largest = max(abs(v) for case in reference["cases"] for v in case["cls_embedding"])
+    assert largest > 100
+    assert reference["max_abs_error"] == pytest.approx(
+        contract.REFERENCE_MAX_ABS_ERROR["float32"] * largest
+    )
+
+
+def test_a_real_parity_failure_still_fails(
+    tmp_path: Path, tiny_vit: VisionTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relative rule does not excuse an ONNX graph that computes something else."""
+    real = export.check_parity
+
+    def perturbed(session, model, **kwargs):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            model.blocks[0].mlp.fc1.bias.add_(0.5)  # PyTorch now differs from the file
+        return real(session, model, **kwargs)
+
+    monkeypatch.setattr(export, "check_parity", perturbed)
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_to_repository(
+            tiny_vit, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
+        )
+
+
+def test_a_graph_the_onnx_checker_refuses_is_an_export_error(
+    tmp_path: Path, tiny_vit: VisionTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(_proto: object) -> None:
+        raise onnx.checker.ValidationError("Field 'shape' of 'type' is required\n==> Context: x")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuse)
+    with pytest.raises(ExportError, match="the ONNX checker refused .*Field 'shape'") as info:
+        export_to_repository(
+            tiny_vit, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
+        )
+    assert "\n" not in str(info.value)
+    assert contract.model_versions(tmp_path, "m") == []
+
+
+def test_repository_target_is_checked_before_a_long_job(tmp_path: Path) -> None:
+    import os
+
+    root = export.check_repository_target(tmp_path / "repo", "m")
+    assert root == tmp_path / "repo" / "m" and root.is_dir() and list(root.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="cannot write model versions into"):
+        export.check_repository_target(tmp_path / "afile", "m")
+    with pytest.raises(ExportError, match="invalid model name"):
+        export.check_repository_target(tmp_path, "a/b")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ExportError, match="Permission denied"):
+            export.check_repository_target(locked, "m")
+
+
+def test_export_never_changes_the_process_umask(
+    tmp_path: Path, tiny_vit: VisionTransformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    def no_umask(_mask: int) -> int:
+        raise AssertionError("os.umask called: it changes the mode of other threads' files")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    export_to_repository(
+        tiny_vit, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
+    )
+    assert contract.model_versions(tmp_path, "m") == [1]

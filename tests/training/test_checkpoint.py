@@ -39,7 +39,7 @@ def test_round_trip_digest_and_mode(tmp_path):
     assert recorded_digests(path) == [digest] == [file_sha256(path)]
     assert digest_path(path).read_text() == f"{digest}  checkpoint.pth\n"  # sha256sum format
     assert load_checkpoint(path)["epoch"] == 1
-    # mkstemp creates 0600 files; checkpoints get the usual mode, like any other output file.
+    # Checkpoints get the usual mode (0666 less the umask), like any other output file.
     assert path.stat().st_mode & 0o777 == 0o644
     assert digest_path(path).stat().st_mode & 0o777 == 0o644
     assert not list(tmp_path.glob(".*.tmp"))
@@ -97,3 +97,80 @@ def test_a_restored_copy_is_recognised_and_corruption_is_not(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorruptError, match=r"cp checkpointNNNN.pth checkpoint.pth"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"epoch": "abc"}, "epoch is 'abc'"),
+        ({"epoch": -5}, "epoch is -5"),
+        ({"epoch": True}, "epoch is True"),
+        ({"student": [1]}, "student is list"),
+        ({"optimizer": None}, "optimizer is NoneType"),
+        ({"dino_loss": [0.0]}, "dino_loss is list"),
+        ({"teacher": {1: torch.zeros(1)}}, "teacher is dict"),
+        ({"fp16_scaler": 3}, "fp16_scaler is int"),
+    ],
+)
+def test_foreign_values_are_refused_with_a_message(tmp_path, change, named):
+    """A file with the right keys but values no training run writes is not loaded."""
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({**state(1), **change}, path)
+    with pytest.raises(CheckpointCorruptError, match="not a DINO training checkpoint") as info:
+        load_checkpoint(path)
+    assert named in str(info.value)
+
+
+def test_a_pickle_of_python_objects_is_named_not_called_corrupt(tmp_path):
+    """An official full checkpoint (argparse.Namespace in it) says what it is, on one line."""
+    import argparse
+
+    path = tmp_path / "checkpoint.pth"
+    torch.save({**state(1), "args": argparse.Namespace(arch="vit_small")}, path)
+    with pytest.raises(CheckpointCorruptError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "needs the Python object argparse.Namespace" in message
+    assert "not a training.pretrain checkpoint" in message and "corrupt" not in message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_unreadable_bytes_say_why_on_one_line(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointCorruptError, match="truncated or corrupted") as info:
+        load_checkpoint(path)
+    assert "unknown pickle operation" in str(info.value)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
+    stale = [
+        ".checkpoint.pth.a1b2c3d4e5f6.tmp",  # this version's names
+        ".checkpoint0010.pth.k_3xq9ab.tmp",  # mkstemp's, from older versions
+        ".checkpoint.pth.sha256.0f0f0f0f0f0f.tmp",
+    ]
+    kept = [".other.tmp", "checkpoint.pth", ".config.yaml.abc.tmp", "notes.checkpoint.pth.x.tmp"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".checkpoint.pth.dddddddddddd.tmp").mkdir()  # not a file: left alone
+    assert ckpt_module.remove_stale_temps(tmp_path) == len(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*kept, ".checkpoint.pth.dddddddddddd.tmp"]
+    )
+    assert ckpt_module.remove_stale_temps(tmp_path / "missing") == 0
+
+
+def test_saving_never_changes_the_process_umask(tmp_path, monkeypatch):
+    """Temporary files get their mode from os.open, not by setting the umask to 0 meanwhile
+    (which would widen the files other threads create at that moment)."""
+    calls: list[int] = []
+    real = os.umask
+
+    def spy(mask: int) -> int:
+        calls.append(mask)
+        return real(mask)
+
+    monkeypatch.setattr(os, "umask", spy)
+    save_checkpoint(state(1), tmp_path / "checkpoint.pth")
+    assert calls == []

@@ -146,6 +146,35 @@ def test_shipped_configs_parse(path):
     assert config.global_crops_size % config.patch_size == 0
 
 
+# The original README's two ViT-S/16 commands (dino-reference.md, section 3): the shipped
+# configs that name them must be exactly those flags on top of main_dino.py's defaults.
+_README_COMMANDS = {
+    "vit_small_imagenet.yaml": ["--arch", "vit_small"],
+    "vit_small_boosted.yaml": [
+        "--arch",
+        "vit_small",
+        "--epochs",
+        "300",
+        "--teacher_temp",
+        "0.07",
+        "--warmup_teacher_temp_epochs",
+        "30",
+        "--norm_last_layer",
+        "false",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_README_COMMANDS))
+def test_reference_recipe_configs_are_the_readme_commands(name):
+    import dataclasses
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / name
+    from_file = parse_config(["--config", str(path), "--data_path", "x", "--output_dir", "o"])
+    from_flags = parse_config([*_README_COMMANDS[name], "--data_path", "x", "--output_dir", "o"])
+    assert dataclasses.asdict(from_file) == dataclasses.asdict(from_flags)
+
+
 def _doc_default(value: object) -> str:
     if value is None or value == "":
         return "—"
@@ -172,3 +201,74 @@ def test_docs_option_table_matches_the_config():
     rows = [line for line in doc.splitlines() if line.startswith("| `--")]
     rows = rows[: len(expected)]
     assert rows == expected
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    ["epochs:\n", "epochs: ~\n", "lr: null\n", "output_dir:\n", "seed: null\n", "resume: null\n"],
+)
+def test_yaml_null_values_are_a_clear_error(tmp_path, yaml_text):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match="no value") as info:
+        parse_config(["--config", str(path), "--data_path", "x"])
+    assert yaml_text.split(":")[0] in str(info.value)
+
+
+def test_yaml_null_is_allowed_where_it_means_the_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("embed_dim: null\nuse_fp16: ~\nexport_to: null\n")
+    config = parse_config(["--config", str(path), "--data_path", "x"])
+    assert config.embed_dim is None and config.use_fp16 is None and config.export_to is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--seed", str(2**64)], "--seed must be below 2\\*\\*32"),
+        (["--warmup_teacher_temp_epochs", "-1"], "--warmup_teacher_temp_epochs must be >= 0"),
+        (["--head_hidden_dim", "0"], "--head_hidden_dim must be positive"),
+        (["--head_bottleneck_dim", "-1"], "--head_bottleneck_dim must be positive"),
+        (["--max_epochs_this_run", "-1"], "--max_epochs_this_run must be >= 0"),
+        (["--export_every", "2"], "--export_every needs --export_to"),
+        (["--export_to", "model_repository/"], "names a folder"),
+        (["--export_to", "repo/.."], "names a folder"),
+    ],
+)
+def test_out_of_range_options_are_refused(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--data_path", "x", *flags])
+
+
+def test_saved_config_is_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(parse_config(["--data_path", "x", "--epochs", "30"]), path)
+    before = path.read_text()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(yaml, "safe_dump", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_config(parse_config(["--data_path", "x", "--epochs", "40"]), path)
+    assert path.read_text() == before  # the previous file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left
+    assert parse_config(["--config", str(path)]).epochs == 30
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 300\nlr: 0.001\nepochs: 1\n")
+    with pytest.raises(ConfigError, match="option 'epochs' is given twice"):
+        parse_config(["--config", str(path), "--data_path", "x"])
+    path.write_text("export_every: 1\nexport-every: 2\n")  # the same option, two spellings
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_config(["--config", str(path), "--data_path", "x"])
+
+
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfe\x00e")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        parse_config(["--config", str(path), "--data_path", "x"])

@@ -86,3 +86,15 @@ def test_two_process_ddp_run_with_compiled_backbones(tmp_path, image_dir):
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert record["world_size"] == 2 and record["ranks_in_sync"] is True
     assert load_checkpoint(out / "checkpoint.pth")["args"]["compile"] is True
+
+
+def test_one_rank_failing_ends_the_others_with_one_line(tmp_path, image_dir):
+    """Only rank 0 creates --output_dir; when that fails, rank 1 sees its collective broken
+    and says that another process stopped, instead of a gloo traceback."""
+    (tmp_path / "afile").write_text("x")
+    args = tiny_args(image_dir, tmp_path / "afile", "--epochs", "1", "--warmup_epochs", "0")
+    result = _torchrun(["-m", "training.pretrain", *args], ROOT)
+    assert result.returncode != 0
+    assert "File exists" in result.stderr  # rank 0's own error
+    assert "another process of this run stopped" in result.stderr
+    assert "[rank1]: Traceback" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ def numpy_knn(train_x, train_y, test_x, test_y, k, t, num_classes):
         votes = np.zeros(num_classes)
         for j in order:
             votes[train_y[j]] += np.exp(sims[j] / t)
-        ranked = np.argsort(-votes, kind="stable")
+        # a class no neighbour voted for is no prediction (the reference's 1000-class vote
+        # matrix puts such classes below the voted ones in practice)
+        ranked = [c for c in np.argsort(-votes, kind="stable") if votes[c] > 0]
         top1 += ranked[0] == y
         top5 += y in ranked[: min(5, k)]
     return 100 * top1 / len(test_y), 100 * top5 / len(test_y)
@@ -44,6 +47,32 @@ def test_knn_matches_brute_force_on_digits(k):
     want = numpy_knn(train_x, train_y, test_x, test_y, k, 0.07, 10)
     assert got == pytest.approx(want)
     assert got[0] > 85  # digits are easy: a sanity bound
+
+
+def test_top5_counts_only_classes_that_got_votes():
+    """With 3 classes every class is in a top 5; a class without a vote must not count."""
+    train = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]))
+    train_y = torch.tensor([0, 0, 2])
+    test = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [1.0, 0.02]]))
+    test_y = torch.tensor([1, 2])  # class 1 has no training image; class 2 is the far one
+    top1, top5 = knn_classifier(train, train_y, test, test_y, k=2, temperature=0.07)
+    assert (top1, top5) == (0.0, 0.0)  # the 2 nearest both vote 0
+    _, top5 = knn_classifier(train, train_y, test, test_y, k=3, temperature=0.07)
+    assert top5 == 50.0  # k=3 reaches the class-2 image: a hit for the second test image only
+
+
+def test_a_small_temperature_does_not_overflow():
+    """exp(sim / T) overflows float32 below T ~ 0.011; the votes must still rank right."""
+    digits = load_digits()
+    x = torch.nn.functional.normalize(torch.from_numpy(digits.data).float(), dim=1)
+    y = torch.from_numpy(digits.target)
+    got = knn_classifier(x[:1200], y[:1200], x[1200:1500], y[1200:1500], 20, 0.005)
+    want = numpy_knn(
+        x[:1200].double().numpy(), digits.target[:1200], x[1200:1500].double().numpy(),
+        digits.target[1200:1500], 20, 0.005, 10,
+    )  # fmt: skip
+    assert got == pytest.approx(want)
+    assert got[0] > 85
 
 
 def test_cli_on_onnx_model_and_checkpoint(
@@ -136,3 +165,58 @@ def test_limits_sample_every_class_of_an_image_folder(tmp_path, capsys, image_di
     picked = [labels[i] for i in _sample(len(labels), 6)]
     assert classes == ["cats", "dogs"] and set(picked) == {0, 1}  # not the first class only
     assert _sample(len(labels), 6) == _sample(len(labels), 6)  # fixed seed
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "nan"], "--temperature must be a positive number"),
+        (["--temperature", "inf"], "--temperature must be a positive number"),
+        (["--resolution", "0"], "--resolution must be positive"),
+        (["--train_limit", "-1"], "must be >= 0"),
+        (["--num_heads", "0"], "--num_heads must be positive"),
+    ],
+)
+def test_out_of_range_options_are_refused(capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        main(["--raw_pixels", "--dataset", "fashion-mnist", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_resolution_below_the_patch_size_is_one_line(tmp_path, monkeypatch, capsys,
+                                                        tiny_model_repository):  # fmt: skip
+    root = write_fashion_mnist(tmp_path / "fm", n_train=10, n_test=5)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    onnx_path = tiny_model_repository / "tiny" / "1" / "model.onnx"
+    assert main(["--onnx", str(onnx_path), "--dataset", "fashion-mnist", "--resolution", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "smaller than the model's patch size 8" in err and "Traceback" not in err
+
+
+def test_dashed_spellings_hidden_folders_and_k_beyond_the_train_set(
+    tmp_path, capsys, caplog, image_dir
+):
+    """--train-dir works as --train_dir (as in training.pretrain); a hidden folder such as
+    .ipynb_checkpoints is no class; a k above the number of training images says so."""
+    val = tmp_path / "val"
+    shutil.copytree(image_dir, val)
+    (val / ".ipynb_checkpoints").mkdir()
+    argv = ["--raw-pixels", "--train-dir", str(image_dir), "--val-dir", str(val)]
+    assert main([*argv, "--resolution", "32", "--nb-knn", "1", "500"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(r["k"], r["k_used"]) for r in lines] == [(1, 1), (500, 18)]
+    assert "k=500 is more than the 18 training images" in caplog.text
+
+
+def test_a_backbone_of_a_custom_width_loads_with_num_heads(tmp_path, monkeypatch, capsys):
+    from tests.conftest import make_tiny_vit
+
+    root = write_fashion_mnist(tmp_path / "fm", n_train=20, n_test=10)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    path = tmp_path / "backbone.pth"
+    torch.save(make_tiny_vit().state_dict(), path)  # width 32: no standard head count
+    argv = ["--checkpoint", str(path), "--dataset", "fashion-mnist", "--nb_knn", "5"]
+    assert main(argv) == 1
+    assert "(--num-heads)" in capsys.readouterr().err  # both spellings work here
+    assert main([*argv, "--num_heads", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n_train"] == 20

@@ -284,3 +284,128 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, image_dir, augment
     finally:
         trainer.log.close()
         cleanup_distributed()
+
+
+def test_an_unwritable_export_target_fails_before_training(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    (tmp_path / "afile").write_text("x")
+    assert main(tiny_args(image_dir, out, "--export-to", str(tmp_path / "afile" / "m"))) == 1
+    assert "cannot write model versions into" in caplog.text and "Traceback" not in caplog.text
+    assert not (out / "checkpoint.pth").exists()  # no epoch was spent first
+
+
+def test_a_failed_periodic_export_warns_and_training_goes_on(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    from models.export import ExportError
+    from training import pretrain
+
+    real = pretrain.export_teacher
+    calls = []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ExportError("parity check failed: cls_embedding differs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "export_teacher", fails_once)
+    repo = tmp_path / "repo"
+    argv = tiny_args(image_dir, tmp_path / "run", "--export-to", str(repo / "m"))
+    assert main([*argv, "--export_every", "1"]) == 0
+    assert "the export to" in caplog.text and "training goes on" in caplog.text
+    assert len(calls) == 2 and model_versions(repo, "m") == [1]  # the final export made it
+
+
+def test_a_failed_final_export_is_one_line_with_the_command_to_retry(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    from models.export import ExportError
+    from training import pretrain
+
+    def always_fails(*args, **kwargs):
+        raise ExportError("the ONNX checker refused the exported graph: bad")
+
+    monkeypatch.setattr(pretrain, "export_teacher", always_fails)
+    out, repo = tmp_path / "run", tmp_path / "repo"
+    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
+    assert main([*argv, "--export-to", str(repo / "m")]) == 1
+    assert "Traceback" not in caplog.text and "ONNX checker refused" in caplog.text
+    assert f"python -m models.export --weights {out / 'checkpoint.pth'}" in caplog.text
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1  # the training is not lost
+
+
+def test_sigterm_stops_cleanly_and_keeps_the_last_checkpoint(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+
+    def terminated_mid_save(self, epoch):  # docker stop while the checkpoint is written
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "save", terminated_mid_save)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert main(tiny_args(image_dir, out)) == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM); resume later from" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+
+
+def test_a_killed_saves_temporary_files_are_removed_at_the_next_start(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pth.0123456789ab.tmp").write_bytes(b"x" * 1000)  # SIGKILL mid-save
+    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
+    assert main(argv) == 0
+    assert not list(out.glob(".*.tmp"))
+    assert "removed 1 temporary file(s)" in caplog.text
+
+
+def test_a_checkpoint_path_that_is_a_folder_fails_before_training(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    (out / "checkpoint.pth").mkdir(parents=True)
+    assert main(tiny_args(image_dir, out)) == 1
+    assert "checkpoint.pth is not a file" in caplog.text
+    assert not (out / "log.txt").exists()
+
+
+def test_a_checkpoint_longer_than_the_run_says_so(tmp_path, image_dir, caplog):
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out)) == 0
+    caplog.clear()
+    assert main(tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    assert "has trained 2 epochs, more than --epochs 1" in caplog.text
+
+
+def test_a_checkpoint_with_foreign_values_is_one_line(tmp_path, image_dir, caplog):
+    from training.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
+    state = load_checkpoint(out / "checkpoint.pth")
+    state["dino_loss"] = {"center": "not a tensor"}
+    save_checkpoint(state, out / "checkpoint.pth")
+    caplog.clear()
+    assert main(tiny_args(image_dir, out)) == 1
+    assert "does not match this run's configuration" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_a_broken_collective_reads_as_another_process_stopping():
+    from training.pretrain import peer_failure
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:29500: "
+        "Connection reset by peer"
+    )
+    message = peer_failure(gloo)
+    assert message is not None and message.startswith("another process of this run stopped")
+    assert "Connection reset by peer" in message
+    assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert peer_failure(ValueError("Connection reset by peer")) is None  # not a collective's

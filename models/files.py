@@ -1,0 +1,57 @@
+"""Durable file writes: temporary files created with the user's file mode, and fsync.
+
+A file published by rename must be readable like any other file the user writes (``mkstemp``
+creates 0600, which would hide a model from a service running as another user), and it must
+be on disk before the rename makes it visible, or a power loss can leave an empty file under
+the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+
+def new_temp_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty, uniquely named file in ``folder`` with mode 0666 less the umask.
+
+    The mode comes from ``os.open``, so the process umask is never changed (changing it, even
+    briefly, would affect files other threads create meanwhile).
+
+    Raises:
+        OSError: The folder is missing or not writable.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"no free temporary name in {folder}")  # pragma: no cover
+
+
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk, where the platform allows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
