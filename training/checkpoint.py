@@ -100,11 +100,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     return digest
 
 
-_STALE_TEMP = re.compile(r"\.checkpoint(\d+)?\.pth(\.sha256)?\.[A-Za-z0-9_]+\.tmp")
+_STALE_TEMP = re.compile(r"\.(checkpoint(\d+)?\.pth(\.sha256)?|config\.yaml)\.[A-Za-z0-9_]+\.tmp")
 
 
 def remove_stale_temps(folder: Path) -> int:
-    """Delete the temporary files a killed save left in ``folder``; returns how many.
+    """Delete the temporary files a killed save (of a checkpoint, its digest or
+    ``config.yaml``) left in ``folder``; returns how many.
 
     A save cut short by SIGKILL (the out-of-memory killer, ``kill -9``, a node failure) leaves
     ``.checkpoint.pth.<random>.tmp``, as large as a checkpoint; one run owns its output folder,

@@ -80,14 +80,17 @@ def knn_classifier(
         similarity = features @ train_features.T  # (b, N)
         distances, indices = similarity.topk(k, dim=1, largest=True, sorted=True)  # (b, k)
         neighbours = train_labels[indices]  # (b, k)
-        # exp((sim - nearest) / T): the reference's weights times one factor per test image,
-        # which leaves its ranking alone and cannot overflow float32 at a small T.
-        weights = ((distances - distances[:, :1]) / temperature).exp()
-        votes = torch.zeros(len(features), num_classes, dtype=weights.dtype)
+        # exp((sim - nearest) / T) in float64: the reference's weights times one factor per
+        # test image, which leaves its ranking alone, cannot overflow at a small T and
+        # underflows only where float32 would have overflowed first (T below 0.003).
+        shifted = (distances - distances[:, :1]).double() / temperature
+        weights = shifted.exp()
+        votes = torch.zeros(len(features), num_classes, dtype=torch.float64)
         votes.scatter_add_(1, neighbours, weights)  # (b, C)
         voted = torch.zeros(len(features), num_classes, dtype=torch.bool)
         voted.scatter_(1, neighbours, True)  # (b, C)
-        predictions = votes.argsort(dim=1, descending=True)
+        # a voted class ranks above every unvoted one, even if its weights underflowed to 0
+        predictions = votes.masked_fill(~voted, -math.inf).argsort(dim=1, descending=True)
         top1 += int((predictions[:, 0] == targets).sum())
         # A class no neighbour voted for is no prediction: the reference's 1000-class vote
         # matrix makes such a class all but never land in the top 5 of a 10-class problem.

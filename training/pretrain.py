@@ -156,6 +156,9 @@ def augment_seed(seed: int, rank: int, epoch: int) -> int:
 def _seed_worker(_worker_id: int) -> None:
     import random
 
+    # A forked worker inherits the trainer's SIGTERM handler; a worker must simply end (the
+    # trainer reports the interruption once).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     seed = torch.initial_seed() % 2**32  # base seed + worker id, distinct per worker
     random.seed(seed)
     np.random.seed(seed)
@@ -718,12 +721,6 @@ class Trainer:
             ),
         )
         if self.info.is_main:
-            try:  # before an epoch of work, not after it
-                new_temp_file(self.output_dir, ".write-check-", ".tmp").unlink()
-            except OSError as err:
-                raise TrainingError(
-                    f"--output_dir {self.output_dir} is not writable ({err.strerror or err})"
-                ) from err
             stale = remove_stale_temps(self.output_dir)
             if stale:
                 logger.info(
@@ -732,8 +729,6 @@ class Trainer:
                     self.output_dir,
                 )
         self.resume()
-        if self.start_epoch < config.epochs:
-            self.check_export_target()
         if self.start_epoch >= config.epochs:
             if self.start_epoch > config.epochs:
                 logger.warning(
@@ -755,6 +750,14 @@ class Trainer:
                     target.name,
                 )
             return 0
+        if self.info.is_main:
+            try:  # before an epoch of work, not after it
+                new_temp_file(self.output_dir, ".write-check-", ".tmp").unlink()
+            except OSError as err:
+                raise TrainingError(
+                    f"--output_dir {self.output_dir} is not writable ({err.strerror or err})"
+                ) from err
+        self.check_export_target()
         if self.info.is_main:  # only once the checkpoint (if any) is known to fit these options
             save_config(config, self.output_dir / "config.yaml")
         self.log.rewind(self.start_epoch, self.start_epoch * self.niter)
@@ -837,8 +840,7 @@ def resource_failure(err: BaseException) -> str | None:
 
 
 _PEER_GONE = re.compile(
-    r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|"
-    r"Socket Timeout|ProcessGroupNCCL's watchdog|failed to recv|Read error",
+    r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted",
     re.IGNORECASE,
 )
 
@@ -854,6 +856,29 @@ def peer_failure(err: BaseException) -> str | None:
         f"another process of this run stopped, so this one cannot go on ({first}); its own "
         "error says why"
     )
+
+
+def _interrupt_behind(err: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM that caused ``err`` (C++ code that catches the Python exception
+    raised in it, as torch.save's writer does, reports its own error instead)."""
+    seen: BaseException | None = err
+    for _ in range(8):  # a short chain; a cycle is not followed forever
+        if seen is None:
+            return None
+        if isinstance(seen, KeyboardInterrupt | Terminated):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _interrupted(config: PretrainConfig, err: BaseException) -> int:
+    """Log an interruption in one line; returns the exit status (130 or 143, as the shell)."""
+    ckpt = Path(config.output_dir) / CHECKPOINT_NAME
+    if isinstance(err, Terminated):
+        logger.error("terminated (SIGTERM); resume later from %s", ckpt)
+        return 128 + signal.SIGTERM
+    logger.error("interrupted; resume later from %s", ckpt)
+    return 130
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -930,6 +955,9 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
         logger.error("error: %s", user_message(err))
         return 1
     except (MemoryError, RuntimeError) as err:
+        interrupt = _interrupt_behind(err)
+        if interrupt is not None:  # torch.save's writer turns it into a RuntimeError
+            return _interrupted(config, interrupt)
         message = resource_failure(err)
         if message is None and info.distributed:
             message = peer_failure(err)
@@ -939,14 +967,8 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
             "error: %s (resume from %s)", message, Path(config.output_dir) / CHECKPOINT_NAME
         )
         return 1
-    except KeyboardInterrupt:
-        logger.error("interrupted; resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME)
-        return 130
-    except Terminated:
-        logger.error(
-            "terminated (SIGTERM); resume later from %s", Path(config.output_dir) / CHECKPOINT_NAME
-        )
-        return 128 + signal.SIGTERM
+    except (KeyboardInterrupt, Terminated) as err:
+        return _interrupted(config, err)
     finally:
         cleanup_distributed()
 

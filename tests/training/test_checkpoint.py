@@ -149,8 +149,9 @@ def test_stale_temporary_files_of_a_killed_save_are_removed(tmp_path):
         ".checkpoint.pth.a1b2c3d4e5f6.tmp",  # this version's names
         ".checkpoint0010.pth.k_3xq9ab.tmp",  # mkstemp's, from older versions
         ".checkpoint.pth.sha256.0f0f0f0f0f0f.tmp",
+        ".config.yaml.abc123abc123.tmp",
     ]
-    kept = [".other.tmp", "checkpoint.pth", ".config.yaml.abc.tmp", "notes.checkpoint.pth.x.tmp"]
+    kept = [".other.tmp", "checkpoint.pth", ".log.txt.tmp", "notes.checkpoint.pth.x.tmp"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / ".checkpoint.pth.dddddddddddd.tmp").mkdir()  # not a file: left alone

@@ -272,3 +272,11 @@ def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
     path.write_bytes(b"\xff\xfe\x00e")
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         parse_config(["--config", str(path), "--data_path", "x"])
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    """`<<: *base` is no duplicate: a file may merge a mapping and override one of its keys."""
+    path = tmp_path / "c.yaml"
+    path.write_text("<<: {epochs: 50, lr: 0.1}\nlr: 0.2\n")
+    config = parse_config(["--config", str(path), "--data_path", "x"])
+    assert (config.epochs, config.lr) == (50, 0.2)

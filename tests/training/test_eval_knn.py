@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -73,6 +74,22 @@ def test_a_small_temperature_does_not_overflow():
     )  # fmt: skip
     assert got == pytest.approx(want)
     assert got[0] > 85
+
+
+def test_far_voters_still_rank_above_classes_without_votes():
+    """At T = 0.01 a neighbour at cos -0.3 weighs exp(-110) times the nearest one (cos 0.8):
+    float32 would flush it to 0 and tie it with unvoted classes; the reference (which does
+    not overflow here, 0.8 / 0.01 = 80) ranks it right after the nearest class."""
+    near, far = math.acos(0.8), math.acos(-0.3)
+    angles = [near] + [far] * 5
+    train = torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+    train_y = torch.tensor([0, 15, 15, 1, 2, 3])
+    test, test_y = torch.tensor([[1.0, 0.0]]), torch.tensor([15])
+    sims = (test @ train.T).double()[0]
+    votes = torch.zeros(20, dtype=torch.float64).index_add_(0, train_y, (sims / 0.01).exp())
+    assert 15 in votes.argsort(descending=True)[:5].tolist()  # the reference formula's hit
+    top1, top5 = knn_classifier(train, train_y, test, test_y, 6, 0.01, num_classes=20)
+    assert (top1, top5) == (0.0, 100.0)
 
 
 def test_cli_on_onnx_model_and_checkpoint(

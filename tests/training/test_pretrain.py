@@ -409,3 +409,58 @@ def test_a_broken_collective_reads_as_another_process_stopping():
     assert "Connection reset by peer" in message
     assert peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert peer_failure(ValueError("Connection reset by peer")) is None  # not a collective's
+
+
+def test_sigterm_caught_inside_torch_save_still_exits_143(tmp_path, image_dir, caplog, monkeypatch):
+    """torch.save's C++ writer turns the exception raised by the signal handler into its own
+    RuntimeError; the interruption behind it is still reported as one."""
+    import signal
+
+    from training import checkpoint as ckpt_module
+    from training.pretrain import Terminated
+
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+
+    def save_cut_by_sigterm(*args, **kwargs):
+        try:
+            raise Terminated
+        except Terminated:
+            # as the C++ writer does: its own error, the interruption only as the context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")  # noqa: B904
+
+    monkeypatch.setattr(ckpt_module.torch, "save", save_cut_by_sigterm)
+    assert main(tiny_args(image_dir, out)) == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM)" in caplog.text and "Traceback" not in caplog.text
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_loader_workers_do_not_inherit_the_sigterm_handler():
+    import signal
+
+    from training.pretrain import _seed_worker
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        _seed_worker(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_finished_run_needs_no_writable_output_dir(tmp_path, image_dir, caplog, monkeypatch):
+    from training import pretrain
+
+    out = tmp_path / "run"
+    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
+    assert main(argv) == 0
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pretrain, "new_temp_file", read_only)
+    assert main(argv) == 0 and "nothing to do" in caplog.text
+    assert main([*argv, "--epochs", "2"]) == 1  # more to train: refused before the epoch
+    assert "is not writable (Permission denied)" in caplog.text
