@@ -797,16 +797,23 @@ _MEMORY_ADVICE = (
 )
 
 
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors it was raised from or during, nearest first (at most 8: a short
+    chain; a cycle is not followed forever)."""
+    seen: BaseException | None = err
+    for _ in range(8):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def _worker_signal(err: BaseException) -> str | None:
     """The signal that killed a loader worker, from the error or the errors it wraps."""
-    seen: BaseException | None = err
-    for _ in range(8):  # a short chain; a cycle is not followed forever
-        if seen is None:
-            break
-        found = re.search(r"killed by signal: ([^.\n]+)", str(seen))
+    for cause in _causes(err):
+        found = re.search(r"killed by signal: ([^.\n]+)", str(cause))
         if found:
             return found.group(1).strip()
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
@@ -861,14 +868,7 @@ def peer_failure(err: BaseException) -> str | None:
 def _interrupt_behind(err: BaseException) -> BaseException | None:
     """The Ctrl-C or SIGTERM that caused ``err`` (C++ code that catches the Python exception
     raised in it, as torch.save's writer does, reports its own error instead)."""
-    seen: BaseException | None = err
-    for _ in range(8):  # a short chain; a cycle is not followed forever
-        if seen is None:
-            return None
-        if isinstance(seen, KeyboardInterrupt | Terminated):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((c for c in _causes(err) if isinstance(c, KeyboardInterrupt | Terminated)), None)
 
 
 def _interrupted(config: PretrainConfig, err: BaseException) -> int:
