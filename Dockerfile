@@ -24,9 +24,11 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > /tmp/requirements-serve.txt \
     && pip install --no-cache-dir -r /tmp/requirements-serve.txt
+# README.md (the package's long description) comes with the code: editing it reinstalls nothing.
+COPY README.md ./
 COPY models/ models/
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps .
@@ -66,9 +68,10 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['train']))" > /tmp/requirements-train.txt \
     && pip install --no-cache-dir -r /tmp/requirements-train.txt
+COPY README.md ./
 COPY models/ models/
 COPY training/ training/
 COPY service/ service/
@@ -86,6 +89,8 @@ RUN apt-get update \
     && mkdir -p /cache /workspace \
     && chmod 1777 /cache /workspace
 COPY --from=train-build /opt/venv /opt/venv
+# The shipped recipes, so `--config configs/pretrain/...` works without a mount.
+COPY configs/ /workspace/configs/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -9,14 +9,15 @@ SERVE_STAMP := $(SERVE_VENV)/.installed
 
 .PHONY: serve test lint venv clean
 
+# A venv left half-built (python3.11-venv missing: no ensurepip, hence no pip) is rebuilt.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 $(SERVE_STAMP): pyproject.toml
-	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf $(SERVE_VENV) && $(PYTHON) -m venv $(SERVE_VENV); }
 	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(SERVE_VENV)/bin/python -m pip install --quiet -e '.[serve]'
 	touch $(SERVE_STAMP)

@@ -128,3 +128,28 @@ def test_compose_settings_are_known_to_the_service(compose_config: ComposeLoader
         assert not unknown, f"{files}: variables the service does not read: {unknown}"
         settings = Settings(**{k.removeprefix("DINO_").lower(): v for k, v in environment.items()})
         assert settings.port == 8000
+
+
+def test_train_bind_mounts_exist_in_a_fresh_clone(compose_config: ComposeLoader) -> None:
+    """A bind-mount source that does not exist is created by the Docker daemon as root, and
+    the non-root train user could not write into it: every writable one is in the repository."""
+    import subprocess
+
+    train = compose_config(GPU, ("train",))["services"]["train"]
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for volume in train["volumes"]:
+        if volume["type"] != "bind" or volume.get("read_only"):
+            continue
+        folder = Path(volume["source"]).relative_to(REPO).as_posix()
+        assert any(name.startswith(folder + "/") for name in tracked), folder
+
+
+def test_service_threads_follow_the_cpu_limit_not_the_host(compose_config: ComposeLoader) -> None:
+    for files in (GPU, CPU):
+        service = compose_config(files)["services"]["dino"]
+        environment = service["environment"]
+        cpus = float(service["deploy"]["resources"]["limits"]["cpus"])
+        for name in ("DINO_INTRA_OP_THREADS", "DINO_DECODE_WORKERS"):
+            assert 0 < int(environment[name]) <= cpus, (files, name)

@@ -223,3 +223,20 @@ def test_copied_sources_exist_including_the_bundled_model(stages: dict[str, Stag
     assert not missing, f"the build would fail: {missing} missing from the repository"
     bundled = sorted((REPO / "model_repository").glob("dino_default/*/model.onnx"))
     assert bundled, "the serve image bundles model_repository/dino_default/<version>/model.onnx"
+
+
+@pytest.mark.parametrize("target", ["serve", "train"])
+def test_dependencies_install_before_anything_that_changes_often(
+    stages: dict[str, Stage], target: str
+) -> None:
+    """Only pyproject.toml precedes the dependency layer: editing the code or the README
+    reuses the cached torch/onnxruntime layer."""
+    for stage in ancestry(stages, target):
+        order = [i for i in stage.instructions if i.keyword in ("COPY", "RUN")]
+        installs = [n for n, i in enumerate(order) if "requirements-" in i.args]
+        if not installs:
+            continue
+        before = [i.args for i in order[: installs[0]] if i.keyword == "COPY"]
+        assert before == ["pyproject.toml ./"], before
+        after = " ".join(i.args for i in order[installs[0] :] if i.keyword == "COPY")
+        assert "README.md" in after and "models/" in after
