@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -71,6 +72,11 @@ def test_make_serve_from_a_clean_copy_answers_embed(tmp_path: Path) -> None:
         pytest.fail("make is required by the README's quick start")
     _copy_worktree(tmp_path)
     assert (tmp_path / "model_repository" / "dino_default").is_dir(), "bundled model missing"
+    # What a machine without python3.11-venv leaves behind: a virtualenv without pip. The
+    # command must rebuild it rather than fail on it forever.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv-serve")], check=True
+    )
     port = _free_port()
     env = {**os.environ, "DINO_PORT": str(port), "DINO_HOST": "127.0.0.1"}
     env.pop("VIRTUAL_ENV", None)
