@@ -2,7 +2,12 @@
 # Everything this project measures on a lent GPU machine, in one prepared run (README
 # "Benchmarks"). Usage there: OUT=<results dir> PART=<stages> bash bench/gpu_session.sh
 #
-# PART is a comma-separated list of stages (default: bench,fmnist):
+# PART is a comma-separated list of stages (default: bench). One call runs for at most 600 s and
+# brings back at most 8 files from $OUT, so run bench and fmnist in calls of their own:
+#   PART=bench                                     about 5 min (BENCH_TIMEOUT_S, default 420)
+#   PART=fmnist TRAIN_BUDGET_S=420 SKIP_KNN=1      budget + about 60 s (probe, export)
+#   PART=stage x4 (back to back), then PART=serve  staging seconds each; serve about 2 min
+# A call that stages a part may also run another stage: PART=stage,bench carrying part-00.
 #   bench   training-step throughput: the reference-style step against our variants
 #           ($VARIANTS, default bf16,fp16,compile,compile-reduce-overhead), then the
 #           augmentation paths.
@@ -14,23 +19,33 @@
 #           `PART=stage bash bench/gpu_session.sh` once per part, carrying
 #           .device/ort/part-0N (N = 0..3), then the serve stage carrying .device/wheels
 #           (the serve extra's pure-Python and small binary wheels, used when the machine
-#           lacks them). Stage files live in /tmp/ort-parts between calls.
-# Only 8 files come back from $OUT: every stage keeps to its share.
+#           lacks them) and .device/ort/ort-gpu.tar.xz.sha256. Stage files live in
+#           /tmp/ort-parts between calls: the machine keeps them only while it stays warm (about
+#           30 s between calls), so issue the stage calls back to back.
+# Only 8 files come back from $OUT: every stage keeps to its share (bench 4, fmnist 7, serve 4,
+# env.txt and steps.log included).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}
-PART=${PART:-bench,fmnist}
+PART=${PART:-bench}
+# The carried IDX files; training.data falls back to Debian's path, absent on the device.
+if [ -z "${DINO_FASHION_MNIST_ROOT:-}" ] && [ -d .device/fmnist ]; then
+  export DINO_FASHION_MNIST_ROOT=$PWD/.device/fmnist
+fi
+ORT_PARTS=${ORT_PARTS:-4}  # .device/ort/part-00 .. part-03
+STAGE=${STAGE_DIR:-/tmp/ort-parts}  # kept by the warm machine between calls
+ORT=${ORT_DIR:-/tmp/ortgpu}         # the extracted onnxruntime-gpu package
 mkdir -p "$OUT"
 step() { echo "=== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 want() { [[ ",$PART," == *",$1,"* ]]; }
 
 if want stage; then
-  mkdir -p /tmp/ort-parts
-  for part in .device/ort/part-0*; do
-    [ -f "$part" ] && cp "$part" /tmp/ort-parts/ && echo "staged $(basename "$part")"
+  mkdir -p "$STAGE"
+  for part in .device/ort/part-0* .device/ort/ort-gpu.tar.xz.sha256; do
+    [ -f "$part" ] && cp "$part" "$STAGE"/ && echo "staged $(basename "$part")"
   done
-  ls -la /tmp/ort-parts
-  exit 0
+  ls -la "$STAGE"
+  [ "$PART" = stage ] && exit 0
 fi
 
 step env
@@ -40,10 +55,11 @@ nproc | tee -a "$OUT/env.txt"
 
 if want bench; then
   step "train throughput: reference-style step vs ${VARIANTS:=bf16,fp16,compile,compile-reduce-overhead}"
-  timeout "${BENCH_TIMEOUT_S:-420}" python3 bench/train_throughput.py --variants "$VARIANTS" \
-    --aug_images 8 > "$OUT/train_bench.jsonl" 2> "$OUT/train_bench.err"
-  grep -v "^W" "$OUT/train_bench.err" | tail -5; cat "$OUT/train_bench.jsonl"
-  rm -f "$OUT/train_bench.err"
+  timeout -k 20 "${BENCH_TIMEOUT_S:-420}" python3 bench/train_throughput.py --variants "$VARIANTS" \
+    --aug_images 8 > "$OUT/train_bench.jsonl" 2> /tmp/train_bench.err
+  echo "exit $?"
+  grep -v "^W" /tmp/train_bench.err | tail -200 > "$OUT/train_bench.err"  # kept for a post-mortem
+  tail -5 "$OUT/train_bench.err"; cat "$OUT/train_bench.jsonl"
 fi
 
 if want fmnist; then
@@ -52,23 +68,30 @@ if want fmnist; then
   read -r -a EXTRA <<< "${FMNIST_EXTRA:-}"
   FMNIST_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false "${EXTRA[@]}")
   rm -rf /tmp/probe
-  timeout 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir /tmp/probe \
+  timeout -k 10 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir /tmp/probe \
     > /tmp/probe.log 2>&1
   EPOCH_S=$(python3 -c "import json;r=[json.loads(l) for l in open('/tmp/probe/log_steps.jsonl')];rr=r[1:] or r;print(round(1.2*60000/(sum(x['img_per_s'] for x in rr)/len(rr)),2))" 2>/dev/null || echo 8)
-  EPOCHS=$(python3 -c "print(max(5, min(${MAX_EPOCHS:-60}, int(${TRAIN_BUDGET_S:-180} / max(float('$EPOCH_S'), 0.5)))))")
+  EPOCHS=$(python3 -c "print(max(1, min(${MAX_EPOCHS:-60}, int(${TRAIN_BUDGET_S:-180} / max(float('$EPOCH_S'), 0.5)))))")
   step "epoch took ${EPOCH_S}s -> training ${EPOCHS} epochs"
   rm -rf /tmp/run /tmp/repo
-  timeout $(( ${TRAIN_BUDGET_S:-180} + 90 )) python3 -m training.pretrain "${FMNIST_ARGS[@]}" \
+  # SIGTERM at the limit: the run stops cleanly after its last checkpoint (exit 143)
+  timeout -k 20 $(( ${TRAIN_BUDGET_S:-180} + 90 )) python3 -m training.pretrain "${FMNIST_ARGS[@]}" \
     --epochs "$EPOCHS" --output_dir /tmp/run --export_to /tmp/repo/dino_default \
     > /tmp/train_fmnist.log 2>&1
+  echo "exit $?"
   tail -5 /tmp/train_fmnist.log
+  if [ ! -f /tmp/repo/dino_default/1/model.onnx ] && [ -f /tmp/run/checkpoint.pth ]; then
+    step "training was cut short: exporting its last checkpoint"
+    timeout -k 10 90 python3 -m models.export --weights /tmp/run/checkpoint.pth \
+      --repository /tmp/repo --name dino_default --resolution 32 2>&1 | tail -3
+  fi
   tail -c 20000 /tmp/train_fmnist.log > "$OUT/train_fmnist.tail"
   cp /tmp/run/log.txt "$OUT/fmnist_log.txt" 2>/dev/null
   cp /tmp/run/config.yaml "$OUT/fmnist_config.yaml" 2>/dev/null
   cp /tmp/repo/dino_default/1/model.onnx "$OUT/model.onnx" 2>/dev/null
   if [ "${SKIP_KNN:-0}" != 1 ]; then
     step "k-NN of the exported model on Fashion-MNIST (ONNX Runtime, CPU)"
-    timeout 90 python3 -m training.eval_knn --onnx /tmp/repo/dino_default/1/model.onnx \
+    timeout -k 10 150 python3 -m training.eval_knn --onnx /tmp/repo/dino_default/1/model.onnx \
       --dataset fashion-mnist --output "$OUT/knn.json" > /tmp/knn.log 2>&1
     tail -8 /tmp/knn.log
   fi
@@ -76,24 +99,40 @@ fi
 
 if want serve; then
   step "onnxruntime-gpu from the staged parts"
-  if [ ! -d /tmp/ortgpu/onnxruntime ]; then
-    cat /tmp/ort-parts/part-0* > /tmp/ort-gpu.tar.xz
-    (cd /tmp && sha256sum -c "$OLDPWD/.device/ort/ort-gpu.tar.xz.sha256" 2>/dev/null) \
-      || echo "sha256 file not carried; checking the archive by extracting it"
-    mkdir -p /tmp/ortgpu && tar -xJf /tmp/ort-gpu.tar.xz -C /tmp/ortgpu || { echo "bad archive"; exit 1; }
+  if [ ! -f "$ORT/.complete" ]; then  # a failed extraction is never reused
+    staged=$(ls "$STAGE"/part-0* 2>/dev/null | wc -l)
+    if [ "$staged" -ne "$ORT_PARTS" ]; then
+      echo "only $staged of $ORT_PARTS parts are staged (the machine was released between calls?):"
+      ls "$STAGE" 2>/dev/null; exit 1
+    fi
+    archive=$(dirname "$STAGE")/ort-gpu.tar.xz
+    cat "$STAGE"/part-0* > "$archive"
+    sums=$STAGE/ort-gpu.tar.xz.sha256
+    [ -f "$sums" ] || sums=.device/ort/ort-gpu.tar.xz.sha256
+    if [ -f "$sums" ]; then
+      sums=$(realpath "$sums")
+      (cd "$(dirname "$archive")" && sha256sum -c "$sums") || { echo "archive digest mismatch"; exit 1; }
+    else
+      echo "no sha256 file carried; the extraction checks the archive"
+    fi
+    rm -rf "$ORT" "$ORT.part" && mkdir -p "$ORT.part"
+    tar -xJf "$archive" -C "$ORT.part" || { echo "bad archive"; exit 1; }
+    touch "$ORT.part/.complete" && mv "$ORT.part" "$ORT"
   fi
   if ! python3 -c "import fastapi, uvicorn, pydantic_settings, multipart, prometheus_client, httpx" 2>/dev/null; then
-    pip install --quiet --no-deps --target /tmp/svcdeps .device/wheels/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/svcdeps .device/wheels/*.whl
   fi
-  NV=$(python3 -c "import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))" 2>/dev/null)
-  LIBS=$(ls -d "$NV"/nvidia/*/lib 2>/dev/null | tr '\n' ':')
-  export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
-  export PYTHONPATH="/tmp/ortgpu:/tmp/svcdeps:$PWD"
+  # every nvidia/*/lib folder torch's CUDA wheels installed (cuDNN, cuBLAS, ...), wherever they are
+  LIBS=$(python3 -c "import glob, os, nvidia; print(':'.join(d for p in nvidia.__path__ for d in sorted(glob.glob(os.path.join(p, '*', 'lib')))))" 2>/dev/null)
+  export LD_LIBRARY_PATH="${LIBS:+$LIBS:}${LD_LIBRARY_PATH:-}"
+  export PYTHONPATH="$ORT:/tmp/svcdeps:$PWD"
   python3 -c "import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())" \
     | tee -a "$OUT/env.txt"
   step "service on CUDA: readiness, provider, throughput vs the raw session"
-  timeout "${SERVE_TIMEOUT_S:-300}" python3 bench/serve_throughput.py --device cuda \
+  timeout -k 20 "${SERVE_TIMEOUT_S:-300}" python3 bench/serve_throughput.py --device cuda \
     --concurrency 1,16,64 --seconds 10 --json-out "$OUT/serve_cuda.json" > /tmp/serve.log 2>&1
-  echo "exit $?"; tail -40 /tmp/serve.log
+  echo "exit $?"
+  tail -c 60000 /tmp/serve.log > "$OUT/serve.log.tail"  # the table and any error, whole
+  grep -v '^[{ ]' /tmp/serve.log | tail -40
 fi
 step done

@@ -50,3 +50,87 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
         assert level["failures"] == 0 and level["images_per_s"] > 0
         assert level["raw_images_per_s"] > 0 and level["ratio"] > 0
     assert report["hardware"]["execution_provider"] == "CPUExecutionProvider"
+
+
+def _gpu_session(work: Path, part: str, **env: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    environment = {
+        **os.environ,
+        "PART": part,
+        "OUT": str(work / "out"),
+        "STAGE_DIR": str(work / "stage"),
+        "ORT_DIR": str(work / "ortgpu"),
+        "SERVE_TIMEOUT_S": "1",  # the service bench itself needs a GPU: stop it at once
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_session.sh")],
+        cwd=work / "repo",
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _split_archive(work: Path, parts: int) -> list[bytes]:
+    """A tar.xz holding a stand-in ``onnxruntime`` package, cut in ``parts`` pieces, plus the
+    sha256 file in the layout the session carries (``.device/ort``)."""
+    import hashlib
+    import io
+    import tarfile
+
+    source = work / "pkg" / "onnxruntime"
+    source.mkdir(parents=True)
+    (source / "__init__.py").write_text(
+        "__version__ = 'stand-in'\n\ndef get_available_providers():\n    return ['CUDA?']\n"
+    )
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as archive:
+        archive.add(source, arcname="onnxruntime")
+    data = buffer.getvalue()
+    ort = work / "repo" / ".device" / "ort"
+    ort.mkdir(parents=True)
+    digest = hashlib.sha256(data).hexdigest()
+    (ort / "ort-gpu.tar.xz.sha256").write_text(f"{digest}  ort-gpu.tar.xz\n")
+    size = -(-len(data) // parts)
+    return [data[i * size : (i + 1) * size] for i in range(parts)]
+
+
+def _carry(work: Path, index: int, piece: bytes) -> None:
+    ort = work / "repo" / ".device" / "ort"
+    for old in ort.glob("part-0*"):
+        old.unlink()  # each call carries one part
+    (ort / f"part-0{index}").write_bytes(piece)
+
+
+def test_gpu_session_stages_parts_across_calls_and_extracts_once(tmp_path: Path) -> None:
+    """The onnxruntime-gpu archive travels one part per call; the serve stage joins, checks
+    and extracts it, and refuses a partial staging instead of reusing half an extraction."""
+    pieces = _split_archive(tmp_path, 4)
+    for index, piece in enumerate(pieces[:3]):
+        _carry(tmp_path, index, piece)
+        assert _gpu_session(tmp_path, "stage").returncode == 0
+    result = _gpu_session(tmp_path, "serve")  # part-03 never arrived
+    assert result.returncode == 1 and "only 3 of 4 parts are staged" in result.stdout
+    assert not (tmp_path / "ortgpu").exists()
+
+    _carry(tmp_path, 3, pieces[3])
+    result = _gpu_session(tmp_path, "stage,serve")  # the last part and the stage in one call
+    assert "ort-gpu.tar.xz: OK" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "ortgpu" / ".complete").is_file()
+    assert "stand-in" in (tmp_path / "out" / "env.txt").read_text()  # imported from there
+    assert (tmp_path / "out" / "serve.log.tail").is_file()  # kept for a post-mortem
+
+
+def test_gpu_session_refuses_a_corrupted_archive(tmp_path: Path) -> None:
+    pieces = _split_archive(tmp_path, 2)
+    pieces[1] = bytes([pieces[1][0] ^ 0xFF]) + pieces[1][1:]
+    for index, piece in enumerate(pieces):
+        _carry(tmp_path, index, piece)
+        assert _gpu_session(tmp_path, "stage", ORT_PARTS="2").returncode == 0
+    result = _gpu_session(tmp_path, "serve", ORT_PARTS="2")
+    assert result.returncode == 1 and "archive digest mismatch" in result.stdout
+    assert not (tmp_path / "ortgpu").exists()
