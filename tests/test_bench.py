@@ -62,6 +62,8 @@ def _gpu_session(work: Path, part: str, **env: str) -> subprocess.CompletedProce
         "STAGE_DIR": str(work / "stage"),
         "ORT_DIR": str(work / "ortgpu"),
         "SERVE_TIMEOUT_S": "1",  # the service bench itself needs a GPU: stop it at once
+        # the script's python3 is this interpreter, as on the device it is the one with torch
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **env,
     }
     return subprocess.run(
@@ -118,7 +120,10 @@ def test_gpu_session_stages_parts_across_calls_and_extracts_once(tmp_path: Path)
     assert not (tmp_path / "ortgpu").exists()
 
     _carry(tmp_path, 3, pieces[3])
-    result = _gpu_session(tmp_path, "stage,serve")  # the last part and the stage in one call
+    assert _gpu_session(tmp_path, "stage").returncode == 0
+    for part in (tmp_path / "repo" / ".device" / "ort").glob("part-0*"):
+        part.unlink()  # the serve call carries the wheels and the digest, no part
+    result = _gpu_session(tmp_path, "serve")
     assert "ort-gpu.tar.xz: OK" in result.stdout, result.stdout + result.stderr
     assert (tmp_path / "ortgpu" / ".complete").is_file()
     assert "stand-in" in (tmp_path / "out" / "env.txt").read_text()  # imported from there
@@ -134,3 +139,35 @@ def test_gpu_session_refuses_a_corrupted_archive(tmp_path: Path) -> None:
     result = _gpu_session(tmp_path, "serve", ORT_PARTS="2")
     assert result.returncode == 1 and "archive digest mismatch" in result.stdout
     assert not (tmp_path / "ortgpu").exists()
+
+
+def test_gpu_session_fmnist_stage_trains_exports_and_evaluates(tmp_path: Path) -> None:
+    """The bundled model's stage end to end on a tiny synthetic Fashion-MNIST (on the CPU
+    here): probe, a run sized to the budget, export, k-NN; at most 8 files come back."""
+    from tests.training.conftest import write_fashion_mnist
+
+    (tmp_path / "repo").mkdir()
+    for name in ("configs", "models", "training", "service", "pyproject.toml"):
+        (tmp_path / "repo" / name).symlink_to(ROOT / name)
+    data = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
+    result = _gpu_session(
+        tmp_path,
+        "fmnist",
+        TRAIN_BUDGET_S="20",
+        MAX_EPOCHS="2",
+        DINO_FASHION_MNIST_ROOT=str(data),
+        FMNIST_EXTRA="--batch_size_per_gpu 16 --num_workers 0 --device cpu",
+    )
+    out = tmp_path / "out"
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "env.txt",
+        "fmnist_config.yaml",
+        "fmnist_log.txt",
+        "knn.json",
+        "model.onnx",
+        "steps.log",
+        "train_fmnist.tail",
+    ], result.stdout[-3000:]
+    assert "of warm-up" in (out / "steps.log").read_text()
+    assert [r["k"] for r in json.loads((out / "knn.json").read_text())] == [10, 20, 100, 200]
