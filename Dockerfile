@@ -8,8 +8,9 @@
 #          and `python -m training.eval_knn`. `docker build --target train -t dino-features:train .`
 #
 # Each target installs the pins of its extra (read from pyproject.toml, i.e. `pip install .[serve]`
-# or `.[train]` split in two) in a layer of their own, so editing the code does not reinstall
-# them, and then the project itself with --no-deps.
+# or `.[train]` split in two), every indirect dependency held at its version in constraints.txt
+# (`make lock`), in a layer of their own, so editing the code does not reinstall them, and then
+# the project itself with --no-deps.
 
 # ---------------------------------------------------------------------------------------------
 # serve: build the virtual environment on the same base the runtime stage uses (same Python).
@@ -24,9 +25,9 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > /tmp/requirements-serve.txt \
-    && pip install --no-cache-dir -r /tmp/requirements-serve.txt
+    && pip install --no-cache-dir -r /tmp/requirements-serve.txt -c constraints.txt
 # README.md (the package's long description) comes with the code: editing it reinstalls nothing.
 COPY README.md ./
 COPY models/ models/
@@ -68,9 +69,9 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['train']))" > /tmp/requirements-train.txt \
-    && pip install --no-cache-dir -r /tmp/requirements-train.txt
+    && pip install --no-cache-dir -r /tmp/requirements-train.txt -c constraints.txt
 COPY README.md ./
 COPY models/ models/
 COPY training/ training/

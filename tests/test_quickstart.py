@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -103,6 +104,24 @@ def test_make_serve_from_a_clean_copy_answers_embed(tmp_path: Path) -> None:
         assert ready is not None, (tmp_path / "serve.log").read_text()[-4000:]
         site_packages = tmp_path / ".venv-serve" / "lib" / "python3.11" / "site-packages"
         assert site_packages.is_dir() and not (site_packages / "torch").exists()
+        # Every package `make serve` installed is at its version in constraints.txt.
+        pins = dict(
+            line.split("==")
+            for line in (tmp_path / "constraints.txt").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+        installed = {
+            re.sub(r"[-_.]+", "-", name).lower(): version
+            for name, version in (
+                folder.name.removesuffix(".dist-info").rsplit("-", 1)
+                for folder in site_packages.glob("*.dist-info")
+            )
+        }
+        installed.pop("dino-features")
+        for seeded in ("pip", "setuptools"):  # what `python3.11 -m venv` puts in every venv
+            installed.pop(seeded, None)
+        assert "starlette" in installed and "onnxruntime-gpu" in installed
+        assert {n: v for n, v in installed.items() if pins.get(n) != v} == {}
 
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 90)).save(buffer, format="PNG")

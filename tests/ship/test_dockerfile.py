@@ -229,14 +229,14 @@ def test_copied_sources_exist_including_the_bundled_model(stages: dict[str, Stag
 def test_dependencies_install_before_anything_that_changes_often(
     stages: dict[str, Stage], target: str
 ) -> None:
-    """Only pyproject.toml precedes the dependency layer: editing the code or the README
-    reuses the cached torch/onnxruntime layer."""
+    """Only pyproject.toml and constraints.txt precede the dependency layer: editing the code
+    or the README reuses the cached torch/onnxruntime layer."""
     for stage in ancestry(stages, target):
         order = [i for i in stage.instructions if i.keyword in ("COPY", "RUN")]
         installs = [n for n, i in enumerate(order) if "requirements-" in i.args]
         if not installs:
             continue
         before = [i.args for i in order[: installs[0]] if i.keyword == "COPY"]
-        assert before == ["pyproject.toml ./"], before
+        assert before == ["pyproject.toml constraints.txt ./"], before
         after = " ".join(i.args for i in order[installs[0] :] if i.keyword == "COPY")
         assert "README.md" in after and "models/" in after
