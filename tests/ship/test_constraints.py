@@ -91,9 +91,7 @@ def test_make_installs_both_venvs_with_the_constraints() -> None:
 
 
 @pytest.mark.parametrize("target", ["serve", "train"])
-def test_docker_targets_install_with_the_constraints(
-    stages: dict[str, Stage], target: str
-) -> None:
+def test_docker_targets_install_with_the_constraints(stages: dict[str, Stage], target: str) -> None:
     chain = ancestry(stages, target)
     commands = [
         command.strip()
