@@ -525,13 +525,28 @@ def _loaded_model(model: OnnxModel) -> dict[str, Any]:
 # Web page
 
 
+# The page runs only its own files: no inline script or style, no other origin, no framing (it
+# has an API-key field), and every load revalidated so that an upgrade never pairs a cached
+# app.js with a new analysis.js.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False, response_model=None)
 async def index() -> Response:
     """The web page (service/static/index.html)."""
     page = STATIC_DIR / "index.html"
     if not page.is_file():
         return _error_response(404, "not_found", "the web page is not installed", None)
-    return FileResponse(page, media_type="text/html")
+    return FileResponse(page, media_type="text/html", headers=PAGE_HEADERS)
 
 
 @router.api_route(
@@ -546,7 +561,7 @@ async def static_file(path: str) -> Response:
     target = _static_files(STATIC_DIR).get(path)
     if target is None:
         return _error_response(404, "not_found", f"no static file {path[:100]!r}", None)
-    return FileResponse(target)
+    return FileResponse(target, headers=PAGE_HEADERS)
 
 
 def _static_files(root: Path) -> dict[str, Path]:

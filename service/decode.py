@@ -10,6 +10,7 @@ is applied, and every mode ends as 8-bit RGB (alpha is dropped like torchvision'
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,6 +37,21 @@ _SIGNATURES: tuple[bytes, ...] = (
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def _allow_pixels(max_pixels: int) -> None:
+    """Make the service's pixel budget the one that applies, not Pillow's.
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (89.5 million by default) and refuses
+    images above twice that in ``Image.open``. Raising its threshold to at least
+    ``max_pixels`` keeps every image the service accepts clear of both (a budget above 179
+    million pixels would otherwise be cut short with Pillow's message); images above the
+    budget are refused from the header anyway. Pillow's threshold is process-wide, so it is
+    only ever raised (idempotent, so harmless from several decoding threads).
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> Image.Image:
     """Decode one uploaded image to RGB.
 
@@ -56,6 +72,7 @@ def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> I
     """
     if not data:
         raise EmptyImageError("the image is empty (0 bytes)", index=index)
+    _allow_pixels(max_pixels)
     image = _open(data, max_pixels=max_pixels, index=index)
     try:
         image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
@@ -76,7 +93,12 @@ def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(f"the image is too large: {err}", index=index) from err
+        # Pillow's own limit, at least twice max_pixels: say it with the service's limit.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{found[1]} pixels" if found else "more pixels than Pillow opens"
+        raise ImageTooLargeError(
+            f"the image has {size}, more than the limit of {max_pixels}", index=index
+        ) from err
     except UnidentifiedImageError as err:
         if _looks_like_supported(data):
             raise CorruptImageError(

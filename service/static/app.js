@@ -43,15 +43,32 @@ function showError(message, retryable) {
   $("error").hidden = false;
 }
 
+function withoutStop(message) {
+  return String(message).replace(/[.\s]+$/, "");
+}
+
 function formatBytes(bytes) {
   if (bytes < 1024) return `${bytes} B`;
   if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
   return `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
 }
 
+// The characters of a bearer token (RFC 6750's b64token), which is what the service accepts.
+const TOKEN_PATTERN = /^[A-Za-z0-9\-._~+/]+=*$/;
+
+class KeyError extends Error {}
+
+/** The Authorization header for the key typed in; a KeyError for a key no server would take. */
 function apiHeaders() {
   const key = $("api-key").value.trim();
-  return key ? { Authorization: `Bearer ${key}` } : {};
+  if (!key) return {};
+  if (!TOKEN_PATTERN.test(key)) {
+    throw new KeyError(
+      "The API key may only contain letters, digits and - . _ ~ + / (with = at the end): " +
+        "check what was typed or pasted under \"API key\".",
+    );
+  }
+  return { Authorization: `Bearer ${key}` };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -84,7 +101,15 @@ function showModel(model) {
 
 async function loadModelInfo() {
   try {
-    const response = await fetch("/v1/models", { headers: apiHeaders() });
+    let headers;
+    try {
+      headers = apiHeaders();
+    } catch (error) {
+      if (!(error instanceof KeyError)) throw error;
+      setStatus(error.message);
+      return;
+    }
+    const response = await fetch("/v1/models", { headers });
     if (response.status === 401 || response.status === 403) {
       setStatus('The service needs an API key: enter it under "API key", then choose an image.');
       return;
@@ -103,7 +128,7 @@ async function loadModelInfo() {
       setStatus(`No model serves yet${reason}. Images sent now will be refused.`);
     }
   } catch (error) {
-    setStatus(`Could not reach the service: ${error.message}`);
+    setStatus(`Could not reach the service: ${withoutStop(error.message)}.`);
   }
 }
 
@@ -167,20 +192,23 @@ function chooseFile(file, count) {
 
 function loadPreview(file) {
   if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
-  state.imageUrl = URL.createObjectURL(file);
+  const url = URL.createObjectURL(file);
+  state.imageUrl = url;
   const preview = $("preview");
   const image = new Image();
-  image.src = state.imageUrl;
+  image.src = url;
   return image
     .decode()
     .then(() => {
-      preview.src = state.imageUrl;
+      if (url !== state.imageUrl) return null; // a newer file was chosen meanwhile
+      preview.src = url;
       const size = `${image.naturalWidth} × ${image.naturalHeight} pixels`;
       preview.alt = `Input image ${file.name || "pasted"} (${size})`;
       preview.hidden = false;
       return image;
     })
     .catch(() => {
+      if (url !== state.imageUrl) return null;
       preview.hidden = true;
       preview.removeAttribute("src");
       preview.alt = "The browser cannot display this file";
@@ -207,6 +235,15 @@ function describeError(status, body, headers) {
   }
   switch (status) {
     case 413:
+      if (code === "too_many_tokens" || code === "response_too_large") {
+        // The file size is not the cause: the whole image (crop=none) at the model's resolution
+        // makes more patches than the service allows, which only a less elongated image avoids.
+        return [
+          `The image is too wide or too tall for this service's limits${suffix}. ` +
+            "Crop it closer to a square and try again.",
+          false,
+        ];
+      }
       return [`The image is too large for this service${suffix}. Try a smaller file.`, false];
     case 401:
     case 403:
@@ -264,6 +301,14 @@ async function analyse(file) {
   form.append("encoding", "base64");
   form.append("dtype", "float32");
 
+  let headers;
+  try {
+    headers = apiHeaders();
+  } catch (error) {
+    if (!(error instanceof KeyError)) throw error;
+    fail(error.message, false);
+    return;
+  }
   const started = performance.now();
   let response;
   let text;
@@ -271,13 +316,13 @@ async function analyse(file) {
     response = await fetch("/embed", {
       method: "POST",
       body: form,
-      headers: apiHeaders(),
+      headers,
       signal: controller.signal,
     });
     text = await response.text();
   } catch (error) {
     if (controller.signal.aborted) return;
-    fail(`Could not reach the service: ${error.message}.`, true);
+    fail(`Could not reach the service: ${withoutStop(error.message)}.`, true);
     return;
   }
   const roundTrip = performance.now() - started;
@@ -377,6 +422,7 @@ function asSize(value) {
   return height !== undefined && width !== undefined ? { height: +height, width: +width } : null;
 }
 
+/** Drops leading axes of length 1 beyond the API's rank (a batch axis of one image). */
 function stripLeadingOnes(array, rank) {
   while (array.shape.length > rank && array.shape[0] === 1) array.shape = array.shape.slice(1);
   return array;
@@ -400,7 +446,7 @@ function interpretResponse(body) {
   let cols = +pick(grid, ["cols", "width", "w", "grid_w"]) || +pick(result, ["grid_w", "cols"]);
   if (Array.isArray(grid)) [rows, cols] = grid.map(Number);
 
-  stripLeadingOnes(attention, 2);
+  stripLeadingOnes(attention, 3);
   if (attention.shape.length === 3 && attention.shape[1] * attention.shape[2] > 0) {
     if (!rows || !cols) [rows, cols] = [attention.shape[1], attention.shape[2]];
   } else if (attention.shape.length !== 2) {
@@ -409,7 +455,7 @@ function interpretResponse(body) {
   const heads = attention.shape[0];
   const patches = attention.data.length / heads;
 
-  stripLeadingOnes(features, 2);
+  stripLeadingOnes(features, 3);
   const dim = features.shape[features.shape.length - 1];
   if (features.shape.length === 3 && (!rows || !cols)) [rows, cols] = features.shape;
   if (!rows || !cols) {

@@ -453,3 +453,110 @@ def test_mask_pca_and_decoding_match_numpy(page: tuple[Any, Recorder]) -> None:
     assert result["half"]["shape"] == [2, 3, 4]
     np.testing.assert_array_equal(np.array(result["half"]["data"]), half.astype(np.float32).ravel())
     assert result["nested"] == {"shape": [2, 2], "data": [1.0, 2.0, 3.0, 4.5]}
+
+
+def _real_answer(base_url: str, photo: Path) -> dict[str, Any]:
+    """The service's own /embed answer for the photo, as the page asks for it."""
+    import httpx
+
+    response = httpx.post(
+        f"{base_url}/embed",
+        files={"images": (photo.name, photo.read_bytes(), "image/png")},
+        data={"outputs": "cls,patch,attention", "crop": "none", "encoding": "base64"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def test_a_one_head_model_renders(page: tuple[Any, Recorder], base_url: str, photo: Path) -> None:
+    """[1, rows, cols] attention (a model with embed_dim 64 has one head) is not a batch axis."""
+    tab, recorder = page
+    answer = _real_answer(base_url, photo)
+    result = answer["results"][0]
+    maps = result["attention_maps"]
+    heads, rows, cols = maps["shape"]
+    first = np.frombuffer(base64.b64decode(maps["data"]), dtype="<f4")[: rows * cols]
+    result["attention_maps"] = {
+        **maps,
+        "shape": [1, rows, cols],
+        "data": base64.b64encode(first.tobytes()).decode(),
+    }
+    answer["model"]["num_heads"] = 1
+    tab.route(
+        "**/embed",
+        lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "application/json"}, body=json.dumps(answer)
+        ),
+    )
+    tab.set_input_files("#file-input", str(photo))
+    _wait_rendered(tab)
+    assert heads >= 1 and tab.locator("canvas[data-head]").count() == 1
+    assert tab.is_hidden("#error")
+    assert recorder.errors == []
+
+
+def test_an_elongated_image_over_the_token_limit_says_so(
+    page: tuple[Any, Recorder], photo: Path
+) -> None:
+    tab, _ = page
+    message = "at 1024x24 pixels the image has 1537 tokens; ask for a smaller resolution"
+    body = json.dumps({"error": {"code": "too_many_tokens", "message": message, "index": 0}})
+    tab.route(
+        "**/embed",
+        lambda route: route.fulfill(
+            status=413, headers={"Content-Type": "application/json"}, body=body
+        ),
+    )
+    tab.set_input_files("#file-input", str(photo))
+    tab.wait_for_selector('#results[data-state="error"]')
+    text = tab.inner_text("#error-message")
+    assert "too wide or too tall" in text and message in text
+    assert "smaller file" not in text
+
+
+def test_an_api_key_no_header_can_carry_is_refused_before_sending(
+    page: tuple[Any, Recorder], photo: Path
+) -> None:
+    tab, recorder = page
+    tab.click("details.settings summary")
+    tab.fill("#api-key", "clé€")
+    tab.set_input_files("#file-input", str(photo))
+    tab.wait_for_selector('#results[data-state="error"]')
+    text = tab.inner_text("#error-message")
+    assert "API key may only contain" in text
+    assert "Could not reach" not in text and tab.is_hidden("#retry")
+    assert not any(url.endswith("/embed") for url in recorder.urls)
+    assert recorder.errors == []
+
+
+def test_a_slow_preview_never_labels_a_newer_image(
+    page: tuple[Any, Recorder], photo: Path, tmp_path: Path
+) -> None:
+    """The first file's preview decodes after the second's: the page shows the second."""
+    tab, recorder = page
+    tab.evaluate(
+        """() => {
+            const decode = HTMLImageElement.prototype.decode;
+            let calls = 0;
+            HTMLImageElement.prototype.decode = function () {
+                calls += 1;
+                const done = decode.call(this);
+                if (calls !== 1) return done;
+                return done.then(() => new Promise((resolve) => setTimeout(resolve, 1500)));
+            };
+        }"""
+    )
+    small = tmp_path / "small.png"
+    Image.new("RGB", (120, 40), (10, 200, 30)).save(small)
+    tab.set_input_files("#file-input", str(photo))
+    tab.set_input_files("#file-input", str(small))
+    _wait_rendered(tab)
+    tab.wait_for_timeout(2_000)  # past the first file's delayed decode
+    alt = tab.get_attribute("#preview", "alt") or ""
+    assert "small.png" in alt and "120 × 40" in alt, alt
+    assert tab.evaluate("document.getElementById('preview').naturalWidth") == 120
+    assert tab.is_visible("#preview")
+    assert "small.png" in tab.inner_text("#file-name")
+    assert recorder.errors == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -403,6 +404,30 @@ def test_web_page_is_served_or_404(live: LiveServer) -> None:
         "/etc/passwd",
     ]:
         assert_error(live.client.get(f"/static/{odd}"), 404, "not_found")
+
+
+def test_web_page_and_its_files_carry_a_strict_content_security_policy(live: LiveServer) -> None:
+    static = Path(__file__).resolve().parents[2] / "service" / "static"
+    if not (static / "index.html").is_file():
+        pytest.skip("the web page is not installed")
+    for route in ["/", "/static/app.js", "/static/analysis.js", "/static/style.css"]:
+        response = live.client.get(route)
+        assert response.status_code == 200, route
+        policy = dict(
+            directive.strip().split(" ", 1)
+            for directive in response.headers["content-security-policy"].split(";")
+        )
+        assert policy["default-src"] == "'none'"
+        assert policy["script-src"] == "'self'" and policy["style-src"] == "'self'"
+        assert policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["cache-control"] == "no-cache"
+    # The policy allows no inline code, so the page must have none.
+    page = (static / "index.html").read_text()
+    assert "<style" not in page and not re.search(r"<[^>]*\sstyle\s*=", page)
+    assert not re.search(r"<[^>]*\son[a-z]+\s*=", page, re.IGNORECASE)  # no onclick=...
+    assert all(re.match(r"[^>]*\ssrc=", tag) for tag in page.split("<script")[1:])
 
 
 def test_web_page_absent_answers_404(

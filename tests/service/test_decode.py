@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -136,6 +137,35 @@ def test_decompression_bombs_are_refused_from_the_header(side: int) -> None:
     # The body is ~100 bytes: a refusal that names the size proves no pixel was decoded.
     with pytest.raises(ImageTooLargeError, match="pixels"):
         decode_image(_png_header_only(side, side), max_pixels=LIMIT, index=3)
+
+
+def test_pillows_own_bomb_limit_is_reported_with_the_service_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default
+    # 30000 x 30000 is above twice Pillow's threshold: Image.open itself refuses it.
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(_png_header_only(30_000, 30_000), max_pixels=LIMIT, index=2)
+    assert info.value.message == f"the image has 900000000 pixels, more than the limit of {LIMIT}"
+    assert info.value.index == 2
+
+
+def test_a_budget_above_pillows_threshold_is_the_one_that_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pillow's threshold scaled down (default 89.5 Mpx, refusal above twice that) so that the
+    # image stays small: 60 x 60 = 3600 pixels, within the budget, over twice Pillow's 1000.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    header = _png_header_only(60, 60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Accepted by the budget; its pixel data (a 64-byte IDAT) is what fails.
+        with pytest.raises(CorruptImageError):
+            decode_image(header, max_pixels=5_000)
+    assert Image.MAX_IMAGE_PIXELS == 5_000
+    with pytest.raises(ImageTooLargeError, match="3600 pixels, more than the limit of 3599"):
+        decode_image(header, max_pixels=3_599)
+    assert Image.MAX_IMAGE_PIXELS == 5_000  # never lowered: the threshold is process-wide
 
 
 def test_errors_carry_the_index() -> None:
