@@ -62,7 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_keep_alive=settings.keep_alive_s,
     )
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again, which asyncio
+        # turns into KeyboardInterrupt: the conventional status, without a traceback.
+        return 130
     # uvicorn returns normally when the lifespan startup failed (for example DINO_DEVICE=cuda
     # without a usable GPU); make that a failing exit status.
     return 0 if server.started else 3

@@ -54,7 +54,13 @@ from service.schemas import (
     ReloadResponse,
 )
 from service.settings import Settings
-from service.upload import BodyBudget, parse_upload, read_body
+from service.upload import (
+    BodyBudget,
+    check_content_type,
+    parse_upload,
+    query_options,
+    read_body,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +219,14 @@ async def embed(request: Request) -> Response:
     settings = state.settings
     loop = asyncio.get_running_loop()
     timer = _Timer()
+    content_type = request.headers.get("content-type", "")
+    query = request.query_params.multi_items()
+    # What the headers alone decide is refused before the body is read (a client that sent
+    # "Expect: 100-continue" is then never asked for it): media type, query options, a model.
+    check_content_type(content_type)
+    parse_options(query_options(query))
+    if state.manager.current is None:
+        raise NotReadyError("no model is loaded yet; see /readyz and /v1/models")
     with state.bodies.reservation() as reservation:
         body = await read_body(
             request,
@@ -225,8 +239,8 @@ async def embed(request: Request) -> Response:
             functools.partial(
                 parse_upload,
                 body,
-                content_type=request.headers.get("content-type", ""),
-                query=request.query_params.multi_items(),
+                content_type=content_type,
+                query=query,
                 max_images=settings.max_images_per_request,
             ),
         )

@@ -20,8 +20,11 @@ Admission is counted in images from the moment a request's images are accepted (
 are decoded) until its answer is built; beyond ``capacity`` the request is refused with 429.
 
 A request that ends while its images wait (its client disconnected, or another of its images
-failed) withdraws them from the queue, so no batch runs for an answer nobody will read; images
-already in a running batch finish and their results are dropped.
+failed) withdraws them from the queue, so no batch runs for an answer nobody will read. A running
+batch whose every image belongs to such requests is stopped (onnxruntime's terminate flag,
+checked between operators); one that still has a live image finishes, and the others' results
+are dropped. Either way the ended request keeps its admission until the batch holding its
+images has stopped, so capacity and ``dino_images_in_flight`` count the work really running.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 from models.contract import OUTPUT_NAMES
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.runtime import OnnxModel
+from service.runtime import OnnxModel, RunControl
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ class _Item:
     future: asyncio.Future[Result]
     siblings: list[asyncio.Future[Result]]  # every future of the request, this one included
     enqueued: float = field(default_factory=time.perf_counter)
+    running: asyncio.Future[None] | None = None  # done when the batch holding it has stopped
 
 
 class Batcher:
@@ -203,6 +207,13 @@ class Batcher:
             self._withdraw(items)
             for _, item in items:
                 item.future.cancel()  # a no-op for those done; running batches drop the rest
+            running = {
+                item.running
+                for _, item in items
+                if item.running is not None and not item.running.done()
+            }
+            if running:  # the capacity is freed once the inference it started has stopped
+                await asyncio.wait(running)
             raise
 
     def _withdraw(self, items: list[tuple[tuple[OnnxModel, int, int], _Item]]) -> None:
@@ -253,6 +264,25 @@ class Batcher:
                 await self._execute(live)
 
     async def _execute(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        running: asyncio.Future[None] = loop.create_future()
+        control = RunControl()
+
+        def stop_if_abandoned(_: asyncio.Future[Result]) -> None:
+            if not running.done() and all(item.future.done() for item in items):
+                control.terminate()  # every image answered or abandoned: nobody waits for it
+
+        for item in items:
+            item.running = running
+            item.future.add_done_callback(stop_if_abandoned)
+        try:
+            await self._run_batch(items, control)
+        finally:
+            running.set_result(None)
+            for item in items:
+                item.future.remove_done_callback(stop_if_abandoned)
+
+    async def _run_batch(self, items: list[_Item], control: RunControl) -> None:
         started = time.perf_counter()
         for item in items:
             self._metrics.queue_wait.observe(started - item.enqueued)
@@ -263,9 +293,15 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(
-                self._executor, _infer, model, [item.pixels for item in items], outputs
+                self._executor, _infer, model, [item.pixels for item in items], outputs, control
             )
         except Exception:
+            if control.terminated and all(item.future.done() for item in items):
+                self._metrics.stopped_batches.inc()
+                logger.info(
+                    "stopped a batch of %d image(s) whose requests had all ended", len(items)
+                )
+                return
             if len(items) > 1:
                 logger.warning(
                     "inference failed on a batch of %d images; retrying them one by one",
@@ -296,6 +332,10 @@ class Batcher:
                 item.future.set_result(Result(values, elapsed))
 
 
-def _infer(model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]) -> Outputs:
+def _infer(
+    model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...], control: RunControl
+) -> Outputs:
+    if control.terminated:  # abandoned before it could start
+        raise RuntimeError("the batch was stopped before it ran")
     batch = np.stack(pixels)  # (B, 3, H, W)
-    return model.run(batch, outputs)
+    return model.run(batch, outputs, control)

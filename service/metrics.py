@@ -54,6 +54,12 @@ class Metrics:
             "ended (the client disconnected, or another of its images failed).",
             registry=registry,
         )
+        self.stopped_batches = Counter(
+            "dino_stopped_batches",
+            "Inference calls stopped before the end because every request they served had "
+            "ended (the clients disconnected).",
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "dino_batch_size",
             "Images per inference call.",

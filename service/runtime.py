@@ -252,6 +252,26 @@ def _reference_image(case: int) -> Image.Image:
     return Image.frombytes("RGB", (width, height), data)
 
 
+class RunControl:
+    """Stops one inference call early, from another thread.
+
+    onnxruntime checks the flag between operators, so a batch whose every request has gone
+    stops within one operator instead of holding the inference thread to the end.
+    """
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+
+    def terminate(self) -> None:
+        """Ask the running call to stop; it then raises instead of returning."""
+        self.options.terminate = True
+
+    @property
+    def terminated(self) -> bool:
+        """Whether :meth:`terminate` was called."""
+        return bool(self.options.terminate)
+
+
 class OnnxModel:
     """A loaded, checked model.
 
@@ -285,18 +305,22 @@ class OnnxModel:
         input_type = session.get_inputs()[0].type
         self._input_dtype = np.float16 if input_type == "tensor(float16)" else np.float32
 
-    def run(self, pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(
+        self, pixels: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+    ) -> dict[str, np.ndarray]:
         """Run one batch.
 
         Args:
             pixels: ``[B, 3, H, W]`` float32.
             outputs: Contract output names wanted.
+            control: Lets another thread stop the call (it then raises).
 
         Returns:
             Output name -> float32 array (``[B, D]``, ``[B, N, D]``, ``[B, heads, N]``).
         """
         feed = {contract.PIXEL_VALUES.name: pixels.astype(self._input_dtype, copy=False)}
-        values = self.session.run(list(outputs), feed)
+        options = None if control is None else control.options
+        values = self.session.run(list(outputs), feed, options)
         return {
             name: np.asarray(value, dtype=np.float32)
             for name, value in zip(outputs, values, strict=True)

@@ -16,6 +16,7 @@ from service.app import _unless_disconnected
 from service.batcher import Batcher
 from service.errors import ClientDisconnectedError, InferenceFailedError
 from service.metrics import Metrics
+from service.runtime import RunControl
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,30 @@ class _FakeModel:
     started: threading.Event = field(default_factory=threading.Event)
     calls: list[int] = field(default_factory=list)
 
-    def run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    def run(
+        self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+    ) -> dict[str, np.ndarray]:
         self.calls.append(len(batch))
         self.started.set()
         self.gate.wait(10)
+        return {"cls_embedding": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
+
+
+@dataclass(eq=False)
+class _StoppableModel(_FakeModel):
+    """Runs until ``gate`` opens or its control is terminated, as onnxruntime checks it."""
+
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def run(
+        self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+    ) -> dict[str, np.ndarray]:
+        self.calls.append(len(batch))
+        self.started.set()
+        while not self.gate.wait(0.01):
+            if control is not None and control.terminated:
+                self.stopped.set()
+                raise RuntimeError("Exiting due to terminate flag being set to true.")
         return {"cls_embedding": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
 
 
@@ -116,12 +137,44 @@ def test_cancelled_while_running_finishes_and_drops_its_results() -> None:
             kept = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
             leaving = asyncio.create_task(batcher.submit(model, _images(2.0), ("cls_embedding",)))
             await asyncio.to_thread(model.started.wait, 10)
-            await _cancel(leaving)  # its image is in the running batch: nothing to withdraw
+            leaving.cancel()  # its image is in the running batch: nothing to withdraw
+            await asyncio.sleep(0.1)
+            # The batch still runs for `kept`: the leaving request holds on (and so does its
+            # admission in the route) until the inference holding its image has ended.
+            assert not leaving.done()
             assert _sample(metrics, "dino_withdrawn_images_total") == 0
             model.gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
             (result,) = await kept
             assert result.outputs["cls_embedding"].tolist() == [3 * 16 * 16 * 1.0]
             assert model.calls == [2]
+            assert _sample(metrics, "dino_stopped_batches_total") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_running_batch_nobody_waits_for_is_stopped() -> None:
+    async def scenario() -> None:
+        model = _StoppableModel()
+        async with _running(delay_s=0.05) as (batcher, metrics):
+            first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
+            second = asyncio.create_task(batcher.submit(model, _images(2.0), ("cls_embedding",)))
+            await asyncio.to_thread(model.started.wait, 10)
+            first.cancel()
+            await asyncio.sleep(0.1)
+            assert not model.stopped.is_set()  # `second` still waits for the batch
+            await _cancel(second)
+            # The cancellation returns only once the inference has really stopped.
+            assert model.stopped.is_set()
+            assert first.cancelled()
+            assert _sample(metrics, "dino_stopped_batches_total") == 1
+            assert model.calls == [2]
+            # The inference thread is free again: the next request runs at once.
+            model.gate.set()
+            (result,) = await batcher.submit(model, _images(3.0), ("cls_embedding",))
+            assert result.outputs["cls_embedding"].tolist() == [3 * 16 * 16 * 3.0]
+            assert model.calls == [2, 1]
 
     asyncio.run(scenario())
 
@@ -130,11 +183,13 @@ def test_a_failed_image_withdraws_the_rest_of_its_request() -> None:
     # The 8x8 image makes inference fail; its request's 16x16 image, waiting in another group,
     # is withdrawn at once and never run (its group's deadline has passed by then too).
     class _Failing(_FakeModel):
-        def run(self, batch: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        def run(
+            self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+        ) -> dict[str, np.ndarray]:
             if batch.shape[-1] == 8:
                 self.calls.append(len(batch))
                 raise RuntimeError("inference failed")
-            return super().run(batch, outputs)
+            return super().run(batch, outputs, control)
 
     async def scenario() -> None:
         model = _Failing()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.runtime import OnnxModel, load_model
+from service.runtime import OnnxModel, RunControl, load_model
 from tests.service.conftest import (
     LiveServer,
     encode,
@@ -110,10 +110,12 @@ def test_failed_inference_spares_batch_mates_and_hides_engine_text(
         model = load_model(*args, **kwargs)
         run = model.run
 
-        def poisoned(pixels: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        def poisoned(
+            pixels: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+        ) -> dict[str, np.ndarray]:
             if pixels.reshape(pixels.shape[0], -1).mean(axis=1).max() > 1.5:  # a white image
                 raise RuntimeError("onnxruntime internal: node /blocks.0/attn secret detail")
-            return run(pixels, outputs)
+            return run(pixels, outputs, control)
 
         model.run = poisoned  # type: ignore[method-assign]
         return model
@@ -215,6 +217,39 @@ def test_slow_body_times_out_with_408(guarded: LiveServer) -> None:
     assert b'"code":"request_timeout"' in answer
     assert b"connection: close" in answer.lower()
     wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "query", "status", "code"),
+    [
+        ("text/plain", "", 415, "unsupported_media_type"),
+        ("multipart/form-data", "", 400, "malformed_request"),  # no boundary
+        ("image/png", "?bogus=1", 422, "invalid_option"),
+        ("image/png", "?crop=diagonal", 422, "invalid_option"),
+    ],
+)
+def test_what_the_headers_decide_is_refused_before_the_body_is_asked_for(
+    guarded: LiveServer, content_type: str, query: str, status: int, code: str
+) -> None:
+    """A client that sends ``Expect: 100-continue`` never uploads a body bound for a 4xx."""
+    connection = socket.create_connection(("127.0.0.1", _port(guarded)), timeout=10)
+    try:
+        connection.sendall(
+            f"POST /embed{query} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        answer = b""
+        while not answer.endswith(b"}"):
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        connection.close()
+    assert answer.startswith(f"HTTP/1.1 {status}".encode()), answer[:200]
+    assert b"100 Continue" not in answer
+    assert f'"code":"{code}"'.encode() in answer
+    assert guarded.metric("dino_request_body_bytes_in_flight") == 0
 
 
 def test_answers_over_the_response_limit_are_refused_before_the_work(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from service.runtime import (
     CPU,
     DeviceUnavailableError,
     ModelLoadError,
+    RunControl,
     gpu_present,
     load_model,
     requested_providers,
@@ -59,6 +64,19 @@ def test_load_checks_and_runs(tiny_path: Path) -> None:
     out = model.run(np.zeros((2, 3, 40, 24), np.float32), ("cls_embedding", "attention_maps"))
     assert out["cls_embedding"].shape == (2, 32)
     assert out["attention_maps"].shape == (2, 2, 15)  # (B, heads, 5 x 3 patches)
+
+
+def test_a_terminated_run_control_stops_the_call(tiny_path: Path) -> None:
+    model = load_model(tiny_path, name="tiny", version=1, device="cpu", warmup_batch_sizes=(1,))
+    pixels = np.zeros((2, 3, 40, 24), np.float32)
+    control = RunControl()
+    assert not control.terminated
+    assert model.run(pixels, ("cls_embedding",), control)["cls_embedding"].shape == (2, 32)
+    control.terminate()
+    assert control.terminated
+    with pytest.raises(Exception, match="terminate"):  # onnxruntime's own Fail error
+        model.run(pixels, ("cls_embedding",), control)
+    assert model.run(pixels, ("cls_embedding",), RunControl())["cls_embedding"].shape == (2, 32)
 
 
 def test_cpu_memory_arena_is_off_unless_asked_for(tiny_path: Path) -> None:
@@ -217,3 +235,49 @@ def test_invalid_settings_exit_with_a_message() -> None:
     )
     assert result.returncode == 2
     assert "DINO_MODEL_VERSION" in result.stderr
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_the_server_without_a_traceback(
+    tiny_model_repository: Path, signal_number: int
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "DINO_DEVICE": "cpu",
+        "DINO_HOST": "127.0.0.1",
+        "DINO_PORT": str(port),
+        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
+        "DINO_MODEL_NAME": TINY_MODEL_NAME,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the service did not become ready")
+        process.send_signal(signal_number)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    # Ctrl-C: 130, the shell's convention; SIGTERM: uvicorn re-raises it after its graceful
+    # shutdown, so the process ends by the signal, as a supervisor expects.
+    expected = 130 if signal_number == signal.SIGINT else -signal.SIGTERM
+    assert process.returncode == expected, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert "Finished server process" in stderr

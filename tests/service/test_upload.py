@@ -55,10 +55,28 @@ def test_well_formed_body_without_parts_has_no_images() -> None:
 def test_parts_are_counted_while_parsing() -> None:
     limit = max_parts(3)
     valid = field("outputs", b"cls") * limit + field("images", b"x", "a.png")
-    # Garbage after the limit: the error names the part count, so parsing stopped there.
-    with pytest.raises(TooManyPartsError, match=str(limit)):
+    # One part too many and no closing delimiter (so as many delimiters as a valid body has):
+    # the parser's own count refuses it.
+    with pytest.raises(TooManyPartsError, match=f"more than {limit} parts"):
+        parse(valid)
+    # Garbage after the limit: the delimiters are counted before parsing.
+    with pytest.raises(TooManyPartsError, match=f"at most {limit} parts"):
         parse(valid + b"--" + BOUNDARY.encode() + b"\r\nno disposition\r\n\r\n")
     assert parse(field("outputs", b"cls") * (limit - 1) + field("images", b"x", "a") + END)
+
+
+def test_a_body_packed_with_delimiters_is_refused_before_parsing() -> None:
+    """Delimiters followed by neither CRLF nor -- cost python-multipart a byte-wise walk."""
+    delimiter = b"\r\n--" + BOUNDARY.encode()
+    packed = field("images", delimiter.lstrip(b"\r\n") + b"-x" + (delimiter + b"-x") * 5000, "a")
+    with pytest.raises(TooManyPartsError, match="delimiter 5003 times"):
+        parse(packed + END)
+    limit = max_parts(3)
+    # Exactly as many delimiters as `limit` parts and the closing one: parsed as usual.
+    images, options = parse(
+        field("outputs", b"cls") * (limit - 1) + field("images", b"x", "a") + END
+    )
+    assert images == [b"x"] and options == {"outputs": ["cls"] * (limit - 1)}
 
 
 def test_images_are_counted_while_parsing() -> None:
