@@ -162,6 +162,20 @@ def _stalled_upload(server: LiveServer, declared: int, sent: bytes) -> socket.so
     return connection
 
 
+def _json_answer(connection: socket.socket) -> bytes:
+    """Read a raw HTTP answer with a JSON body up to its end, then close the connection."""
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        connection.close()
+    return answer
+
+
 def test_client_disconnect_is_not_a_server_error(
     guarded: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -203,15 +217,7 @@ def test_body_budget_refuses_while_bodies_are_pending(guarded: LiveServer) -> No
 def test_slow_body_times_out_with_408(guarded: LiveServer) -> None:
     connection = _stalled_upload(guarded, 1000, b"0123456789")
     started = time.monotonic()
-    try:
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
-            chunk = connection.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        connection.close()
+    answer = _json_answer(connection)
     assert 1.5 < time.monotonic() - started < 9
     assert answer.startswith(b"HTTP/1.1 408")
     assert b'"code":"request_timeout"' in answer
@@ -233,19 +239,11 @@ def test_what_the_headers_decide_is_refused_before_the_body_is_asked_for(
 ) -> None:
     """A client that sends ``Expect: 100-continue`` never uploads a body bound for a 4xx."""
     connection = socket.create_connection(("127.0.0.1", _port(guarded)), timeout=10)
-    try:
-        connection.sendall(
-            f"POST /embed{query} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
-            "Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n".encode()
-        )
-        answer = b""
-        while not answer.endswith(b"}"):
-            chunk = connection.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        connection.close()
+    connection.sendall(
+        f"POST /embed{query} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\n"
+        "Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    answer = _json_answer(connection)
     assert answer.startswith(f"HTTP/1.1 {status}".encode()), answer[:200]
     assert b"100 Continue" not in answer
     assert f'"code":"{code}"'.encode() in answer
