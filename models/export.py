@@ -237,6 +237,32 @@ def _trace(model: VisionTransformer, path: Path, *, resolution: int, precision: 
         )
 
 
+def _declare_static_axes(proto: onnx.ModelProto, model: VisionTransformer) -> None:
+    """Write the sizes that follow from the model into the graph's output shapes.
+
+    The TorchScript exporter leaves some of them symbolic (``Castcls_embedding_dim_1``); the
+    contract fixes them (``embed_dim``, ``num_heads``), and the contract's own names go on the
+    dynamic axes, so the file's signature reads as the contract does.
+    """
+    sizes = {"embed_dim": model.config.embed_dim, "num_heads": model.config.num_heads}
+    specs = {spec.name: spec for spec in (*contract.INPUTS, *contract.OUTPUTS)}
+    for value in (*proto.graph.input, *proto.graph.output):
+        spec = specs.get(value.name)
+        if spec is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != spec.rank:
+            raise ExportError(f"{value.name} has rank {len(dims)}, the contract says {spec.rank}")
+        for index, axis in enumerate(spec.axes):
+            dim = dims[index]
+            if isinstance(axis, int):
+                dim.dim_value = axis
+            elif axis in sizes:
+                dim.dim_value = sizes[axis]
+            else:  # batch, height, width, num_patches
+                dim.dim_param = axis
+
+
 def export_model(
     model: VisionTransformer,
     path: Path,
@@ -296,6 +322,7 @@ def export_model(
         else:
             _trace(model, tmp, resolution=resolution, precision=precision)
         proto = onnx.load(str(tmp))
+        _declare_static_axes(proto, model)
         del proto.metadata_props[:]
         for key, value in metadata.items():
             entry = proto.metadata_props.add()

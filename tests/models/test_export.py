@@ -33,6 +33,20 @@ def test_graph_follows_contract(tiny_model_repository: Path) -> None:
     assert [o.name for o in proto.graph.output] == list(contract.OUTPUT_NAMES)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"]
+    # The sizes that follow from the model are fixed in the signature, the rest named as the
+    # contract names them (the exporter alone left e.g. "Castcls_embedding_dim_1").
+    signature = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+        for o in proto.graph.output
+    }
+    embed_dim, heads = 32, 2  # the tiny test model
+    assert signature == {
+        "cls_embedding": ["batch", embed_dim],
+        "patch_features": ["batch", "num_patches", embed_dim],
+        "attention_maps": ["batch", heads, "num_patches"],
+    }
+    session = _session(path)
+    assert [o.shape for o in session.get_outputs()] == list(signature.values())
 
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
