@@ -176,6 +176,56 @@ def resize_for_crop(resolution: int) -> int:
     return int(round(resolution / EVAL_CROP_RATIO))
 
 
+@dataclass(frozen=True)
+class CenterCropPlan:
+    """Where DINO's evaluation transform (resize the shorter side, centre crop) samples.
+
+    Attributes:
+        resized: ``(width, height)`` after resizing the shorter side, the longer side truncated
+            to an integer (torchvision's ``Resize(int)`` on PIL images).
+        crop_box: ``(left, top, right, bottom)`` of the centre crop in the resized image,
+            offsets rounded as torchvision's ``CenterCrop``.
+        source_box: The same crop in source coordinates when the resized image would exceed
+            the pixel budget (extreme aspect ratios, such as a 1 x 100000 strip): resizing
+            only that region (Pillow's ``resize(box=...)``) samples at the same positions with
+            memory bounded by the crop. None when the resized image is built in full.
+    """
+
+    resized: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    source_box: tuple[float, float, float, float] | None
+
+
+def plan_center_crop(
+    width: int, height: int, *, resize_size: int, resolution: int, max_pixels: int
+) -> CenterCropPlan:
+    """Plan the evaluation transform of a ``width x height`` image.
+
+    Args:
+        width: Source width.
+        height: Source height.
+        resize_size: Target of the shorter side.
+        resolution: Side of the square crop.
+        max_pixels: Largest resized (pre-crop) image built in full.
+
+    Returns:
+        The plan.
+    """
+    if width <= height:
+        resized = (resize_size, int(resize_size * height / width))
+    else:
+        resized = (int(resize_size * width / height), resize_size)
+    left = int(round((resized[0] - resolution) / 2.0))
+    top = int(round((resized[1] - resolution) / 2.0))
+    box = (left, top, left + resolution, top + resolution)
+    inside = left >= 0 and top >= 0 and box[2] <= resized[0] and box[3] <= resized[1]
+    source_box = None
+    if resized[0] * resized[1] > max_pixels and inside:
+        scale_x, scale_y = width / resized[0], height / resized[1]
+        source_box = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+    return CenterCropPlan(resized=resized, crop_box=box, source_box=source_box)
+
+
 # ---------------------------------------------------------------------------------------------
 # Synthetic reference images: the export records the model's outputs on them, the service
 # re-computes them through its own decode/preprocess/inference path at load time.

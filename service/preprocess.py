@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from models.contract import PreprocessingRecipe, resize_for_crop
+from models.contract import PreprocessingRecipe, plan_center_crop, resize_for_crop
 
 Crop = Literal["center", "none"]
 
@@ -91,22 +91,18 @@ def plan_geometry(
         short_target = (
             recipe.resize_size if resolution == recipe.resolution else resize_for_crop(resolution)
         )
-        resized = _resize_shorter(width, height, short_target)
-        left = int(round((resized[0] - resolution) / 2.0))
-        top = int(round((resized[1] - resolution) / 2.0))
-        box = (left, top, left + resolution, top + resolution)
-        source_box = None
-        inside = left >= 0 and top >= 0 and box[2] <= resized[0] and box[3] <= resized[1]
-        if resized[0] * resized[1] > EXACT_RESIZE_MAX_PIXELS and inside:
-            scale_x, scale_y = width / resized[0], height / resized[1]
-            source_box = (
-                left * scale_x,
-                top * scale_y,
-                box[2] * scale_x,
-                box[3] * scale_y,
-            )
+        plan = plan_center_crop(
+            width,
+            height,
+            resize_size=short_target,
+            resolution=resolution,
+            max_pixels=EXACT_RESIZE_MAX_PIXELS,
+        )
         return Geometry(
-            resized=resized, crop_box=box, size=(resolution, resolution), source_box=source_box
+            resized=plan.resized,
+            crop_box=plan.crop_box,
+            size=(resolution, resolution),
+            source_box=plan.source_box,
         )
     limit = max(patch_size, (max_side // patch_size) * patch_size)
     scale = resolution / min(width, height)
@@ -115,13 +111,6 @@ def plan_geometry(
     new_width = min(round_to_patch(width * scale, patch_size), limit)
     new_height = min(round_to_patch(height * scale, patch_size), limit)
     return Geometry(resized=(new_width, new_height), crop_box=None, size=(new_width, new_height))
-
-
-def _resize_shorter(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision's ``Resize(int)``: shorter side to ``size``, longer side truncated."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
 
 
 def to_pixels(image: Image.Image, geometry: Geometry, recipe: PreprocessingRecipe) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
@@ -125,8 +125,11 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
     # Non-blocking open: opening a named pipe for reading would otherwise wait for a writer.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file")
+        if info.st_size == 0:
+            raise ValueError("empty file (0 bytes)")
         os.set_blocking(fd, True)
         handle = os.fdopen(fd, "rb")
     except BaseException:
@@ -135,7 +138,12 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
     with handle:
         with warnings.catch_warnings():  # the size is checked here, with the limit in force
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(handle)
+            try:
+                img = Image.open(handle)
+            except UnidentifiedImageError:  # its own text names the file descriptor only
+                raise UnidentifiedImageError(
+                    "not an image, or in a format Pillow cannot read"
+                ) from None
         with img:
             width, height = img.size
             if max_pixels and width * height > max_pixels:

@@ -93,6 +93,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def union_over_ranks(items: set[str]) -> set[str]:
+    """Union of a set of strings over ranks (a copy of the set in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return set(items)
+    gathered: list[set[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return set().union(*(part for part in gathered if part))
+
+
 def ranks_agree(values: torch.Tensor) -> bool:
     """True when ``values`` is bitwise identical on every rank (always True in one process)."""
     if not (dist.is_available() and dist.is_initialized()):

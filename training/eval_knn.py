@@ -32,6 +32,7 @@ from models.contract import (
     PIXEL_VALUES,
     MetadataKey,
     PreprocessingRecipe,
+    plan_center_crop,
 )
 from training.data import (
     UNREADABLE_ERRORS,
@@ -45,6 +46,9 @@ logger = logging.getLogger("training.eval_knn")
 
 FloatArray = npt.NDArray[np.float32]
 Extractor = Callable[[FloatArray], FloatArray]
+
+EXACT_RESIZE_MAX_PIXELS = 8_000_000
+"""Largest resized (pre-crop) image built in full; the service uses the same budget."""
 
 
 @torch.no_grad()
@@ -102,17 +106,24 @@ def knn_classifier(
 
 
 def resize_and_crop(image: Image.Image, recipe: PreprocessingRecipe) -> Image.Image:
-    """RGB, shorter side resized to ``recipe.resize_size`` (bicubic), centre ``R x R`` crop."""
+    """RGB, shorter side resized to ``recipe.resize_size`` (bicubic), centre ``R x R`` crop.
+
+    As torchvision does it, except for extreme aspect ratios (a resized image over
+    :data:`EXACT_RESIZE_MAX_PIXELS`): only the region that survives the crop is resized then,
+    at the same sampling positions, so a 100000 x 1 strip costs the crop's memory, not 20 GB.
+    """
     image = image.convert("RGB")
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = recipe.resize_size, int(recipe.resize_size * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
-    image = image.resize(size, Image.Resampling.BICUBIC)
     res = recipe.resolution
-    left = int(round((size[0] - res) / 2.0))
-    top = int(round((size[1] - res) / 2.0))
-    return image.crop((left, top, left + res, top + res))
+    plan = plan_center_crop(
+        image.width,
+        image.height,
+        resize_size=recipe.resize_size,
+        resolution=res,
+        max_pixels=EXACT_RESIZE_MAX_PIXELS,
+    )
+    if plan.source_box is not None:
+        return image.resize((res, res), Image.Resampling.BICUBIC, box=plan.source_box)
+    return image.resize(plan.resized, Image.Resampling.BICUBIC).crop(plan.crop_box)
 
 
 def preprocess(image: Image.Image, recipe: PreprocessingRecipe) -> FloatArray:

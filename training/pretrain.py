@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.files import new_temp_file
 from models.vit import VisionTransformer, ViTConfig, arch_name, vit_config
@@ -54,6 +56,7 @@ from training.distributed import (
     cleanup_distributed,
     init_distributed,
     ranks_agree,
+    union_over_ranks,
 )
 from training.ema import ParameterEMA
 from training.gpu_augment import BatchedMultiCrop
@@ -153,15 +156,60 @@ def augment_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(3)[2])
 
 
+def _end_worker(_signum: int, _frame: object) -> None:
+    os._exit(0)
+
+
 def _seed_worker(_worker_id: int) -> None:
     import random
 
-    # A forked worker inherits the trainer's SIGTERM handler; a worker must simply end (the
-    # trainer reports the interruption once).
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A forked worker inherits the trainer's SIGTERM handler; a worker must simply end, and
+    # quietly: a SIGTERM sent to the whole process group (Slurm, `timeout`, `kill -- -PGID`)
+    # would otherwise kill it by the signal, which torch reports in the trainer as a worker
+    # failure with a traceback. The trainer reports the interruption once. The worker was
+    # started with SIGTERM blocked (see _start_workers): one that arrived since is pending and
+    # runs this handler now.
+    signal.signal(signal.SIGTERM, _end_worker)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     seed = torch.initial_seed() % 2**32  # base seed + worker id, distinct per worker
     random.seed(seed)
     np.random.seed(seed)
+
+
+def _start_workers(loader: DataLoader[Any]) -> Iterator[Any]:
+    """``iter(loader)``, its workers started with SIGTERM blocked.
+
+    A worker only installs its own SIGTERM handler in :func:`_seed_worker`; a SIGTERM to the
+    process group before that (an epoch's workers are new) would kill it by the signal, which
+    torch reports as a worker failure. Blocked, the signal waits for the handler.
+    """
+    if not hasattr(signal, "pthread_sigmask") or (
+        threading.current_thread() is not threading.main_thread()
+    ):
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    batches = iter(loader)
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending SIGTERM lands here
+    except BaseException:
+        _stop_workers(batches)
+        raise
+    return batches
+
+
+def _stop_workers(batches: Iterator[Any]) -> None:
+    """Shut down a data loader iterator's workers while a run unwinds.
+
+    An exception's traceback holds the iterator (and so its workers) alive until the garbage
+    collector breaks the cycle, which may be at interpreter exit, after multiprocessing has
+    killed the workers: torch then prints a traceback for them after the run's one-line error.
+    A worker failure torch reports during the shutdown is not the error being reported.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
+    if callable(shutdown):
+        with contextlib.suppress(RuntimeError):
+            shutdown()
 
 
 @dataclass
@@ -555,39 +603,52 @@ class Trainer:
         tick, tick_step = time.perf_counter(), 0
         epoch_start = tick
         img_per_s = 0.0
-        for i, (batch, bad) in enumerate(self.loader):
-            it = epoch * self.niter + i
-            self._note_skipped(bad)
-            crops = self.device_crops(batch)
-            loss = self.train_step(crops, epoch, it)
-            loss_sum += loss
-            bar.update(1)
-            if (i + 1) % config.log_every == 0 or i + 1 == self.niter:
-                loss_value = float(loss)
-                self._check_finite(loss_value, it)
-                now = time.perf_counter()
-                img_per_s = (i + 1 - tick_step) * images_per_step / max(now - tick, 1e-9)
-                tick, tick_step = now, i + 1
-                entropy = float(self.dino_loss.last_teacher_entropy)
-                record = {
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "lr": float(self.lr_schedule[it]),
-                    "wd": float(self.wd_schedule[it]),
-                    "momentum": float(self.momentum_schedule[it]),
-                    "teacher_entropy": entropy,
-                    "img_per_s": img_per_s,
-                }
-                bar.set_postfix(
-                    loss=f"{loss_value:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    wd=f"{record['wd']:.3f}",
-                    m=f"{record['momentum']:.4f}",
-                    img_s=f"{img_per_s:.0f}",
-                )
-                self.log.step(it, record)
-                self.watch.observe(epoch=epoch, loss=loss_value, teacher_entropy=entropy)
-        bar.close()
+        batches = _start_workers(self.loader)
+        try:
+            # Log lines (skipped files, the collapse watch) go above the bar, not onto it.
+            redirect = contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()
+            with redirect:
+                for i, (batch, bad) in enumerate(batches):
+                    _raise_if_terminated()
+                    it = epoch * self.niter + i
+                    self._note_skipped(bad)
+                    crops = self.device_crops(batch)
+                    loss = self.train_step(crops, epoch, it)
+                    loss_sum += loss
+                    bar.update(1)
+                    if (i + 1) % config.log_every == 0 or i + 1 == self.niter:
+                        loss_value = float(loss)
+                        self._check_finite(loss_value, it)
+                        now = time.perf_counter()
+                        img_per_s = (i + 1 - tick_step) * images_per_step / max(now - tick, 1e-9)
+                        tick, tick_step = now, i + 1
+                        entropy = float(self.dino_loss.last_teacher_entropy)
+                        record = {
+                            "epoch": epoch,
+                            "loss": loss_value,
+                            "lr": float(self.lr_schedule[it]),
+                            "wd": float(self.wd_schedule[it]),
+                            "momentum": float(self.momentum_schedule[it]),
+                            "teacher_entropy": entropy,
+                            "img_per_s": img_per_s,
+                        }
+                        postfix: dict[str, object] = {
+                            "loss": f"{loss_value:.4f}",
+                            "lr": f"{record['lr']:.2e}",
+                            "wd": f"{record['wd']:.3f}",
+                            "m": f"{record['momentum']:.4f}",
+                            "img_s": f"{img_per_s:.0f}",
+                        }
+                        if self.skipped:
+                            postfix["skipped"] = len(self.skipped)
+                        bar.set_postfix(postfix)
+                        self.log.step(it, record)
+                        self.watch.observe(epoch=epoch, loss=loss_value, teacher_entropy=entropy)
+        except BaseException:
+            _stop_workers(batches)  # now, not when the traceback's frames are collected
+            raise
+        finally:
+            bar.close()
         epoch_img_per_s = (
             self.niter * images_per_step / max(time.perf_counter() - epoch_start, 1e-9)
         )
@@ -602,7 +663,7 @@ class Trainer:
             "train_momentum": float(self.momentum_schedule[last]),
             "teacher_entropy": float(self.dino_loss.last_teacher_entropy),
             "img_per_s": epoch_img_per_s,
-            "skipped_images": len(self.skipped),
+            "skipped_images": len(union_over_ranks(self.skipped)),  # each file once, run-wide
             "world_size": self.info.world_size,
             "ranks_in_sync": in_sync,
         }
@@ -898,9 +959,34 @@ class Terminated(BaseException):
     """
 
 
+# Set when SIGTERM arrives. The handler's exception can be lost: raised while Python runs a
+# finalizer (a logging lock release, a DataLoader's __del__), it is only printed. The flag is
+# what the training loop and the error handling trust.
+_SIGTERM_SEEN = threading.Event()
+
+
 def _terminate(_signum: int, _frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    _SIGTERM_SEEN.set()
     raise Terminated
+
+
+def _raise_if_terminated() -> None:
+    """Raise :class:`Terminated` if SIGTERM arrived and its exception was swallowed."""
+    if _SIGTERM_SEEN.is_set():
+        raise Terminated
+
+
+def _quiet_lost_termination(previous: Any) -> Any:
+    """An unraisable-exception hook that drops the Terminated a finalizer swallowed (the flag
+    carries it on) and passes everything else to ``previous``."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Terminated):
+            return
+        previous(unraisable)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -914,11 +1000,15 @@ def _sigterm_unwinds() -> Iterator[None]:
     if previous is not signal.SIG_DFL:
         yield
         return
+    _SIGTERM_SEEN.clear()
+    hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_lost_termination(hook)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -952,12 +1042,16 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
         logger.error("error: %s", err)
         return 2
     except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
+        if _SIGTERM_SEEN.is_set():  # e.g. a file cut short by the termination
+            return _interrupted(config, Terminated())
         logger.error("error: %s", user_message(err))
         return 1
     except (MemoryError, RuntimeError) as err:
         interrupt = _interrupt_behind(err)
         if interrupt is not None:  # torch.save's writer turns it into a RuntimeError
             return _interrupted(config, interrupt)
+        if _SIGTERM_SEEN.is_set():  # e.g. "DataLoader worker exited unexpectedly": it got
+            return _interrupted(config, Terminated())  # the process group's SIGTERM too
         message = resource_failure(err)
         if message is None and info.distributed:
             message = peer_failure(err)

@@ -17,6 +17,7 @@ import training.data as data_module
 from tests.training.conftest import write_fashion_mnist
 from training.augment import DataAugmentationDINO
 from training.data import (
+    UNREADABLE_ERRORS,
     DataError,
     ImageFolderDataset,
     ImageTooLargeError,
@@ -27,6 +28,7 @@ from training.data import (
     load_rgb,
     read_fashion_mnist,
 )
+from training.data import _reason as reason_of
 
 
 def test_folder_is_recursive_and_skips_unreadable_files(tmp_path):
@@ -48,6 +50,21 @@ def test_folder_is_recursive_and_skips_unreadable_files(tmp_path):
         skipped.update(bad)
     assert {path.rsplit("/", 1)[-1] for path, _ in skipped} == {"c.jpg", "d.png"}
     assert all(reason for _, reason in skipped)  # the warning says why
+
+
+def test_skip_reasons_say_what_is_wrong_with_the_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    reasons = {}
+    for path in sorted(tmp_path.iterdir()):
+        try:
+            load_rgb(path)
+        except UNREADABLE_ERRORS as err:
+            reasons[path.name] = reason_of(err)
+    assert reasons == {
+        "empty.png": "ValueError: empty file (0 bytes)",
+        "text.jpg": "UnidentifiedImageError: not an image, or in a format Pillow cannot read",
+    }  # not "cannot identify image file <_io.BufferedReader name=3>"
 
 
 def test_missing_or_empty_folder(tmp_path):

@@ -29,6 +29,10 @@ loss(torch.randn(6, 4), teacher, 0)
 expected = 0.1 * 1.5 * torch.arange(1, 5, dtype=torch.float32)
 assert torch.allclose(loss.center[0], expected), (rank, loss.center)
 print("center-ok", rank, flush=True)
+from training.distributed import union_over_ranks
+mine = {"shared.png", f"rank{rank}.png"}  # a file both ranks skipped counts once
+assert union_over_ranks(mine) == {"shared.png", "rank0.png", "rank1.png"}, rank
+print("union-ok", rank, flush=True)
 dist.destroy_process_group()
 """
 
@@ -57,6 +61,7 @@ def test_center_all_reduce_uses_global_batch(tmp_path):
     result = _torchrun([str(script)], ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("center-ok") == 2
+    assert result.stdout.count("union-ok") == 2
 
 
 def test_two_process_ddp_run_stays_in_sync(tmp_path, image_dir):

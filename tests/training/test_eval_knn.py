@@ -237,3 +237,63 @@ def test_a_backbone_of_a_custom_width_loads_with_num_heads(tmp_path, monkeypatch
     assert "(--num-heads)" in capsys.readouterr().err  # both spellings work here
     assert main([*argv, "--num_heads", "2"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["n_train"] == 20
+
+
+def _recipe(resolution=224):
+    from models.contract import IMAGE_MEAN, IMAGE_STD, PreprocessingRecipe, resize_for_crop
+
+    return PreprocessingRecipe(
+        resolution=resolution,
+        resize_size=resize_for_crop(resolution),
+        interpolation="bicubic",
+        mean=IMAGE_MEAN,
+        std=IMAGE_STD,
+    )
+
+
+@pytest.mark.parametrize("size", [(451, 300), (300, 451), (257, 256), (1000, 230)])
+def test_the_eval_transform_is_torchvisions(size):
+    """Resize(256, bicubic), CenterCrop(224), ToTensor, Normalize: the reference's k-NN input."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from training.eval_knn import preprocess
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    reference = transforms.Compose(
+        [
+            transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )(image)
+    np.testing.assert_allclose(preprocess(image, _recipe()), reference.numpy(), atol=1e-6)
+
+
+def test_an_extreme_strip_is_cropped_before_it_is_resized(monkeypatch):
+    """A 40000 x 2 strip would be resized to 5,120,000 x 256 (3.9 GB) before its crop."""
+    from PIL import Image
+
+    import training.eval_knn as eval_knn
+
+    rng = np.random.default_rng(1)
+    strip = Image.fromarray(rng.integers(0, 256, (2, 40000, 3), dtype=np.uint8))
+    resized_sizes = []
+    original_resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        resized_sizes.append(tuple(size))
+        return original_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    out = eval_knn.resize_and_crop(strip, _recipe())
+    assert out.size == (224, 224) and resized_sizes == [(224, 224)]
+    # Same sampling positions as the full resize (within Pillow's fixed-point rounding), shown
+    # on a strip small enough to resize in full.
+    small = Image.fromarray(rng.integers(0, 256, (3, 600, 3), dtype=np.uint8))
+    full = np.asarray(eval_knn.resize_and_crop(small, _recipe()), dtype=np.int16)
+    monkeypatch.setattr(eval_knn, "EXACT_RESIZE_MAX_PIXELS", 0)
+    boxed = np.asarray(eval_knn.resize_and_crop(small, _recipe()), dtype=np.int16)
+    assert np.abs(full - boxed).max() <= 2

@@ -437,17 +437,89 @@ def test_sigterm_caught_inside_torch_save_still_exits_143(tmp_path, image_dir, c
     assert not list(out.glob(".*.tmp"))
 
 
-def test_loader_workers_do_not_inherit_the_sigterm_handler():
-    import signal
-
+def _worker_then_sleep(ready):
     from training.pretrain import _seed_worker
 
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    _seed_worker(0)
+    ready.set()
+    import time
+
+    time.sleep(60)
+
+
+def test_a_loader_worker_ends_quietly_on_sigterm():
+    """A worker stops with status 0 on SIGTERM (not the trainer's handler, not death by the
+    signal, which torch would report in the trainer as a worker failure with a traceback)."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("fork")  # as the loader's workers on Linux
+    ready = context.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a "trainer" handler to inherit
     try:
-        _seed_worker(0)
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        worker = context.Process(target=_worker_then_sleep, args=(ready,))
+        worker.start()
+        assert ready.wait(30)
+        worker.terminate()  # SIGTERM
+        worker.join(30)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    assert worker.exitcode == 0
+
+
+def test_a_failed_epoch_shuts_its_loader_workers_down_at_once(tmp_path, caplog):
+    """Not at interpreter exit, when the traceback cycle holding the loader is collected
+    (after multiprocessing has killed the workers: torch then prints a traceback)."""
+    import gc
+    import multiprocessing
+
+    data = tmp_path / "broken"
+    data.mkdir()
+    for i in range(6):
+        (data / f"img{i}.png").write_bytes(b"not a png")
+    gc.disable()  # as at the end of a run: nothing collects the cycle before exit
+    try:
+        assert main(tiny_args(data, tmp_path / "run", "--num_workers", "2")) == 1
+        assert multiprocessing.active_children() == []
+    finally:
+        gc.enable()
+    assert "none of the 6 images" in caplog.text
+
+
+def test_sigterm_to_the_whole_process_group_is_one_line(tmp_path, image_dir):
+    """Slurm, `timeout` and `kill -- -PGID` signal the trainer and its loader workers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = tiny_args(image_dir, out, "--num_workers", "2", "--epochs", "500")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.pretrain", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        steps = out / "log_steps.jsonl"
+        while time.monotonic() < deadline and process.poll() is None:
+            if steps.exists() and steps.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "terminated (SIGTERM); resume later from" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
 
 
 def test_a_finished_run_needs_no_writable_output_dir(tmp_path, image_dir, caplog, monkeypatch):
