@@ -126,13 +126,20 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._running: tuple[RunControl, list[_Item]] | None = None  # the call in progress
 
     async def start(self) -> None:
         """Start the scheduler task (inside the running loop)."""
         self._task = asyncio.create_task(self._schedule(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop scheduling and fail whatever is still queued."""
+        """Stop scheduling, stop the inference call in progress and fail whatever waits."""
+        if self._running is not None:  # its requests would otherwise wait forever
+            control, running_items = self._running
+            control.terminate()
+            for item in running_items:
+                if not item.future.done():
+                    item.future.set_exception(NotReadyError("the service is shutting down"))
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -276,13 +283,17 @@ class Batcher:
             item.running = running
             item.future.add_done_callback(stop_if_abandoned)
         try:
-            await self._run_batch(items, control)
+            await self._run_batch(items, control, running)
         finally:
-            running.set_result(None)
+            if not running.done():
+                running.set_result(None)
             for item in items:
                 item.future.remove_done_callback(stop_if_abandoned)
 
-    async def _run_batch(self, items: list[_Item], control: RunControl) -> None:
+    async def _run_batch(
+        self, items: list[_Item], control: RunControl, running: asyncio.Future[None]
+    ) -> None:
+        """Run one inference call; ``running`` is resolved as soon as the call has ended."""
         started = time.perf_counter()
         for item in items:
             self._metrics.queue_wait.observe(started - item.enqueued)
@@ -291,11 +302,14 @@ class Batcher:
         outputs = tuple(name for name in OUTPUT_NAMES if name in wanted)
         model = items[0].model
         loop = asyncio.get_running_loop()
+        self._running = (control, items)
         try:
             result = await loop.run_in_executor(
                 self._executor, _infer, model, [item.pixels for item in items], outputs, control
             )
         except Exception:
+            self._running = None
+            running.set_result(None)  # the call has ended: requests that left need not wait
             if control.terminated and all(item.future.done() for item in items):
                 self._metrics.stopped_batches.inc()
                 logger.info(
@@ -324,6 +338,7 @@ class Batcher:
                 for sibling in items[0].siblings:  # the request has failed: no work for the rest
                     sibling.cancel()
             return
+        self._running = None
         elapsed = time.perf_counter() - started
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
         for row, item in enumerate(items):

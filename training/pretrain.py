@@ -189,7 +189,11 @@ def _start_workers(loader: DataLoader[Any]) -> Iterator[Any]:
     ):
         return iter(loader)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    batches = iter(loader)
+    try:
+        batches = iter(loader)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending SIGTERM lands here
     except BaseException:
@@ -606,7 +610,7 @@ class Trainer:
         batches = _start_workers(self.loader)
         try:
             # Log lines (skipped files, the collapse watch) go above the bar, not onto it.
-            redirect = contextlib.nullcontext() if bar.disable else logging_redirect_tqdm()
+            redirect = contextlib.nullcontext() if bar.disable else logging_redirect_tqdm([logger])
             with redirect:
                 for i, (batch, bad) in enumerate(batches):
                     _raise_if_terminated()
@@ -831,6 +835,7 @@ class Trainer:
                 epoch,
                 {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
             )
+            _raise_if_terminated()  # one a finalizer swallowed: this epoch is saved, stop here
             final = epoch + 1 == config.epochs
             if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
                 self.export(final=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from service.app import _unless_disconnected
 from service.batcher import Batcher
-from service.errors import ClientDisconnectedError, InferenceFailedError
+from service.errors import ClientDisconnectedError, InferenceFailedError, NotReadyError
 from service.metrics import Metrics
 from service.runtime import RunControl
 
@@ -54,7 +55,8 @@ class _StoppableModel(_FakeModel):
     ) -> dict[str, np.ndarray]:
         self.calls.append(len(batch))
         self.started.set()
-        while not self.gate.wait(0.01):
+        deadline = time.monotonic() + 10  # a test that never stops it fails, not hangs
+        while not self.gate.wait(0.01) and time.monotonic() < deadline:
             if control is not None and control.terminated:
                 self.stopped.set()
                 raise RuntimeError("Exiting due to terminate flag being set to true.")
@@ -271,5 +273,59 @@ def test_unless_disconnected_answers_cancels_or_waits() -> None:
         await asyncio.sleep(0.01)
         done.set()
         assert await route == b"answer" and log == []
+
+    asyncio.run(scenario())
+
+
+@dataclass(eq=False)
+class _FailsInBatches(_FakeModel):
+    """Fails on any batch of two or more; runs single images once ``gate`` opens."""
+
+    single_started: threading.Event = field(default_factory=threading.Event)
+
+    def run(
+        self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+    ) -> dict[str, np.ndarray]:
+        if len(batch) > 1:
+            self.calls.append(len(batch))
+            raise RuntimeError("inference failed")
+        self.single_started.set()
+        return super().run(batch, outputs, control)
+
+
+def test_a_request_that_ends_during_one_by_one_retries_does_not_wait_for_them() -> None:
+    async def scenario() -> None:
+        model = _FailsInBatches()
+        async with _running(delay_s=0.1) as (batcher, _):
+            tasks = [
+                asyncio.create_task(batcher.submit(model, _images(v), ("cls_embedding",)))
+                for v in (1.0, 2.0, 3.0)
+            ]
+            await asyncio.to_thread(model.single_started.wait, 10)  # retry of image 1, held
+            # The failed call has ended; the third request's retry has not started: leaving
+            # now, it waits for nothing (not for the retries of the others).
+            tasks[2].cancel()
+            await asyncio.wait({tasks[2]}, timeout=2)
+            assert tasks[2].cancelled()
+            model.gate.set()
+            first, second = [await task for task in tasks[:2]]
+            assert first[0].outputs["cls_embedding"].tolist() == [768.0]
+            assert second[0].outputs["cls_embedding"].tolist() == [1536.0]
+            assert model.calls == [3, 1, 1]  # the batch, then two retries (not the third)
+
+    asyncio.run(scenario())
+
+
+def test_stopping_the_batcher_ends_the_running_call_and_fails_its_requests() -> None:
+    async def scenario() -> None:
+        model = _StoppableModel()
+        batcher = _batcher(Metrics(), delay_s=0.05)
+        await batcher.start()
+        waiting = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
+        await asyncio.to_thread(model.started.wait, 10)
+        await asyncio.wait_for(batcher.stop(), 5)
+        assert model.stopped.is_set()  # terminated, not run to its end
+        with pytest.raises(NotReadyError, match="shutting down"):
+            await asyncio.wait_for(waiting, 5)
 
     asyncio.run(scenario())

@@ -456,15 +456,64 @@ def test_a_loader_worker_ends_quietly_on_sigterm():
     context = multiprocessing.get_context("fork")  # as the loader's workers on Linux
     ready = context.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a "trainer" handler to inherit
+    # Started as _start_workers starts them: SIGTERM blocked until _seed_worker's handler is in.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         worker = context.Process(target=_worker_then_sleep, args=(ready,))
         worker.start()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         assert ready.wait(30)
         worker.terminate()  # SIGTERM
-        worker.join(30)
+        worker.join(10)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGTERM, previous)
+        if worker.is_alive():
+            worker.kill()
     assert worker.exitcode == 0
+
+
+def test_starting_workers_restores_the_signal_mask_even_when_it_fails():
+    import signal
+
+    from training.pretrain import _start_workers
+
+    class Broken:
+        def __iter__(self):
+            raise OSError(24, "Too many open files")
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    with pytest.raises(OSError):
+        _start_workers(Broken())  # type: ignore[arg-type]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+    assert signal.SIGTERM not in before
+
+
+def test_a_sigterm_a_finalizer_swallowed_still_stops_the_run(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    """Python only prints an exception raised in a finalizer; the flag carries it on."""
+    import signal
+
+    from training import pretrain
+
+    out = tmp_path / "run"
+    train_epoch = Trainer.train_epoch
+
+    def swallowed_at_the_end(self, epoch):
+        stats = train_epoch(self, epoch)
+        if epoch == 1:  # the last epoch: no step of another epoch would notice
+            pretrain._SIGTERM_SEEN.set()  # as if the handler's exception was lost in a __del__
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_epoch", swallowed_at_the_end)
+    exported = []
+    monkeypatch.setattr(Trainer, "export", lambda self, final: exported.append(final))
+    argv = tiny_args(image_dir, out, "--epochs", "2", "--export-to", str(tmp_path / "repo" / "m"))
+    assert main(argv) == 128 + signal.SIGTERM
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2  # the finished epoch is kept
+    assert exported == []
+    assert "terminated (SIGTERM); resume later from" in caplog.text
 
 
 def test_a_failed_epoch_shuts_its_loader_workers_down_at_once(tmp_path, caplog):
@@ -484,6 +533,28 @@ def test_a_failed_epoch_shuts_its_loader_workers_down_at_once(tmp_path, caplog):
     finally:
         gc.enable()
     assert "none of the 6 images" in caplog.text
+
+
+def test_skip_warnings_print_once_above_the_progress_bar(tmp_path, image_dir):
+    import subprocess
+    import sys
+
+    (image_dir / "zz_empty.png").write_bytes(b"")
+    argv = tiny_args(image_dir, tmp_path / "run", "--epochs", "1", "--warmup_epochs", "0")
+    argv[argv.index("--progress") + 1] = "true"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.pretrain", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "skipped image" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    # A line of its own, with the log format (not glued onto the bar's line)
+    assert " WARNING skipped image " in warnings[0] and warnings[0].startswith("20")
+    assert "empty file (0 bytes)" in warnings[0]
 
 
 def test_sigterm_to_the_whole_process_group_is_one_line(tmp_path, image_dir):
