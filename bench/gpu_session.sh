@@ -142,7 +142,7 @@ if want serve; then
     | tee -a "$OUT/env.txt"
   step "service on CUDA: readiness, provider, throughput vs the raw session"
   timeout -k 20 "${SERVE_TIMEOUT_S:-300}" python3 bench/serve_throughput.py --device cuda \
-    --concurrency 1,16,64 --seconds 10 --json-out "$OUT/serve_cuda.json" > /tmp/serve.log 2>&1
+    --concurrency 1,16,64 --seconds 6 --json-out "$OUT/serve_cuda.json" > /tmp/serve.log 2>&1
   echo "exit $?"
   tail -c 60000 /tmp/serve.log > "$OUT/serve.log.tail"  # the table and any error, whole
   grep -v '^[{ ]' /tmp/serve.log | tail -40

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import os
 import platform
 import socket
@@ -50,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="vit_small", help="architecture for the fresh export")
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
-    parser.add_argument("--requests", type=int, default=96, help="requests per level (max)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="time cap per level")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="most requests per level (default: as many as --seconds allows)",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="time per level")
     parser.add_argument("--image-size", default="400x300", help="JPEG upload size WxH")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -133,33 +139,46 @@ async def _level(
     blobs: list[bytes],
     *,
     concurrency: int,
-    requests: int,
+    requests: int | None,
     seconds: float,
     params: dict[str, str],
 ) -> dict[str, Any]:
     latencies: list[float] = []
     stage_totals: dict[str, float] = {}
     failures = 0
+    statuses: dict[str, int] = {}  # of the failures: HTTP status, or the transport error
+    first_failure: str | None = None
     next_index = 0
+    limit = requests if requests is not None else math.inf
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
         async def worker() -> None:
-            nonlocal next_index, failures
-            while next_index < requests and time.perf_counter() < deadline:
+            nonlocal next_index, failures, first_failure
+            while next_index < limit and time.perf_counter() < deadline:
                 blob = blobs[next_index % len(blobs)]
                 next_index += 1
                 started = time.perf_counter()
-                response = await client.post(
-                    "/embed", files=[("images", ("i.jpg", blob, "image/jpeg"))], params=params
-                )
-                await response.aread()
+                try:
+                    response = await client.post(
+                        "/embed", files=[("images", ("i.jpg", blob, "image/jpeg"))], params=params
+                    )
+                    await response.aread()
+                except httpx.TransportError as err:  # a failure of this request, not the run
+                    failures += 1
+                    key = type(err).__name__
+                    statuses[key] = statuses.get(key, 0) + 1
+                    first_failure = first_failure or f"{key}: {err}"[:300]
+                    continue
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
                     _server_timing(response.headers.get("server-timing", ""), stage_totals)
                 else:
                     failures += 1
+                    key = str(response.status_code)
+                    statuses[key] = statuses.get(key, 0) + 1
+                    first_failure = first_failure or f"{key}: {response.text[:300]}"
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -171,11 +190,14 @@ async def _level(
         # mean per request of each Server-Timing stage (read, decode, queue, infer, encode)
         "server_stages_ms": {name: total / done for name, total in stage_totals.items()},
         "failures": failures,
+        "failure_statuses": statuses,
+        "first_failure": first_failure,
         "images_per_s": len(latencies) / wall if wall > 0 else 0.0,
-        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
+        # None, not NaN (which strict JSON readers refuse), when no request succeeded
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         if latencies
-        else float("nan"),
+        else None,
     }
 
 
@@ -188,6 +210,8 @@ class RawSession:
         self.session = ort.InferenceSession(
             str(path), options, providers=requested_providers(device)
         )
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise SystemExit("the raw session did not bind CUDAExecutionProvider")
         metadata = parse_metadata(self.session.get_modelmeta().custom_metadata_map)
         pixels = []
         for blob in blobs:
@@ -222,11 +246,16 @@ _HEADER = (
 )
 
 
+def _number(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
 def _format_row(row: dict[str, Any]) -> str:
     return (
         f"{row['outputs']:>20} {row['encoding']:>6} {row['concurrency']:>4} "
-        f"{row['images_per_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
-        f"{row['mean_batch']:6.1f} {row['raw_images_per_s']:10.1f} {row['ratio']:6.2f} "
+        f"{row['images_per_s']:8.1f} {_number(row['p50_ms'], 8, 1)} "
+        f"{_number(row['p99_ms'], 8, 1)} {row['mean_batch']:6.1f} "
+        f"{_number(row['raw_images_per_s'], 10, 1)} {_number(row['ratio'], 6, 2)} "
         f"{row['failures']:>4}"
     )
 
@@ -302,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # never hide the error that got us here
+                server.kill()
+                server.wait()
     print(json.dumps(report["hardware"]))
     print(_HEADER)
     for row in report["results"]:
@@ -310,7 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=2))
-    return 0
+    failed = [row for row in report["results"] if row["failures"]]
+    for row in failed:
+        print(
+            f"{row['failures']} failed request(s) at {row['outputs']}/{row['encoding']}/"
+            f"{row['concurrency']}: {row['failure_statuses']}; first: {row['first_failure']}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def _run(
@@ -374,7 +414,11 @@ def _run(
                 after = _histogram(client.get("/metrics").text)
                 calls = after[1] - before[1]
                 mean_batch = (after[0] - before[0]) / calls if calls else 1.0
-                raw_rate = raw.images_per_s(max(1, round(mean_batch)), names)
+                raw_rate = (  # nothing to compare a level without one success with
+                    raw.images_per_s(max(1, round(mean_batch)), names)
+                    if result["requests"]
+                    else None
+                )
                 row = {
                     "outputs": label,
                     "encoding": encoding,
@@ -382,7 +426,7 @@ def _run(
                     **result,
                     "mean_batch": mean_batch,
                     "raw_images_per_s": raw_rate,
-                    "ratio": result["images_per_s"] / raw_rate if raw_rate else float("nan"),
+                    "ratio": result["images_per_s"] / raw_rate if raw_rate else None,
                 }
                 rows.append(row)
                 print(_format_row(row), file=sys.stderr, flush=True)

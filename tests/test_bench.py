@@ -10,12 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -34,7 +44,34 @@ def test_train_throughput_reports_every_variant_against_the_reference() -> None:
     assert ("2x224+10x96", "photometric") in modes and ("2x224+10x96", "whole") in modes
     cpu = [r for r in records if r["bench"] == "cpu_augmentation"]
     assert all(r["geometry_ms_per_image_per_core"] > 0 for r in cpu) and len(cpu) == 2
+    assert all(r["cpu_cores_equivalent"] > 0 for r in records if "cpu_cores_equivalent" in r)
+    assert by_name["setup"]["cpu"]  # the machine the per-core figures are for
     assert _run("bench/train_throughput.py", "--variants", "warp").returncode == 2
+
+
+def test_train_throughput_reports_a_failing_variant_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_bench", ROOT / "bench/train_throughput.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "make_optimised_step", broken)
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--tiny", "--variants", "bf16"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 1
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by_name = {r["bench"]: r for r in records}
+    assert "illegal memory access" in by_name["train_step_optimised_bf16"]["error"]
+    assert "error" not in by_name["train_step_reference"]
+    assert any(r["bench"] == "cpu_augmentation" for r in records)  # the rest still ran
 
 
 def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Path) -> None:
@@ -50,6 +87,21 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
         assert level["failures"] == 0 and level["images_per_s"] > 0
         assert level["raw_images_per_s"] > 0 and level["ratio"] > 0
     assert report["hardware"]["execution_provider"] == "CPUExecutionProvider"
+
+
+def test_serve_throughput_names_failed_requests_and_exits_1(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    result = _run(
+        "bench/serve_throughput.py", "--tiny", "--concurrency", "1", "--requests", "2",
+        "--seconds", "1", "--json-out", str(out),
+        env={"DINO_MAX_IMAGE_PIXELS": "100"},  # every 400x300 upload is refused with 413
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "image_too_large" in result.stderr
+    report = json.loads(out.read_text())  # strict JSON: no NaN for the empty levels
+    for level in report["results"]:
+        assert level["failure_statuses"] == {"413": 2} and level["requests"] == 0
+        assert level["p50_ms"] is None and level["raw_images_per_s"] is None
 
 
 def _gpu_session(work: Path, part: str, **env: str) -> subprocess.CompletedProcess[str]:
