@@ -288,11 +288,37 @@ def image_folder(
             f"classes: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}); "
             "both splits need the same class folder names"
         )
+    # A file is labelled by the class folder that holds it: one reached through a link from
+    # another class folder (a link to "..", say) is listed once, under its own class.
+    real_root = root.resolve()
+
+    def home(real: Path) -> str | None:
+        try:
+            parts = real.relative_to(real_root).parts
+        except ValueError:  # a link out of the split: the first class that reaches it
+            return None
+        return parts[0] if len(parts) > 1 and parts[0] in own else None
+
     paths, labels = [], []
+    seen: set[Path] = set()
+    dropped = 0
     for label, name in enumerate(classes):
         for path in find_images(root / name) if (root / name).is_dir() else []:
+            real = path.resolve()
+            owner = home(real)
+            if real in seen or (owner is not None and owner != name):
+                dropped += 1
+                continue
+            seen.add(real)
             paths.append(path)
             labels.append(label)
+    if dropped:
+        logger.warning(
+            "%d image(s) under %s are reachable from more than one class folder (through "
+            "links); each is used once, labelled by the class folder that holds it",
+            dropped,
+            root,
+        )
     if not paths:
         raise DataError(f"no images under {root}")
     return paths, labels, classes

@@ -297,3 +297,22 @@ def test_an_extreme_strip_is_cropped_before_it_is_resized(monkeypatch):
     monkeypatch.setattr(eval_knn, "EXACT_RESIZE_MAX_PIXELS", 0)
     boxed = np.asarray(eval_knn.resize_and_crop(small, _recipe()), dtype=np.int16)
     assert np.abs(full - boxed).max() <= 2
+
+
+def test_an_image_reached_from_two_class_folders_keeps_its_own_label(tmp_path, caplog):
+    from PIL import Image
+
+    from training.eval_knn import image_folder
+
+    root = tmp_path / "train"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(root / name / f"{name}.png")
+    (root / "b" / "up").symlink_to(root, target_is_directory=True)  # b/up/a/a.png is a/a.png
+    paths, labels, classes = image_folder(root)
+    assert classes == ["a", "b"]
+    assert sorted((p.name, classes[label]) for p, label in zip(paths, labels, strict=True)) == [
+        ("a.png", "a"),
+        ("b.png", "b"),
+    ]
+    assert "reachable from more than one class folder" in caplog.text
