@@ -75,6 +75,10 @@ from training.schedules import cosine_scheduler
 logger = logging.getLogger("training")
 
 
+UNREADABLE_WARN_FRACTION = 0.1
+"""Share of unreadable files above which a run warns that its sampling is skewed."""
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite loss, mismatching checkpoint, too little data)."""
 
@@ -500,6 +504,7 @@ class Trainer:
         self.log = RunLog(self.output_dir, enabled=info.is_main)
         self.watch = CollapseWatch(config.out_dim)
         self.skipped: set[str] = set()
+        self.warned_unreadable = False
         self.start_epoch = 0
         self.last_digest = ""
 
@@ -579,6 +584,21 @@ class Trainer:
                 logger.warning(
                     "skipped image %s: %s (%d skipped so far)", path, reason, len(self.skipped)
                 )
+
+    def _warn_if_mostly_unreadable(self, skipped: int) -> None:
+        """Once a run: the next readable file stands in for each bad one, so with many bad
+        files some images are seen several times an epoch (a whole corrupt class folder
+        becomes copies of one image)."""
+        if self.warned_unreadable or skipped <= UNREADABLE_WARN_FRACTION * self.num_images:
+            return
+        self.warned_unreadable = True
+        logger.warning(
+            "%d of the %d files under --data_path (%.0f%%) are unreadable: readable images stand "
+            "in for them, so some are seen several times an epoch; check the data",
+            skipped,
+            self.num_images,
+            100 * skipped / self.num_images,
+        )
 
     def _check_finite(self, loss: float, it: int) -> None:
         if not math.isfinite(loss):
@@ -836,6 +856,7 @@ class Trainer:
                 {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
             )
             _raise_if_terminated()  # one a finalizer swallowed: this epoch is saved, stop here
+            self._warn_if_mostly_unreadable(int(stats["skipped_images"]))
             final = epoch + 1 == config.epochs
             if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
                 self.export(final=False)

@@ -607,3 +607,21 @@ def test_a_finished_run_needs_no_writable_output_dir(tmp_path, image_dir, caplog
     assert main(argv) == 0 and "nothing to do" in caplog.text
     assert main([*argv, "--epochs", "2"]) == 1  # more to train: refused before the epoch
     assert "is not writable (Permission denied)" in caplog.text
+
+
+def test_a_run_with_many_unreadable_files_warns_that_its_sampling_is_skewed(
+    tmp_path, image_dir, caplog
+):
+    argv = tiny_args(image_dir, tmp_path / "few", "--epochs", "1", "--warmup_epochs", "0")
+    (image_dir / "one_bad.png").write_bytes(b"")  # 1 of 19: no warning
+    assert main(argv) == 0
+    assert "are unreadable" not in caplog.text
+    bad = image_dir / "corrupt_class"
+    bad.mkdir()
+    for i in range(8):
+        (bad / f"x{i}.png").write_bytes(b"not a png")
+    argv = tiny_args(image_dir, tmp_path / "many", "--epochs", "2", "--warmup_epochs", "0")
+    assert main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if "are unreadable" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once a run
+    assert "of the 27 files under --data_path" in warnings[0]
