@@ -339,15 +339,54 @@ def model_versions(repository: Path, name: str) -> list[int]:
         return []
     versions = []
     for child in root.iterdir():
-        if (
-            child.name.isascii()
-            and child.name.isdigit()
-            and int(child.name) > 0
-            and str(int(child.name)) == child.name  # "2", not "02": model_path reads "2/"
-            and _holds_model(child)
-        ):
-            versions.append(int(child.name))
+        version = version_number(child.name)
+        if version is not None and _holds_model(child):
+            versions.append(version)
     return sorted(versions)
+
+
+def ignored_version_folders(repository: Path, name: str) -> dict[str, str]:
+    """Entries of ``name``'s folder that look like versions but are not read, and why.
+
+    A name made of digits that is not a canonical version number (``02``, ``0``, a number
+    beyond :data:`MAX_VERSION`) is ignored by :func:`model_versions`; listing it lets the
+    service say so instead of ignoring a folder someone meant as a version.
+
+    Raises:
+        OSError: The model's folder cannot be listed (permissions).
+    """
+    root = Path(repository) / validate_model_name(name)
+    if not root.is_dir():
+        return {}
+    ignored = {}
+    for child in root.iterdir():
+        if child.name.lstrip("+-").isdigit():  # numbers, in any script, not e.g. "2.old"
+            problem = _version_name_problem(child.name)
+            if problem is not None:
+                ignored[child.name] = problem
+    return ignored
+
+
+# Version numbers stay exact in every JSON client (JavaScript numbers are doubles).
+MAX_VERSION = 2**53 - 1
+
+
+def version_number(folder_name: str) -> int | None:
+    """The version a folder name stands for ("7" -> 7), or None if it names no version."""
+    return int(folder_name) if _version_name_problem(folder_name) is None else None
+
+
+def _version_name_problem(folder_name: str) -> str | None:
+    """None when ``folder_name`` is a version number, else why it is not one."""
+    if not (folder_name.isascii() and folder_name.isdigit()):
+        return "a version folder is named with ASCII digits only"
+    if str(int(folder_name)) != folder_name:  # model_path reads "2/", never "02/"
+        return f"write the version without leading zeros ({int(folder_name)})"
+    if int(folder_name) == 0:
+        return "versions start at 1"
+    if int(folder_name) > MAX_VERSION:
+        return f"versions are at most {MAX_VERSION} (2**53 - 1, exact in JSON clients)"
+    return None
 
 
 def _holds_model(version_dir: Path) -> bool:

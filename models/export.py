@@ -378,9 +378,12 @@ def next_version_dir(repository: Path, name: str) -> Path:
     """Create and return ``repository/name/<max existing + 1>`` (race-free with ``mkdir``)."""
     root = Path(repository) / contract.validate_model_name(name)
     root.mkdir(parents=True, exist_ok=True)
-    existing = [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
-    version = max(existing, default=0) + 1
+    numbers = [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
+    # "02" counts as 2 (never reuse a number someone meant), numbers the service ignores do not.
+    version = max((n for n in numbers if n <= contract.MAX_VERSION), default=0) + 1
     while True:
+        if version > contract.MAX_VERSION:
+            raise ExportError(f"{root} has no free version number up to {contract.MAX_VERSION}")
         candidate = root / str(version)
         try:
             candidate.mkdir()

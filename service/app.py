@@ -610,7 +610,11 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         assert isinstance(exc, ServiceError)
         if exc.index is not None:
             metrics.rejected.labels(exc.code).inc()
-        if exc.status >= 500:
+        if exc.status == 503:
+            # Not ready or shutting down: ordinary while no model serves, and the reason is
+            # logged once by the model manager, not once per request.
+            logger.debug("%s: %s", exc.code, exc.message)
+        elif exc.status >= 500:
             logger.error("%s: %s", exc.code, exc.message)
         return _error_response(exc.status, exc.code, exc.message, exc.index, exc.headers())
 

@@ -8,9 +8,14 @@ it serves while that version still exists (deleting the newest version rolls bac
 A candidate is loaded beside the serving model (in a worker thread), checked and warmed up by
 :func:`service.runtime.load_model`, and only then swapped in by one assignment. Requests hold
 the model they started with, so in-flight work finishes on the old one. A candidate that fails
-is recorded with the file's (mtime, size) fingerprint and not retried until the file changes
-(or ``POST /admin/reload`` forces it); the failure shows in ``/v1/models`` until the version
-loads or its directory is deleted.
+is recorded with its file's status fingerprint (inode, size, mtime, ctime: a rewrite, an atomic
+replace or a ``chmod`` all change it) and not retried until the file changes (or
+``POST /admin/reload`` forces it); the failure shows in ``/v1/models`` until the version loads,
+its file changes or its directory is deleted.
+
+Versions are meant to be immutable, but a serving version whose file changes anyway is treated
+as a new candidate of the same number: swapped in if it passes the checks, otherwise the copy
+already loaded keeps serving and the serving row of ``/v1/models`` says what is wrong on disk.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.contract import model_path, model_versions
+from models.contract import (
+    MODEL_FILENAME,
+    ignored_version_folders,
+    model_path,
+    model_versions,
+)
 from service.metrics import Metrics
 from service.runtime import DeviceUnavailableError, ModelLoadError, OnnxModel, load_model
 from service.settings import Settings
@@ -31,6 +41,7 @@ from service.settings import Settings
 logger = logging.getLogger(__name__)
 
 Loader = Callable[..., OnnxModel]
+Fingerprint = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ class LoadFailure:
 
     version: int
     error: str
-    fingerprint: tuple[int, int] | None
+    fingerprint: Fingerprint | None
     at: float
 
 
@@ -52,12 +63,13 @@ class RefreshResult:
     error: str | None
 
 
-def _fingerprint(path: Path) -> tuple[int, int] | None:
+def _fingerprint(path: Path) -> Fingerprint | None:
+    """The file's status: any rewrite, atomic replace or permission change alters it."""
     try:
         stat = path.stat()
     except OSError:
         return None
-    return stat.st_mtime_ns, stat.st_size
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 class ModelManager:
@@ -74,6 +86,9 @@ class ModelManager:
         self._metrics = metrics
         self._loader = loader
         self._current: OnnxModel | None = None
+        self._current_fingerprint: Fingerprint | None = None  # its file's, when it was loaded
+        self._serving_gone_logged = False  # the serving version left the repository
+        self._ignored_logged: set[str] = set()  # version-like folder names already warned of
         self._loaded_at: float | None = None
         self._failures: dict[int, LoadFailure] = {}
         self._scan_error: str | None = None  # the model folder itself could not be listed
@@ -122,7 +137,8 @@ class ModelManager:
         current = self._current
         ordered = sorted(versions, reverse=True)
         if current is not None and current.version in versions:
-            return [v for v in ordered if v > current.version]
+            # Newer versions, then the serving one (reloaded only if its file changed).
+            return [v for v in ordered if v >= current.version]
         return ordered
 
     async def refresh(
@@ -145,13 +161,18 @@ class ModelManager:
             if versions is None:
                 serving = self._current.version if self._current is not None else None
                 return RefreshResult(False, serving, self._scan_error)
-            self._forget_missing(versions)
+            self._forget_stale_failures(versions)
+            self._note_serving_version(versions)
             scan_error: str | None = None
             for version in self._candidates(versions):
-                if self._current is not None and version == self._current.version:
-                    break
                 path = model_path(settings.model_repository, settings.model_name, version)
                 fingerprint = _fingerprint(path)
+                if (
+                    self._current is not None
+                    and version == self._current.version
+                    and fingerprint == self._current_fingerprint
+                ):
+                    break  # nothing newer loaded and the serving file is as it was loaded
                 failure = self._failures.get(version)
                 if failure is not None and failure.fingerprint == fingerprint and not force:
                     continue
@@ -178,7 +199,7 @@ class ModelManager:
                         version, fingerprint, ModelLoadError(f"cannot load {path}: {err!r}")
                     )
                 else:
-                    self._swap(model)
+                    self._swap(model, fingerprint)
                     return RefreshResult(True, version, scan_error)
             serving = self._current.version if self._current is not None else None
             return RefreshResult(False, serving, scan_error)
@@ -188,6 +209,7 @@ class ModelManager:
         settings = self._settings
         try:
             versions = model_versions(settings.model_repository, settings.model_name)
+            ignored = ignored_version_folders(settings.model_repository, settings.model_name)
         except OSError as err:
             folder = Path(settings.model_repository) / settings.model_name
             message = f"cannot list {folder}: {err.strerror or err}"
@@ -200,6 +222,15 @@ class ModelManager:
             logger.info("the model folder can be listed again")
             self._scan_error = None
             self._update_last_error()
+        for folder_name, why in ignored.items():
+            if folder_name not in self._ignored_logged:  # once per name, not at every poll
+                self._ignored_logged.add(folder_name)
+                logger.warning(
+                    "ignoring %s in %s: %s",
+                    ascii(folder_name),
+                    Path(settings.model_repository) / settings.model_name,
+                    why,
+                )
         return versions
 
     def _serving_label(self) -> str:
@@ -216,7 +247,15 @@ class ModelManager:
         except OSError as err:
             return f"cannot list {folder}: {err.strerror or err}"
         if not versions:
-            return f"no model version found in {folder}"
+            if not folder.is_dir():
+                return (
+                    f"the model folder {folder} does not exist (DINO_MODEL_REPOSITORY / "
+                    "DINO_MODEL_NAME)"
+                )
+            return (
+                f"no model version found in {folder} (a version is a folder 1, 2, ... that "
+                f"holds {MODEL_FILENAME})"
+            )
         listed = ", ".join(str(v) for v in versions)
         if settings.version_policy == "pinned" and settings.model_version not in versions:
             return (
@@ -229,12 +268,31 @@ class ModelManager:
             "scan or POST /admin/reload loads it"
         )
 
-    def _forget_missing(self, versions: list[int]) -> None:
-        """Drop failures of versions whose files are gone (deleted versions are not news)."""
+    def _forget_stale_failures(self, versions: list[int]) -> None:
+        """Drop failures of versions that are gone (not news) or whose file has changed since
+        (the error no longer applies; a candidate is tried again)."""
+        settings = self._settings
         present = set(versions)
-        for version in [v for v in self._failures if v not in present]:
-            del self._failures[version]
+        for version, failure in list(self._failures.items()):
+            path = model_path(settings.model_repository, settings.model_name, version)
+            if version not in present or _fingerprint(path) != failure.fingerprint:
+                del self._failures[version]
         self._update_last_error()
+
+    def _note_serving_version(self, versions: list[int]) -> None:
+        """Log once when the serving version leaves the repository (its copy keeps serving
+        until another version loads)."""
+        current = self._current
+        if current is None or current.version in versions:
+            self._serving_gone_logged = False
+            return
+        if not self._serving_gone_logged:
+            self._serving_gone_logged = True
+            logger.warning(
+                "version %d was removed from the repository; it keeps serving from memory "
+                "until another version loads",
+                current.version,
+            )
 
     def _update_last_error(self) -> None:
         """``last_error``: the repository listing error, else the most recent failure among
@@ -248,9 +306,7 @@ class ModelManager:
         latest = max(self._failures.values(), key=lambda failure: failure.at)
         self._last_error = f"version {latest.version}: {latest.error}"
 
-    def _record_failure(
-        self, version: int, fingerprint: tuple[int, int] | None, err: Exception
-    ) -> str:
+    def _record_failure(self, version: int, fingerprint: Fingerprint | None, err: Exception) -> str:
         message = f"version {version}: {err}"
         self._failures[version] = LoadFailure(version, str(err), fingerprint, time.time())
         self._update_last_error()
@@ -258,9 +314,11 @@ class ModelManager:
         logger.error("refused model %s (still serving version %s)", message, self._serving_label())
         return message
 
-    def _swap(self, model: OnnxModel) -> None:
+    def _swap(self, model: OnnxModel, fingerprint: Fingerprint | None) -> None:
         previous = self._current
         self._current = model  # one assignment: new requests see the new model from here on
+        self._current_fingerprint = fingerprint
+        self._serving_gone_logged = False
         self._loaded_at = time.time()
         self._failures.pop(model.version, None)
         self._update_last_error()
@@ -271,6 +329,16 @@ class ModelManager:
             sha256=model.metadata.weights_sha256,
             provider=model.provider,
         )
+        if previous is not None and previous.version == model.version:
+            logger.warning(
+                "version %d of %s changed on disk and was reloaded (weights sha256 %s, was "
+                "%s); versions are meant to be immutable: publish a new version instead",
+                model.version,
+                model.name,
+                model.metadata.weights_sha256[:12],
+                previous.metadata.weights_sha256[:12],
+            )
+            return
         logger.info(
             "serving %s version %d on %s (was %s)",
             model.name,
@@ -287,13 +355,21 @@ class ModelManager:
         except OSError:  # reported as last_error by the scans
             versions = set(self._failures)
         current = self._current
+        rows: list[dict[str, object]] = []
+        on_disk = set(versions)
         if current is not None:
             versions.add(current.version)
-        rows: list[dict[str, object]] = []
         for version in sorted(versions):
             failure = self._failures.get(version)
             if current is not None and version == current.version:
                 state, error = "serving", None
+                if version not in on_disk:
+                    error = "removed from the repository; the copy loaded earlier keeps serving"
+                elif failure is not None:
+                    error = (
+                        f"its file changed on disk and the new one is refused ({failure.error}); "
+                        "the copy loaded earlier keeps serving"
+                    )
             elif failure is not None:
                 state, error = "failed", failure.error
             else:

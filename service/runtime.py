@@ -382,8 +382,10 @@ class OnnxModel:
             ModelLoadError: The run fails or an output has the wrong shape.
         """
         patch = self.metadata.patch_size
-        height = max(2 * patch, (self.metadata.resolution // 2) // patch * patch)
-        width = height + patch
+        # An odd number of rows and of columns, unequal: an odd patch count and a non-square
+        # grid, which the square warm-up at the default resolution does not exercise.
+        rows = max(3, (self.metadata.resolution // 2) // patch) | 1
+        height, width = rows * patch, (rows + 2) * patch
         try:
             values = self.run(np.zeros((1, 3, height, width), np.float32), contract.OUTPUT_NAMES)
         except Exception as err:

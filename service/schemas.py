@@ -159,7 +159,11 @@ class LoadedModel(BaseModel):
 
 
 class VersionState(BaseModel):
-    """One version found in the repository (or that failed)."""
+    """One version found in the repository, or serving from memory.
+
+    ``error`` says why a failed version cannot be served; on the serving row, what is wrong
+    with its file on disk (changed and refused, or removed) while the loaded copy serves.
+    """
 
     version: int
     state: Literal["serving", "available", "failed"]

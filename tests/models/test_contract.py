@@ -80,6 +80,23 @@ def test_model_versions_ignore_non_ascii_digit_dirs(tmp_path: Path) -> None:
     assert contract.model_versions(tmp_path, "m") == [2]  # no ValueError from int("²")
 
 
+def test_ignored_version_folders_say_why(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    names = ["2", "²", "0", "03", "+4", str(contract.MAX_VERSION), str(contract.MAX_VERSION + 1)]
+    for name in [*names, "2.old", "latest"]:
+        (root / name).mkdir(parents=True)
+        (root / name / contract.MODEL_FILENAME).write_bytes(b"x")
+    assert contract.model_versions(tmp_path, "m") == [2, contract.MAX_VERSION]
+    ignored = contract.ignored_version_folders(tmp_path, "m")
+    assert set(ignored) == {"²", "0", "03", "+4", str(contract.MAX_VERSION + 1)}
+    assert ignored["03"] == "write the version without leading zeros (3)"
+    assert ignored["0"] == "versions start at 1"
+    assert "ASCII digits" in ignored["²"] and "ASCII digits" in ignored["+4"]
+    assert "at most 9007199254740991" in ignored[str(contract.MAX_VERSION + 1)]
+    assert contract.ignored_version_folders(tmp_path, "absent") == {}
+    assert contract.version_number("12") == 12 and contract.version_number("012") is None
+
+
 def test_model_versions_count_version_dirs_that_cannot_be_looked_into(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -109,6 +109,16 @@ def test_repository_versions_increase_and_are_atomic(
     assert leftovers == []
 
 
+def test_next_version_skips_numbers_the_service_ignores(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    (root / "07").mkdir(parents=True)  # meant as 7: never reused
+    (root / str(contract.MAX_VERSION + 5)).mkdir()  # beyond what the service reads
+    assert export.next_version_dir(tmp_path, "m") == root / "8"
+    (root / str(contract.MAX_VERSION)).mkdir()
+    with pytest.raises(ExportError, match="no free version number"):
+        export.next_version_dir(tmp_path, "m")
+
+
 def test_failed_parity_publishes_nothing(
     tmp_path: Path, tiny_vit: VisionTransformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 import service.repository as repository_module
-from models.contract import MODEL_FILENAME, model_path
+from models.contract import MAX_VERSION, MODEL_FILENAME, model_path
 from models.export import export_to_repository
-from service.runtime import load_model
+from service.runtime import ModelLoadError, load_model
 from tests.conftest import TINY_MODEL_NAME, make_tiny_vit
 from tests.service.conftest import (
     LiveServer,
@@ -302,3 +302,157 @@ def test_readiness_reasons(tiny_model_repository: Path, tmp_path: Path) -> None:
         assert server.client.get("/v1/models").status_code == 401
         models = server.client.get("/v1/models", headers={"Authorization": "Bearer k1"})
         assert models.status_code == 200
+
+
+def _export_second_model(repository: Path) -> bytes:
+    """The bytes of a valid tiny model with other weights than version 1's."""
+    report = export_to_repository(
+        make_tiny_vit(seed=1),
+        repository,
+        TINY_MODEL_NAME,
+        resolution=32,
+        weights_sha256="1" * 64,
+        source="tests: other weights",
+    )
+    return report.path.read_bytes()
+
+
+def test_a_serving_version_whose_file_changes_is_reloaded_or_kept(
+    tiny_model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    other = _export_second_model(tmp_path / "scratch")
+    serving = model_path(repository, TINY_MODEL_NAME, 1)
+    original = serving.read_bytes()
+    with run_server(tiny_settings(repository)) as server:  # polling off
+        assert _models(server)["loaded"]["weights_sha256"] == "0" * 64
+        # Replaced by a valid file: reloaded under the same number, the weights tell them apart.
+        _write_atomically(serving, other)
+        reload = server.client.post("/admin/reload").json()
+        assert reload == {"changed": True, "serving_version": 1, "error": None}
+        assert _models(server)["loaded"]["weights_sha256"] == "1" * 64
+        assert "version 1 of tiny changed on disk and was reloaded" in caplog.text
+        # Replaced by a broken file: the copy in memory keeps serving, the row says why.
+        _write_atomically(serving, b"junk")
+        reload = server.client.post("/admin/reload").json()
+        assert reload["changed"] is False and reload["serving_version"] == 1
+        assert "version 1" in reload["error"]
+        models = _models(server)
+        (row,) = models["versions"]
+        assert row["state"] == "serving" and "changed on disk" in row["error"]
+        assert "version 1" in models["last_error"]
+        assert models["loaded"]["weights_sha256"] == "1" * 64
+        embed = server.client.post(
+            "/embed", files=[("images", ("a.png", png_bytes(), "image/png"))]
+        )
+        assert embed.status_code == 200
+        assert server.client.get("/readyz").status_code == 200
+        # Fixed in place (not atomically): picked up, the error is gone.
+        serving.write_bytes(original)
+        reload = server.client.post("/admin/reload").json()
+        assert reload == {"changed": True, "serving_version": 1, "error": None}
+        models = _models(server)
+        assert models["versions"] == [{"version": 1, "state": "serving", "error": None}]
+        assert models["last_error"] is None and models["loaded"]["weights_sha256"] == "0" * 64
+        # Unchanged: a forced reload does not load the serving file again.
+        assert server.client.post("/admin/reload").json()["changed"] is False
+        assert server.metric("dino_model_loads_total", {"outcome": "loaded"}) == 3
+
+
+def test_a_removed_serving_version_keeps_serving_and_says_so(
+    tiny_model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    with run_server(tiny_settings(repository)) as server:  # polling off
+        shutil.rmtree(model_path(repository, TINY_MODEL_NAME, 1).parent)
+        for _ in range(2):
+            reload = server.client.post("/admin/reload").json()
+            assert reload == {"changed": False, "serving_version": 1, "error": None}
+        (row,) = _models(server)["versions"]
+        assert row["state"] == "serving" and "removed from the repository" in row["error"]
+        assert caplog.text.count("version 1 was removed from the repository") == 1
+        embed = server.client.post(
+            "/embed", files=[("images", ("a.png", png_bytes(), "image/png"))]
+        )
+        assert embed.status_code == 200
+
+
+def test_a_refused_version_is_retried_when_its_file_changes(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    good = model_path(repository, TINY_MODEL_NAME, 1).read_bytes()
+    refused = model_path(repository, TINY_MODEL_NAME, 2)
+    _write_atomically(refused, good)
+    refused.chmod(0o600)
+    calls: Counter[int] = Counter()
+
+    def loader(path: Path, **kwargs: Any) -> Any:
+        # Tests run as root, who reads any file: refuse what the service user could not read.
+        calls[kwargs["version"]] += 1
+        if not path.stat().st_mode & 0o004:
+            raise ModelLoadError(f"cannot read {path}: Permission denied")
+        return load_model(path, **kwargs)
+
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=loader) as server:
+        assert _states(server) == {1: "serving", 2: "failed"}
+        time.sleep(0.5)  # several scans: an unchanged failure is not retried
+        assert calls[2] == 1
+        refused.chmod(0o644)  # changes neither the size nor the mtime
+        wait_for(lambda: server.client.get("/readyz").json()["version"] == 2)
+        assert calls[2] == 2
+
+        # A version below the serving one that failed, then fixed, is no longer "failed".
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), b"junk")
+        wait_for(lambda: _states(server).get(3) == "failed")
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 4), good)
+        wait_for(lambda: _states(server).get(4) == "serving")
+        assert _states(server)[3] == "failed"
+        assert "version 3" in _models(server)["last_error"]
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), good)
+        wait_for(lambda: _states(server)[3] == "available")
+        assert _models(server)["last_error"] is None
+
+
+def test_folders_that_are_not_version_numbers_are_named_in_the_log(
+    tiny_model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    source = model_path(repository, TINY_MODEL_NAME, 1).parent
+    for name in ("02", "0", str(MAX_VERSION + 1), "2.old"):
+        shutil.copytree(source, source.with_name(name))
+    with run_server(tiny_settings(repository, poll_interval_s=0.05)) as server:
+        assert _states(server) == {1: "serving"}
+        time.sleep(0.3)  # several scans: each name is named once
+    assert caplog.text.count("ignoring '02'") == 1
+    assert "write the version without leading zeros (2)" in caplog.text
+    assert "ignoring '0'" in caplog.text and "versions start at 1" in caplog.text
+    assert f"ignoring '{MAX_VERSION + 1}'" in caplog.text
+    assert "2.old" not in caplog.text  # not a number: a folder set aside, not a mistake
+
+
+def test_readiness_reasons_for_a_missing_or_empty_model_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    folder = repository / TINY_MODEL_NAME
+    with run_server(tiny_settings(repository)) as server:
+        for _ in range(3):
+            embed = server.client.post(
+                "/embed", files=[("images", ("a.png", png_bytes(), "image/png"))]
+            )
+            assert embed.status_code == 503
+        # Ordinary while no model serves: not an error line per request.
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        reason = server.client.get("/readyz").json()["reason"]
+        assert reason == (
+            f"the model folder {folder} does not exist (DINO_MODEL_REPOSITORY / DINO_MODEL_NAME)"
+        )
+        (folder / "01").mkdir(parents=True)
+        reason = server.client.get("/readyz").json()["reason"]
+        assert reason == (
+            f"no model version found in {folder} (a version is a folder 1, 2, ... that holds "
+            f"{MODEL_FILENAME})"
+        )

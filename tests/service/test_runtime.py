@@ -164,7 +164,31 @@ def test_outputs_off_the_patch_grid_are_refused(tiny_path: Path, tmp_path: Path)
         )
 
     path = _variant(tiny_path, tmp_path / "dropped.onnx", drop_first_token)
-    with pytest.raises(ModelLoadError, match=r"'patch_features' has shape \[1, 5, 32\]"):
+    with pytest.raises(ModelLoadError, match=r"'patch_features' has shape \[1, 14, 32\]"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_a_model_that_fails_on_an_odd_patch_count_is_refused(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    # Reshaping the patch tokens into pairs fails when their number is odd: the square warm-up
+    # (4 x 4 patches) passes, so the probe of other sizes must use an odd grid.
+    def pair_tokens(proto: onnx.ModelProto) -> None:
+        for node in proto.graph.node:
+            node.output[:] = ["raw" if o == "patch_features" else o for o in node.output]
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array([0, -1, 2, 32], np.int64), "pairs_shape")
+        )
+        proto.graph.node.extend(
+            [
+                onnx.helper.make_node("Shape", ["raw"], ["raw_shape"]),
+                onnx.helper.make_node("Reshape", ["raw", "pairs_shape"], ["pairs"]),
+                onnx.helper.make_node("Reshape", ["pairs", "raw_shape"], ["patch_features"]),
+            ]
+        )
+
+    path = _variant(tiny_path, tmp_path / "pairs.onnx", pair_tokens)
+    with pytest.raises(ModelLoadError, match="fails on a 24x40 input"):
         load_model(path, name="tiny", version=1, device="cpu")
 
 
