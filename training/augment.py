@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
@@ -37,6 +37,25 @@ class PILGaussianBlur:
             return img
         radius = random.uniform(self.radius_min, self.radius_max)
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class PILSolarization:
+    """PIL solarisation (invert pixels >= ``threshold``), applied with probability ``p``.
+
+    Draws its coin from Python's ``random`` module as the reference does
+    (``random.random() < p``), so that with the same seeds the torch generator's stream, and
+    with it every later crop, is the reference's.
+    """
+
+    def __init__(self, p: float, threshold: int = 128) -> None:
+        self.p = p
+        self.threshold = threshold
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        """Solarise or pass through."""
+        if random.random() < self.p:
+            return ImageOps.solarize(img, threshold=self.threshold)
+        return img
 
 
 def _flip_and_color() -> v2.Compose:
@@ -148,7 +167,7 @@ class DataAugmentationDINO:
                 crop(global_size, global_crops_scale),
                 _flip_and_color(),
                 PILGaussianBlur(0.1),
-                v2.RandomSolarize(threshold=128, p=0.2),
+                PILSolarization(0.2),
                 _normalize(),
             ]
         )

@@ -600,7 +600,19 @@ class Trainer:
             100 * skipped / self.num_images,
         )
 
-    def _check_finite(self, loss: float, it: int) -> None:
+    def _check_finite(
+        self, loss: float, it: int, first_bad: tuple[Tensor, Tensor] | None = None
+    ) -> None:
+        """Stop on a non-finite loss, named at the first iteration that had one.
+
+        Args:
+            loss: The loss read now (at iteration ``it``).
+            it: Global iteration of ``loss``.
+            first_bad: ``(iteration, loss)`` device scalars of the first non-finite loss since
+                the last check (iteration -1: none), tracked without a host sync per step.
+        """
+        if first_bad is not None and int(first_bad[0]) >= 0:
+            it, loss = int(first_bad[0]), float(first_bad[1])
         if not math.isfinite(loss):
             raise TrainingError(
                 f"loss is {loss} at iteration {it}; stopping. Try --precision fp32 or bf16, "
@@ -618,6 +630,10 @@ class Trainer:
         self.nets.teacher.train()
         images_per_step = config.batch_size_per_gpu * self.info.world_size
         loss_sum = torch.zeros((), device=self.device)
+        # The first non-finite loss (iteration, value), read at log points only: the reference
+        # stops at once, and a check that reads every step would make the host wait each time.
+        bad_it = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), device=self.device)
         bar = tqdm(
             total=self.niter,
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -639,10 +655,13 @@ class Trainer:
                     crops = self.device_crops(batch)
                     loss = self.train_step(crops, epoch, it)
                     loss_sum += loss
+                    first = (bad_it < 0) & ~torch.isfinite(loss)
+                    bad_it = torch.where(first, it, bad_it)
+                    bad_loss = torch.where(first, loss.detach().float(), bad_loss)
                     bar.update(1)
                     if (i + 1) % config.log_every == 0 or i + 1 == self.niter:
                         loss_value = float(loss)
-                        self._check_finite(loss_value, it)
+                        self._check_finite(loss_value, it, (bad_it, bad_loss))
                         now = time.perf_counter()
                         img_per_s = (i + 1 - tick_step) * images_per_step / max(now - tick, 1e-9)
                         tick, tick_step = now, i + 1

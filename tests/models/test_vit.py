@@ -25,6 +25,34 @@ def test_factory_parameter_counts_match_reference(arch: str, patch: int) -> None
     assert count_parameters(model) == REFERENCE_PARAMS[(arch, patch)]
 
 
+def test_initialisation_follows_the_reference() -> None:
+    # dino-reference.md, section 2.4: trunc-normal(0.02) for pos_embed, cls_token and every
+    # Linear weight (PyTorch's default Linear init would give std 1/sqrt(3 * fan_in) = 0.029),
+    # zero Linear biases, LayerNorm 1/0, and the patch Conv2d left at PyTorch's default
+    # kaiming-uniform (bound 1/sqrt(fan_in), std 1/sqrt(3 * fan_in) = 0.0208 for 3*16*16).
+    torch.manual_seed(0)
+    model = VisionTransformer(vit_config("vit_small", 16))
+    for name in ("pos_embed", "cls_token"):
+        values = getattr(model, name)
+        assert abs(values.std().item() - 0.02) < (0.001 if name == "pos_embed" else 0.003), name
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * 12  # qkv, proj, fc1, fc2 per block
+    for module in linears:
+        assert abs(module.weight.std().item() - 0.02) < 0.0006
+        assert module.weight.abs().max() < 0.2  # a normal, not a wide uniform
+        assert module.bias is not None and torch.all(module.bias == 0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 12 + 1 and all(m.eps == 1e-6 for m in norms)
+    for module in norms:
+        assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+    conv = model.patch_embed.proj
+    fan_in = 3 * 16 * 16
+    assert conv.weight.abs().max() <= fan_in**-0.5
+    assert abs(conv.weight.std().item() - (3 * fan_in) ** -0.5) < 0.0005
+    assert conv.bias is not None and conv.bias.abs().max() <= fan_in**-0.5
+    assert conv.bias.abs().max() > 0  # not zeroed like the Linear biases
+
+
 def test_vit_small_state_dict_has_official_names_and_shapes() -> None:
     with torch.device("meta"):
         sd = VisionTransformer(vit_config("vit_small", 16)).state_dict()

@@ -286,6 +286,25 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, image_dir, augment
         cleanup_distributed()
 
 
+def test_a_non_finite_loss_stops_the_run_naming_the_first_iteration(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    # Logged (and read) every 3 steps; the loss of iteration 1 alone is NaN. As the reference,
+    # the run stops on it, and names it rather than the step that happened to be read.
+    real = Trainer.train_step
+
+    def nan_at_1(self, crops, epoch, it):
+        loss = real(self, crops, epoch, it)
+        return loss * float("nan") if it == 1 else loss
+
+    monkeypatch.setattr(Trainer, "train_step", nan_at_1)
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--log_every", "3")) == 1
+    assert "loss is nan at iteration 1; stopping" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert not (out / "checkpoint.pth").exists()  # nothing of the diverged epoch is saved
+
+
 def test_an_unwritable_export_target_fails_before_training(tmp_path, image_dir, caplog):
     out = tmp_path / "run"
     (tmp_path / "afile").write_text("x")
