@@ -53,7 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Pillow warns about every odd tag in a user's file; the decoder already turns real damage
     # into 400 answers, so these would only flood the log.
     warnings.filterwarnings("ignore", module=r"PIL\.")
-    app = create_app(settings)
+    fatal: list[str] = []
+
+    def stop_server(reason: str) -> None:  # DINO_DEVICE=cuda and CUDA cannot be bound
+        fatal.append(reason)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=stop_server)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -68,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again, which asyncio
         # turns into KeyboardInterrupt: the conventional status, without a traceback.
         return 130
-    # uvicorn returns normally when the lifespan startup failed (for example DINO_DEVICE=cuda
-    # without a usable GPU); make that a failing exit status.
-    return 0 if server.started else 3
+    # The model loads after the server started listening; a device that cannot be bound
+    # stops it (stop_server). uvicorn also returns normally when the lifespan startup failed.
+    return 3 if fatal or not server.started else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -692,12 +692,20 @@ class _RequestMetrics:
 # Factory
 
 
-def create_app(settings: Settings | None = None, *, loader: Loader = load_model) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    loader: Loader = load_model,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
     """Build the application.
 
     Args:
         settings: Configuration; read from the environment when omitted.
         loader: Model loader (tests may wrap :func:`service.runtime.load_model`).
+        on_fatal: Called with the reason when the service cannot run at all
+            (``DINO_DEVICE=cuda`` and the CUDA provider cannot be bound); ``python -m service``
+            stops the server with exit status 3. Without it, that is an ordinary load failure.
 
     Returns:
         The FastAPI app; models load and the batcher starts in its lifespan.
@@ -716,7 +724,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader = load_model)
             retry_after_s=settings.retry_after_s,
             metrics=metrics,
         )
-        manager = ModelManager(settings, metrics, loader)
+        manager = ModelManager(settings, metrics, loader, on_fatal)
         bodies = BodyBudget(
             settings.max_body_bytes_in_flight, settings.retry_after_s, metrics.body_bytes.set
         )

@@ -81,10 +81,19 @@ class ModelManager:
         loader: The function that loads and checks a model (``load_model``).
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader = load_model) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        loader: Loader = load_model,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._loader = loader
+        self._on_fatal = on_fatal
+        self._initial_scan: asyncio.Task[None] | None = None
+        self._loading: int | None = None  # the version being loaded, if any
         self._current: OnnxModel | None = None
         self._current_fingerprint: Fingerprint | None = None  # its file's, when it was loaded
         self._serving_gone_logged = False  # the serving version left the repository
@@ -103,24 +112,43 @@ class ModelManager:
         return self._current
 
     async def start(self) -> None:
-        """Load the initial model and start polling.
+        """Start the initial scan in the background, then polling.
 
-        Raises:
-            DeviceUnavailableError: ``DINO_DEVICE=cuda`` and CUDA could not be bound.
+        The server answers meanwhile: ``/healthz`` is alive and ``/readyz`` says which version
+        is loading, so a liveness probe does not kill a replica that loads a large model.
+        ``DINO_DEVICE=cuda`` with a CUDA provider that cannot be bound is reported to
+        ``on_fatal`` (the server exits); without one it is recorded like any load failure.
         """
-        await self.refresh(fatal_device_errors=True)
+        self._initial_scan = asyncio.create_task(self._first_scan(), name="model-first-scan")
+
+    @property
+    def initial_scan_done(self) -> bool:
+        """Whether the scan at start has finished (loaded a model or found none that loads)."""
+        return self._initial_scan is not None and self._initial_scan.done()
+
+    async def _first_scan(self) -> None:
+        try:
+            await self.refresh(fatal_device_errors=self._on_fatal is not None)
+        except DeviceUnavailableError as err:
+            assert self._on_fatal is not None
+            logger.error("%s", err)
+            self._on_fatal(str(err))
+            return
+        except Exception:  # a bug: logged, and the polls below may still recover
+            logger.exception("the first repository scan failed")
         if self._current is None:
             logger.warning("no servable model yet; not ready (%s)", self.not_ready_reason())
         if self._settings.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="model-poller")
 
     async def stop(self) -> None:
-        """Stop polling."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        """Stop the first scan if it still runs, and polling."""
+        for task in (self._initial_scan, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._poller = None
 
     async def _poll(self) -> None:
         while True:
@@ -176,6 +204,7 @@ class ModelManager:
                 failure = self._failures.get(version)
                 if failure is not None and failure.fingerprint == fingerprint and not force:
                     continue
+                self._loading = version
                 try:
                     model = await asyncio.to_thread(
                         self._loader,
@@ -201,6 +230,8 @@ class ModelManager:
                 else:
                     self._swap(model, fingerprint)
                     return RefreshResult(True, version, scan_error)
+                finally:
+                    self._loading = None
             serving = self._current.version if self._current is not None else None
             return RefreshResult(False, serving, scan_error)
 
@@ -237,11 +268,15 @@ class ModelManager:
         return str(self._current.version) if self._current is not None else "none"
 
     def not_ready_reason(self) -> str:
-        """Why no model serves: the last error, a missing pinned version, or an empty folder."""
-        if self._last_error is not None:
-            return self._last_error
+        """Why no model serves: a version loading, the last error, a missing pinned version, or
+        an empty folder."""
         settings = self._settings
         folder = Path(settings.model_repository) / settings.model_name
+        if self._loading is not None:
+            loading = f"loading version {self._loading} of {folder}"
+            return f"{loading} (after: {self._last_error})" if self._last_error else loading
+        if self._last_error is not None:
+            return self._last_error
         try:
             versions = model_versions(settings.model_repository, settings.model_name)
         except OSError as err:

@@ -65,8 +65,14 @@ def tiny_settings(repository: Path, **overrides: Any) -> Settings:
 
 
 @contextmanager
-def run_server(settings: Settings, **app_kwargs: Any) -> Iterator[LiveServer]:
-    """Serve ``create_app(settings)`` with uvicorn on 127.0.0.1:<free port> in a thread."""
+def run_server(
+    settings: Settings, *, wait_for_first_scan: bool = True, **app_kwargs: Any
+) -> Iterator[LiveServer]:
+    """Serve ``create_app(settings)`` with uvicorn on 127.0.0.1:<free port> in a thread.
+
+    The model loads in the background once the server listens; by default this waits until
+    that first scan has finished, as a client waiting for ``/readyz`` would.
+    """
     app = create_app(settings, **app_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,6 +87,12 @@ def run_server(settings: Settings, **app_kwargs: Any) -> Iterator[LiveServer]:
         if not thread.is_alive() or time.monotonic() > deadline:
             sock.close()
             raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    while wait_for_first_scan and not app.state.service.manager.initial_scan_done:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the first model scan did not finish")
         time.sleep(0.01)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -456,3 +456,30 @@ def test_readiness_reasons_for_a_missing_or_empty_model_folder(
             f"no model version found in {folder} (a version is a folder 1, 2, ... that holds "
             f"{MODEL_FILENAME})"
         )
+
+
+def test_the_server_answers_while_the_first_model_loads(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    # A large model takes a while to load, check and warm up: meanwhile the replica is alive
+    # (a liveness probe must not kill it) and says what it is doing.
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    release = threading.Event()
+
+    def slow_loader(path: Path, **kwargs: Any) -> Any:
+        assert release.wait(timeout=60)
+        return load_model(path, **kwargs)
+
+    settings = tiny_settings(repository)
+    with run_server(settings, loader=slow_loader, wait_for_first_scan=False) as server:
+        assert server.client.get("/healthz").status_code == 200
+        ready = server.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["reason"] == f"loading version 1 of {repository / TINY_MODEL_NAME}"
+        embed = server.client.post(
+            "/embed", files=[("images", ("a.png", png_bytes(), "image/png"))]
+        )
+        assert embed.status_code == 503 and embed.json()["error"]["code"] == "not_ready"
+        release.set()
+        wait_for(lambda: server.client.get("/readyz").status_code == 200)
+        assert server.client.get("/readyz").json()["version"] == 1

@@ -246,6 +246,44 @@ def test_cuda_device_fails_at_start_without_a_gpu(
     assert "DINO_DEVICE=cuda" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_device_that_cannot_be_bound_at_load_stops_the_server(
+    tiny_model_repository: Path,
+) -> None:
+    # The CUDA provider is there but binding it fails when the session is created (a driver
+    # or cuDNN mismatch): found only by the first load, after the server started listening.
+    # python -m service then stops with status 3, one line, no traceback.
+    script = (
+        "import functools, sys\n"
+        "import service.__main__ as entry\n"
+        "from service.app import create_app\n"
+        "from service.runtime import DeviceUnavailableError\n"
+        "def loader(path, **kwargs):\n"
+        "    raise DeviceUnavailableError('DINO_DEVICE=cuda: CUDA could not be bound (test)')\n"
+        "entry.cuda_unavailable_reason = lambda: None\n"
+        "entry.create_app = functools.partial(create_app, loader=loader)\n"
+        "sys.exit(entry.main([]))\n"
+    )
+    env = {
+        **os.environ,
+        "DINO_DEVICE": "cuda",
+        "DINO_HOST": "127.0.0.1",
+        "DINO_PORT": "0",
+        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
+        "DINO_MODEL_NAME": TINY_MODEL_NAME,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "CUDA could not be bound (test)" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 def test_invalid_settings_exit_with_a_message() -> None:
     env = {**os.environ, "DINO_VERSION_POLICY": "pinned"}
     env.pop("DINO_MODEL_VERSION", None)
