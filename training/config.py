@@ -118,7 +118,8 @@ class PretrainConfig:
     export_to: str | None = _opt(
         None,
         "Export the teacher at the end as a new version of the model folder REPOSITORY/NAME "
-        "(a path, e.g. model_repository/dino_default).",
+        "(a path, e.g. model_repository/dino_default; none: no export, overriding a config "
+        "file).",
     )
     export_every: int = _opt(0, "Also export every K epochs (with --export_to).")
     dist_url: str = _opt("env://", "Accepted for compatibility; torchrun's env is used.")
@@ -254,6 +255,21 @@ def _none_or(kind: type) -> Any:
     return parse
 
 
+def _export_target(value: str) -> str | None:
+    """``--export_to``: a path, or ``none`` to turn a YAML file's export off; never empty (an
+    unset shell variable would otherwise skip the export without a word)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty value; give repository/NAME, or none to export nothing"
+        )
+    return None if value.lower() in ("none", "null") else value
+
+
+# Path options: a leading ~ is the user's home, as a shell would expand it on the command line
+# (it does not in a YAML file, nor after --flag=).
+_PATHS = ("data_path", "output_dir", "export_to")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (every default suppressed so YAML values are not overridden)."""
     parser = argparse.ArgumentParser(
@@ -277,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in ("embed_dim", "depth", "num_heads"):
             parser.add_argument(*names, dest=f.name, type=_none_or(int), help=help_text)
         elif f.name == "export_to":
-            parser.add_argument(*names, dest=f.name, type=_none_or(str), help=help_text)
+            parser.add_argument(*names, dest=f.name, type=_export_target, help=help_text)
         else:
             kind = type(default) if default is not None else str
             parser.add_argument(*names, dest=f.name, type=kind, help=help_text)
@@ -374,10 +390,13 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     namespace = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = {}
     if "config" in namespace:
-        values.update(load_yaml(namespace.pop("config")))
+        values.update(load_yaml(namespace.pop("config").expanduser()))
     values.update(namespace)
     defaults = PretrainConfig()
     coerced = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
+    for name in _PATHS:
+        if isinstance(coerced.get(name), str):
+            coerced[name] = os.path.expanduser(coerced[name])
     config = dataclasses.replace(defaults, **coerced)
     config.validate()
     return config

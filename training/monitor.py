@@ -78,6 +78,9 @@ class RunLog:
     """Append-only JSON-lines logs (per epoch as the reference's ``log.txt``, per step) and
     TensorBoard scalars when ``tensorboard`` is installed. Only the main rank writes.
 
+    Nothing is written, and no TensorBoard folder created, before :meth:`rewind` starts the
+    run's logging (a finished run, or one refused at start, leaves the folder as it was).
+
     Args:
         output_dir: Run folder.
         enabled: False on ranks other than 0.
@@ -87,25 +90,34 @@ class RunLog:
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.writer: Any = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.info("tensorboard is not installed: no TensorBoard scalars")
-            else:
-                self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 
     def rewind(self, epoch: int, iteration: int) -> None:
-        """Drop the records of epochs ``>= epoch`` (steps without an epoch: ``>= iteration``).
+        """Start logging at epoch ``epoch`` (iteration ``iteration``): drop the records of
+        epochs ``>= epoch`` (steps without an epoch: ``>= iteration``) and open TensorBoard.
 
         Called when a run starts: a resumed run repeats the epoch it was interrupted in, and a
         fresh start (``--resume false``) repeats everything, so their old records would
         otherwise appear twice. Steps are matched by their epoch, not their iteration number,
         which depends on the steps per epoch (a resume with another batch size or world size).
-        A line cut short by a crash is dropped too.
+        A line cut short by a crash is dropped too. TensorBoard gets ``purge_step=iteration``:
+        it hides the earlier event files' steps from there on (all of them on a fresh start).
         """
         if not self.enabled:
             return
+        self._rewind_json(epoch, iteration)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.info("tensorboard is not installed: no TensorBoard scalars")
+        else:
+            self.writer = SummaryWriter(
+                log_dir=str(self.output_dir / "tensorboard"), purge_step=iteration
+            )
+
+    def _rewind_json(self, epoch: int, iteration: int) -> None:
         for name in (EPOCH_LOG, STEP_LOG):
             path = self.output_dir / name
             if not path.is_file():

@@ -309,6 +309,17 @@ STATE_OPTIONS = (
 )
 
 
+# Backbone sizes as the flags that set them (img_size follows --global_crops_size).
+_VIT_FLAGS = {
+    "img_size": "--global_crops_size",
+    "patch_size": "--patch_size",
+    "embed_dim": "--embed_dim",
+    "depth": "--depth",
+    "num_heads": "--num_heads",
+    "arch": "--arch",
+}
+
+
 def _change(key: str, old: object, new: object) -> str:
     """``key: old -> new``, with quotes where the two would otherwise read the same (``'32'``
     against ``32``)."""
@@ -328,13 +339,13 @@ def checkpoint_differences(
         current = vit.to_dict()
         for key, value in current.items():
             if key in saved_vit and saved_vit[key] != value:
-                differences.append(_change(key, saved_vit[key], value))
+                differences.append(_change(_VIT_FLAGS.get(key, key), saved_vit[key], value))
     saved_args = state.get("args")
     if isinstance(saved_args, dict):
         current_args = config.to_dict()
         for key in STATE_OPTIONS:
             if key in saved_args and saved_args[key] != current_args[key]:
-                differences.append(_change(key, saved_args[key], current_args[key]))
+                differences.append(_change(f"--{key}", saved_args[key], current_args[key]))
     return differences
 
 
@@ -1073,11 +1084,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(config, info)
 
 
+def _make_output_dir(folder: Path) -> None:
+    """Create ``--output_dir``; raises TrainingError naming the option when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if folder.exists() and not folder.is_dir():
+            reason = "it exists and is not a folder"
+        else:
+            reason = f"cannot create it: {err.strerror or err}"
+            if err.filename and str(err.filename) != str(folder):
+                reason += f" ({err.filename})"
+        raise TrainingError(f"--output_dir {folder}: {reason}") from err
+
+
 def _run(config: PretrainConfig, info: DistInfo) -> int:
     """Train with ``config`` in this process; returns the exit status."""
     try:
         if info.is_main:
-            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            _make_output_dir(Path(config.output_dir))
         trainer = Trainer(config, info)
         try:
             return trainer.run()

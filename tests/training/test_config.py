@@ -280,3 +280,30 @@ def test_yaml_merge_keys_still_work(tmp_path):
     path.write_text("<<: {epochs: 50, lr: 0.1}\nlr: 0.2\n")
     config = parse_config(["--config", str(path), "--data_path", "x"])
     assert (config.epochs, config.lr) == (50, 0.2)
+
+
+def test_paths_in_a_config_file_expand_the_home_folder(tmp_path, monkeypatch):
+    # A shell expands ~ on the command line, not in a YAML file: without this, ~/runs/x
+    # would train into a folder literally named "~" under the current one.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "c.yaml"
+    path.write_text("data_path: ~/images\noutput_dir: ~/runs/x\nexport_to: ~/repo/m\n")
+    config = parse_config(["--config", str(path)])
+    home = tmp_path / "home"
+    assert config.data_path == str(home / "images")
+    assert config.output_dir == str(home / "runs" / "x")
+    assert config.export_to == str(home / "repo" / "m")
+    assert parse_config(["--data_path", "x", "--output_dir=~/y"]).output_dir == str(home / "y")
+
+
+def test_an_empty_export_target_is_refused_and_none_turns_it_off(tmp_path, capsys):
+    # An unset shell variable ($MODEL) must not skip the export without a word.
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--data_path", "x", "--export-to", ""])
+    assert exit_info.value.code == 2
+    assert "an empty value; give repository/NAME" in capsys.readouterr().err
+    path = tmp_path / "c.yaml"
+    path.write_text("export_to: repo/m\n")
+    assert parse_config(["--config", str(path), "--data_path", "x"]).export_to == "repo/m"
+    off = parse_config(["--config", str(path), "--data_path", "x", "--export_to", "none"])
+    assert off.export_to is None

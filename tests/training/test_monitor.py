@@ -100,3 +100,34 @@ def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     log.epoch(0, {"train_loss": 1.0})
     log.rewind(0, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_tensorboard_hides_the_steps_a_resume_repeats(tmp_path: Path) -> None:
+    log = RunLog(tmp_path, enabled=True)
+    assert not (tmp_path / "tensorboard").exists()  # nothing before the run starts
+    log.rewind(0, 0)
+    for it in range(5):  # interrupted in epoch 1, after iteration 4 (3 steps per epoch)
+        log.step(it, {"epoch": it // 3, "loss": 1.0})
+    log.epoch(0, {"train_loss": 1.0})
+    log.close()
+    resumed = RunLog(tmp_path, enabled=True)
+    resumed.rewind(1, 3)  # epoch 1 again, from iteration 3
+    for it in range(3, 6):
+        resumed.step(it, {"epoch": 1, "loss": 2.0})
+    resumed.close()
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2
+    assert _tensorboard_steps(tmp_path / "tensorboard", "step/loss") == list(range(6))
+    assert _tensorboard_steps(tmp_path / "tensorboard", "epoch/train_loss") == [0]
+    fresh = RunLog(tmp_path, enabled=True)
+    fresh.rewind(0, 0)  # --resume false: the old run's points are hidden
+    fresh.step(0, {"epoch": 0, "loss": 3.0})
+    fresh.close()
+    assert _tensorboard_steps(tmp_path / "tensorboard", "step/loss") == [0]

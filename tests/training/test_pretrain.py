@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -138,8 +139,10 @@ def test_resume_with_other_options_names_them_and_keeps_the_run(tmp_path, image_
     assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
     config_before = (out / "config.yaml").read_text()
     caplog.clear()
-    assert main(tiny_args(image_dir, out, "--embed_dim", "64", "--optimizer", "sgd")) == 1
-    assert "embed_dim: 32 -> 64" in caplog.text and "optimizer: adamw -> sgd" in caplog.text
+    argv = tiny_args(image_dir, out, "--embed_dim", "64", "--optimizer", "sgd")
+    assert main([*argv, "--global_crops_size", "48"]) == 1
+    assert "--embed_dim: 32 -> 64" in caplog.text and "--optimizer: adamw -> sgd" in caplog.text
+    assert "--global_crops_size: 32 -> 48" in caplog.text  # the flag, not the ViT's img_size
     assert "Traceback" not in caplog.text
     # The failed attempt changed nothing: its options are not saved over the run's.
     assert (out / "config.yaml").read_text() == config_before
@@ -623,7 +626,9 @@ def test_a_finished_run_needs_no_writable_output_dir(tmp_path, image_dir, caplog
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(pretrain, "new_temp_file", read_only)
+    shutil.rmtree(out / "tensorboard")
     assert main(argv) == 0 and "nothing to do" in caplog.text
+    assert not (out / "tensorboard").exists()  # no log is opened: nothing is written there
     assert main([*argv, "--epochs", "2"]) == 1  # more to train: refused before the epoch
     assert "is not writable (Permission denied)" in caplog.text
 
@@ -644,3 +649,13 @@ def test_a_run_with_many_unreadable_files_warns_that_its_sampling_is_skewed(
     warnings = [r.getMessage() for r in caplog.records if "are unreadable" in r.getMessage()]
     assert len(warnings) == 1, warnings  # once a run
     assert "of the 27 files under --data_path" in warnings[0]
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_output_dir_that_cannot_be_a_folder_is_named(tmp_path, image_dir, caplog, where):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if where == "a file" else tmp_path / "afile" / "run"
+    assert main(tiny_args(image_dir, out)) == 1
+    reason = "it exists and is not a folder" if where == "a file" else "cannot create it"
+    assert f"--output_dir {out}: {reason}" in caplog.text
+    assert "Traceback" not in caplog.text
