@@ -72,6 +72,15 @@ def _fingerprint(path: Path) -> Fingerprint | None:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
+def _same_content(a: Fingerprint | None, b: Fingerprint | None) -> bool:
+    """Whether two fingerprints show the same file content: inode, size and mtime. A change
+    of ctime alone (a hard link, a chown, a backup tool's touch) is no reason to load the
+    serving model a second time; for a failed version it is (a chmod may have fixed it)."""
+    if a is None or b is None:
+        return a is b
+    return a[:3] == b[:3]
+
+
 class ModelManager:
     """Owns the serving model and its refresh.
 
@@ -198,7 +207,7 @@ class ModelManager:
                 if (
                     self._current is not None
                     and version == self._current.version
-                    and fingerprint == self._current_fingerprint
+                    and _same_content(fingerprint, self._current_fingerprint)
                 ):
                     break  # nothing newer loaded and the serving file is as it was loaded
                 failure = self._failures.get(version)

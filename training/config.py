@@ -304,6 +304,8 @@ _NULLABLE = ("embed_dim", "depth", "num_heads", "use_fp16", "export_to")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    if name == "export_to" and isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None  # as on the command line (YAML reads `none` as a string)
     if value is None:
         if name in _NULLABLE:
             return None

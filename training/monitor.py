@@ -89,7 +89,8 @@ class RunLog:
     def __init__(self, output_dir: Path, enabled: bool) -> None:
         self.output_dir = Path(output_dir)
         self.enabled = enabled
-        self.writer: Any = None
+        self.writer: Any = None  # step scalars
+        self.epoch_writer: Any = None  # epoch scalars
 
     def rewind(self, epoch: int, iteration: int) -> None:
         """Start logging at epoch ``epoch`` (iteration ``iteration``): drop the records of
@@ -99,23 +100,27 @@ class RunLog:
         fresh start (``--resume false``) repeats everything, so their old records would
         otherwise appear twice. Steps are matched by their epoch, not their iteration number,
         which depends on the steps per epoch (a resume with another batch size or world size).
-        A line cut short by a crash is dropped too. TensorBoard gets ``purge_step=iteration``:
-        it hides the earlier event files' steps from there on (all of them on a fresh start).
+        A line cut short by a crash is dropped too.
+
+        TensorBoard: step scalars go to ``tensorboard/`` with ``purge_step=iteration`` and epoch
+        scalars (whose step is the epoch) to ``tensorboard/epochs/`` with ``purge_step=epoch``,
+        so it hides the earlier event files' points from there on (all of them on a fresh
+        start). Iterations are counted in this run's steps per epoch: after a resume with
+        another batch size or world size the step curves' old and new points do not line up
+        (the JSON logs, matched by epoch, stay exact).
         """
         if not self.enabled:
             return
         self._rewind_json(epoch, iteration)
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.close()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             logger.info("tensorboard is not installed: no TensorBoard scalars")
         else:
-            self.writer = SummaryWriter(
-                log_dir=str(self.output_dir / "tensorboard"), purge_step=iteration
-            )
+            folder = self.output_dir / "tensorboard"
+            self.writer = SummaryWriter(log_dir=str(folder), purge_step=iteration)
+            self.epoch_writer = SummaryWriter(log_dir=str(folder / "epochs"), purge_step=epoch)
 
     def _rewind_json(self, epoch: int, iteration: int) -> None:
         for name in (EPOCH_LOG, STEP_LOG):
@@ -159,13 +164,17 @@ class RunLog:
         if not self.enabled:
             return
         self._append(EPOCH_LOG, {**record, "epoch": epoch})
-        if self.writer is not None:
+        if self.epoch_writer is not None:
             for key, value in record.items():
                 if isinstance(value, int | float):
-                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+                    self.epoch_writer.add_scalar(f"epoch/{key}", value, epoch)
+            self.epoch_writer.flush()
+        if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
-        if self.writer is not None:
-            self.writer.close()
+        for writer in (self.writer, self.epoch_writer):
+            if writer is not None:
+                writer.close()
+        self.writer = self.epoch_writer = None

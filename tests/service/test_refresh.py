@@ -354,7 +354,11 @@ def test_a_serving_version_whose_file_changes_is_reloaded_or_kept(
         models = _models(server)
         assert models["versions"] == [{"version": 1, "state": "serving", "error": None}]
         assert models["last_error"] is None and models["loaded"]["weights_sha256"] == "0" * 64
-        # Unchanged: a forced reload does not load the serving file again.
+        # Unchanged: a forced reload does not load the serving file again, nor does a change
+        # of its status alone (a hard link by a backup tool, a chown or chmod: only ctime).
+        assert server.client.post("/admin/reload").json()["changed"] is False
+        os.link(serving, tmp_path / "backup.onnx")
+        serving.chmod(serving.stat().st_mode)
         assert server.client.post("/admin/reload").json()["changed"] is False
         assert server.metric("dino_model_loads_total", {"outcome": "loaded"}) == 3
 

@@ -307,3 +307,5 @@ def test_an_empty_export_target_is_refused_and_none_turns_it_off(tmp_path, capsy
     assert parse_config(["--config", str(path), "--data_path", "x"]).export_to == "repo/m"
     off = parse_config(["--config", str(path), "--data_path", "x", "--export_to", "none"])
     assert off.export_to is None
+    path.write_text("export_to: none\n")  # the same spelling in a file: no folder "./none"
+    assert parse_config(["--config", str(path), "--data_path", "x"]).export_to is None

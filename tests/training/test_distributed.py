@@ -103,6 +103,6 @@ def test_one_rank_failing_ends_the_others_with_one_line(tmp_path, image_dir):
     args = tiny_args(image_dir, tmp_path / "afile", "--epochs", "1", "--warmup_epochs", "0")
     result = _torchrun(["-m", "training.pretrain", *args], ROOT)
     assert result.returncode != 0
-    assert "File exists" in result.stderr  # rank 0's own error
+    assert "it exists and is not a folder" in result.stderr  # rank 0's own error
     assert "another process of this run stopped" in result.stderr
     assert "[rank1]: Traceback" not in result.stderr

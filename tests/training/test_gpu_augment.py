@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -302,9 +303,12 @@ def test_flip_and_grayscale_rates():
 
 @pytest.mark.parametrize("path", ["whole images", "loader crops"])
 def test_statistics_match_the_cpu_path(path):
-    n = 300
+    # 1200 images: over reseeds, the std ratios then stay within about 0.04 of 1 (at 300 they
+    # reached 0.064, over the 0.06 bound) and the rates within 0.04 of each other.
+    n = 1200
     canvases = colour_canvases(n, seed=3)
     torch.manual_seed(0)
+    random.seed(0)  # the blur and solarisation coins of the CPU path (Python's, as the reference)
     cpu = DataAugmentationDINO((0.4, 1.0), (0.1, 0.4), 2, 32, 16)
     ref = [cpu(TF.to_pil_image(img)) for img in canvases]
     batched = BatchedMultiCrop((0.4, 1.0), (0.1, 0.4), 2, 32, 16)
@@ -327,13 +331,16 @@ def test_statistics_match_the_cpu_path(path):
         assert abs(grad_b / grad_a - 1) < 0.2, name  # similar sharpness (blur, resampling)
         gray_a = (a[:, 0] * STD[0, 0] - a[:, 1] * STD[0, 1] + MEAN[0, 0] - MEAN[0, 1]).abs()
         gray_b = (b[:, 0] * STD[0, 0] - b[:, 1] * STD[0, 1] + MEAN[0, 0] - MEAN[0, 1]).abs()
+        # Two rates of p = 0.2 events (grayscale; solarisation on global 2) over len(a) draws
+        # each: 4 standard deviations of their difference.
+        rate_tolerance = 4 * math.sqrt(2 * 0.2 * 0.8 / len(a))
         rate_a = (gray_a.flatten(1).amax(1) < 1e-2).float().mean().item()
         rate_b = (gray_b.flatten(1).amax(1) < 1e-2).float().mean().item()
-        assert abs(rate_a - rate_b) < 0.08, name
+        assert abs(rate_a - rate_b) < rate_tolerance, name
         # Solarised images have no value above 128/255 (most canvases have brighter pixels).
         dark_a = (denorm(a).flatten(1).amax(1) < 0.51).float().mean().item()
         dark_b = (denorm(b).flatten(1).amax(1) < 0.51).float().mean().item()
-        assert abs(dark_a - dark_b) < 0.08, name
+        assert abs(dark_a - dark_b) < rate_tolerance, name
 
 
 def test_canvas_transform_and_collation():

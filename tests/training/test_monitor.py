@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,12 @@ def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
+def _next_second() -> None:
+    """Event files are named (and read in order) by their creation time in whole seconds; a
+    real resume or restart is a later process, so a later second."""
+    time.sleep(1.01 - time.time() % 1)
+
+
 def test_tensorboard_hides_the_steps_a_resume_repeats(tmp_path: Path) -> None:
     log = RunLog(tmp_path, enabled=True)
     assert not (tmp_path / "tensorboard").exists()  # nothing before the run starts
@@ -117,17 +124,24 @@ def test_tensorboard_hides_the_steps_a_resume_repeats(tmp_path: Path) -> None:
     for it in range(5):  # interrupted in epoch 1, after iteration 4 (3 steps per epoch)
         log.step(it, {"epoch": it // 3, "loss": 1.0})
     log.epoch(0, {"train_loss": 1.0})
+    log.epoch(1, {"train_loss": 1.0})  # written, then lost with the checkpoint (a crash)
     log.close()
+    _next_second()
     resumed = RunLog(tmp_path, enabled=True)
     resumed.rewind(1, 3)  # epoch 1 again, from iteration 3
     for it in range(3, 6):
         resumed.step(it, {"epoch": 1, "loss": 2.0})
+    resumed.epoch(1, {"train_loss": 2.0})
     resumed.close()
-    assert len(list((tmp_path / "tensorboard").iterdir())) == 2
-    assert _tensorboard_steps(tmp_path / "tensorboard", "step/loss") == list(range(6))
-    assert _tensorboard_steps(tmp_path / "tensorboard", "epoch/train_loss") == [0]
+    folder = tmp_path / "tensorboard"
+    assert len([p for p in folder.iterdir() if p.is_file()]) == 2
+    assert _tensorboard_steps(folder, "step/loss") == list(range(6))
+    assert _tensorboard_steps(folder / "epochs", "epoch/train_loss") == [0, 1]
+    _next_second()
     fresh = RunLog(tmp_path, enabled=True)
     fresh.rewind(0, 0)  # --resume false: the old run's points are hidden
     fresh.step(0, {"epoch": 0, "loss": 3.0})
+    fresh.epoch(0, {"train_loss": 3.0})
     fresh.close()
-    assert _tensorboard_steps(tmp_path / "tensorboard", "step/loss") == [0]
+    assert _tensorboard_steps(folder, "step/loss") == [0]
+    assert _tensorboard_steps(folder / "epochs", "epoch/train_loss") == [0]

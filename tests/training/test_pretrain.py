@@ -116,10 +116,11 @@ def test_compile_trains_the_same_weights_as_eager(tmp_path, image_dir):
             got = compiled[key][name]
             if name.endswith("attn.qkv.bias"):
                 # The key bias cancels in the softmax: its gradient is rounding noise, which
-                # Adam scales up to lr-sized steps. Compare it apart, loosely.
+                # Adam scales up to lr-sized steps of either sign. Compare it apart, within the
+                # run's total step, the sum of its lr schedule (1.56e-3 here).
                 dim = value.shape[0] // 3
                 torch.testing.assert_close(
-                    got[dim : 2 * dim], value[dim : 2 * dim], atol=1e-4, rtol=0
+                    got[dim : 2 * dim], value[dim : 2 * dim], atol=2 * 1.56e-3, rtol=0
                 )
                 got, value = (
                     torch.cat((got[:dim], got[2 * dim :])),
