@@ -240,6 +240,10 @@ def infer_config(
     if depth == 0:
         raise CheckpointError("not a ViT backbone: no blocks.* keys")
     num_patches = int(pos_embed.shape[1]) - 1
+    if pos_embed.dim() != 3 or num_patches < 1:
+        raise CheckpointError(
+            f"pos_embed has shape {tuple(pos_embed.shape)}: not [1, 1 + patches, embed_dim]"
+        )
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise CheckpointError(f"pos_embed holds {num_patches} patch entries, not a square grid")
@@ -256,9 +260,17 @@ def infer_config(
                 f"--arch {arch} expects embed_dim {want_dim} and depth {want_depth}, but the "
                 f"weights have embed_dim {embed_dim} and depth {depth}"
             )
-        num_heads = num_heads or want_heads
+    # Heads do not show in the weights: an explicit --num-heads, else what the checkpoint
+    # recorded (its training may have overridden the --arch family's count), else --arch.
     if num_heads is None and stored is not None and "num_heads" in stored:
-        num_heads = int(stored["num_heads"])
+        try:
+            num_heads = int(stored["num_heads"])
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"the checkpoint's vit_config.num_heads {stored['num_heads']!r} is not a number"
+            ) from None
+    if num_heads is None and name != "auto":
+        num_heads = want_heads
     if num_heads is None:
         try:
             num_heads = infer_num_heads(embed_dim)

@@ -103,7 +103,8 @@ def download(
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         raise DownloadError(
-            f"downloading {label} from {url} failed: HTTP {exc.code} {exc.reason}. {hint}"
+            f"downloading {label} from {url} failed: HTTP {exc.code} "
+            f"{' '.join(str(exc.reason).split())}. {hint}"
         ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise DownloadError(

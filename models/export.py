@@ -12,12 +12,15 @@ is published; files are written atomically (temp file, then rename).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +161,17 @@ def check_parity(
             for spec, exp, out in zip(contract.OUTPUTS, expected, got, strict=True):
                 if out.shape != exp.shape:
                     raise ExportError(f"{spec.name}: ONNX shape {out.shape} != PyTorch {exp.shape}")
+                for who, values in (("ONNX Runtime", out), ("PyTorch", exp)):
+                    if not np.isfinite(values).all():  # NaN compares false with any tolerance
+                        raise ExportError(
+                            f"parity check failed: {spec.name} from {who} is not finite (NaN "
+                            f"or inf) at {height}x{width}: NaN/inf weights"
+                            + (
+                                ", or values beyond float16's range"
+                                if precision != "float32"
+                                else ""
+                            )
+                        )
                 row[f"{spec.name}_max_abs"] = float(np.abs(out - exp).max())
                 row[f"{spec.name}_min_cosine"] = _cosine(out, exp)
             rows.append(row)
@@ -187,11 +201,21 @@ def build_metadata(
     config = model.config
     if resolution % config.patch_size:
         raise ExportError(f"resolution {resolution} is not a multiple of patch {config.patch_size}")
+    if config.in_chans != 3:
+        raise ExportError(
+            f"the patch embedding takes {config.in_chans} input channels; the contract's input "
+            "is an RGB image (3 channels)"
+        )
     recipe = contract.PreprocessingRecipe.for_resolution(resolution)
     embeddings = []
     for case in range(len(contract.REFERENCE_CASES)):
         with torch.no_grad():
             cls = model(reference_pixels(recipe, case))
+        if not torch.isfinite(cls).all():
+            raise ExportError(
+                f"the model's CLS output for reference image {case} is not finite (NaN or inf "
+                "weights?)"
+            )
         embeddings.append([float(v) for v in cls[0].tolist()])
     key = contract.MetadataKey
     return {
@@ -514,12 +538,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.output and args.name:
+    if args.output and args.name is not None:
         parser.error("--name applies to --repository, not to --output")
+    if args.name is not None:
+        try:  # an empty --name "$UNSET" must not publish over dino_default
+            contract.validate_model_name(args.name)
+        except ValueError as err:
+            parser.error(f"--name: {err}")
     if args.resolution is not None and args.resolution <= 0:
         parser.error(f"--resolution must be positive, got {args.resolution}")
-    if args.pretrained and (args.arch != "auto" or args.num_heads or args.patch_size):
+    fixed = (args.arch != "auto", args.num_heads is not None, args.patch_size is not None)
+    if args.pretrained and any(fixed):
         parser.error("--pretrained fixes the architecture: drop --arch/--patch-size/--num-heads")
+    with _sigterm_interrupts():
+        try:
+            return _export(args)
+        except _Interrupted as stop:
+            print(
+                f"error: interrupted ({stop.signal_name}); nothing was published", file=sys.stderr
+            )
+            return stop.status
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: unwinds like KeyboardInterrupt, so temporary files are removed."""
+
+    def __init__(self, signal_name: str, status: int) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.status = status
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``docker stop``, a scheduler) and Ctrl-C raise :class:`_Interrupted`."""
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        raise _Interrupted(name, 128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Load, export and report; returns the exit status."""
     try:
         if args.pretrained:
             loaded = _load_pretrained(args.pretrained, args.cache_dir)
@@ -547,11 +617,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             repository = args.repository or Path(
                 os.environ.get("DINO_MODEL_REPOSITORY", "model_repository")
             )
-            name = args.name or "dino_default"
+            name = args.name if args.name is not None else "dino_default"
+            check_repository_target(repository, name)
             report = export_to_repository(loaded.model, repository, name, **common)
     except (CheckpointError, ExportError, pretrained.PretrainedError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as err:  # the engine: out of memory, a bad graph
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: the export failed: {first[:500]}", file=sys.stderr)
+        return 1
     params = sum(p.numel() for p in loaded.model.parameters())
     print(
         json.dumps(

@@ -270,7 +270,7 @@ def _sniffed_problem(head: bytes) -> str | None:
     """What the first bytes of a file say it is, when clearly not a checkpoint."""
     if not head:
         return "is empty"
-    if head.lstrip()[:1] == b"<":
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"<":  # (after a UTF-8 BOM)
         return (
             "is not a PyTorch checkpoint but an HTML page (a login, error or captive-portal page?)"
         )

@@ -210,3 +210,24 @@ def test_garbage_names_the_pickle_operation_on_one_line(tmp_path: Path) -> None:
         load_backbone(path)
     assert "unknown pickle operation 110" in str(info.value)  # b"n"
     assert "\n" not in str(info.value) and "weights_only` set" not in str(info.value)
+
+
+def test_the_stored_head_count_beats_the_arch_family_default() -> None:
+    # A vit_tiny-sized run trained with --num_heads 6: heads do not show in the weights, and
+    # --arch vit_tiny (3 heads) must not silently rebuild it with the family's count.
+    with torch.device("meta"):
+        model = VisionTransformer(vit_config("vit_tiny", 16, num_heads=6, img_size=32))
+    sd = model.state_dict()
+    stored = {"num_heads": 6}
+    assert infer_config(sd, arch="vit_tiny", stored=stored).num_heads == 6
+    assert infer_config(sd, arch="vit_tiny", stored=None).num_heads == 3  # family default
+    assert infer_config(sd, arch="vit_tiny", num_heads=12, stored=stored).num_heads == 12
+    with pytest.raises(CheckpointError, match=r"vit_config.num_heads 'two' is not a number"):
+        infer_config(sd, stored={"num_heads": "two"})
+
+
+def test_an_empty_position_embedding_is_refused_not_a_math_error() -> None:
+    sd = dict(VisionTransformer(vit_config("vit_tiny", 16, depth=1, img_size=32)).state_dict())
+    sd["pos_embed"] = torch.zeros(1, 0, 192)
+    with pytest.raises(CheckpointError, match=r"pos_embed has shape \(1, 0, 192\)"):
+        infer_config(sd)

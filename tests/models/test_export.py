@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -349,3 +352,139 @@ def test_export_never_changes_the_process_umask(
         tiny_vit, tmp_path, "m", resolution=32, weights_sha256="a" * 64, source="t"
     )
     assert contract.model_versions(tmp_path, "m") == [1]
+
+
+def _nan_checkpoint(tmp_path: Path, config: ViTConfig) -> Path:
+    model = VisionTransformer(config)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_non_finite_weights_are_refused_not_exported(
+    tmp_path: Path, tiny_vit_config: ViTConfig, capsys: pytest.CaptureFixture[str], fp16: bool
+) -> None:
+    # NaN compares false with any tolerance: without an explicit check the parity test passed
+    # and the file was published.
+    weights = _nan_checkpoint(tmp_path, tiny_vit_config)
+    repo = tmp_path / "repo"
+    argv = ["--weights", str(weights), "--num-heads", "2", "--repository", str(repo)]
+    assert export.main([*argv, *(["--fp16"] if fp16 else [])]) == 2
+    err = capsys.readouterr().err
+    assert "is not finite" in err and "Traceback" not in err
+    assert contract.model_versions(repo, "dino_default") == []
+
+
+def test_a_non_finite_onnx_output_fails_the_parity_check(
+    tmp_path: Path, tiny_vit: VisionTransformer
+) -> None:
+    class NanSession:
+        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with torch.no_grad():
+                outputs = tiny_vit.forward_features(torch.from_numpy(feeds["pixel_values"]))
+            return [np.full(t.shape, np.nan, np.float32) for t in outputs]
+
+    with pytest.raises(ExportError, match="cls_embedding from ONNX Runtime is not finite"):
+        export.check_parity(NanSession(), tiny_vit, resolution=32, precision="float32")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--name", ""], "--name: invalid model name ''"),
+        (["--name", "a/b"], "--name: invalid model name"),
+    ],
+)
+def test_cli_refuses_an_empty_or_unsafe_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"unused")
+    with pytest.raises(SystemExit) as info:
+        export.main(["--weights", str(weights), "--repository", str(tmp_path / "r"), *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pretrained_refuses_an_explicit_zero_num_heads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        export.main(["--pretrained", "dino_vits16", "--num-heads", "0", "--output", "x.onnx"])
+    assert "--pretrained fixes the architecture" in capsys.readouterr().err
+
+
+def test_cli_repository_in_the_way_is_one_line(
+    tmp_path: Path, tiny_vit_config: ViTConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    (tmp_path / "afile").write_text("x")
+    argv = ["--weights", str(weights), "--num-heads", "2", "--repository", str(tmp_path / "afile")]
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write model versions into") and "Traceback" not in err
+
+
+def test_an_engine_failure_is_one_line(
+    tmp_path: Path,
+    tiny_vit_config: ViTConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 8 GB\nmore")
+
+    monkeypatch.setattr(export, "_trace", out_of_memory)
+    argv = ["--weights", str(weights), "--num-heads", "2", "--output", str(tmp_path / "x.onnx")]
+    assert export.main(argv) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[-1]
+        == "error: the export failed: DefaultCPUAllocator: can't allocate memory: you tried 8 GB"
+    )
+    assert not any("Traceback" in line for line in err)
+    assert list(tmp_path.glob(".export-*")) == []
+
+
+def test_a_checkpoint_for_other_than_rgb_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, in_chans=1)
+    weights = tmp_path / "gray.pth"
+    torch.save(VisionTransformer(config).state_dict(), weights)
+    argv = ["--weights", str(weights), "--num-heads", "2", "--output", str(tmp_path / "x.onnx")]
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "takes 1 input channels" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_export_publishes_nothing_and_leaves_no_file(
+    tmp_path: Path,
+    tiny_vit_config: ViTConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    signum: int,
+) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    real = export._trace
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)  # the temporary file is written, then the signal arrives
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(export, "_trace", interrupted)
+    repo = tmp_path / "repo"
+    argv = ["--weights", str(weights), "--num-heads", "2", "--repository", str(repo)]
+    assert export.main(argv) == 128 + signum
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "nothing was published" in err and "Traceback" not in err
+    assert list((repo / "dino_default").iterdir()) == []  # no version folder, no temp file
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

@@ -137,6 +137,21 @@ def test_contract_mismatch_is_refused(tiny_path: Path, tmp_path: Path) -> None:
         load_model(path, name="tiny", version=1, device="cpu")
 
 
+def test_a_model_whose_outputs_are_nan_is_refused(tiny_path: Path, tmp_path: Path) -> None:
+    # NaN weights: max() and min() skip NaN, so the tolerance comparison alone passed it.
+    def nan_cls(proto: onnx.ModelProto) -> None:
+        for node in proto.graph.node:
+            node.output[:] = ["raw_cls" if o == "cls_embedding" else o for o in node.output]
+        proto.graph.initializer.append(
+            onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "nan")
+        )
+        proto.graph.node.append(onnx.helper.make_node("Mul", ["raw_cls", "nan"], ["cls_embedding"]))
+
+    path = _variant(tiny_path, tmp_path / "nan.onnx", nan_cls)
+    with pytest.raises(ModelLoadError, match="are not finite"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
 def test_a_fixed_input_size_is_refused(tiny_path: Path, tmp_path: Path) -> None:
     # Requests may ask for any patch-multiple size: a graph frozen at 32x32 would fail them.
     def freeze(proto: onnx.ModelProto) -> None:
