@@ -70,6 +70,12 @@ def _handler(mirror: Mirror) -> type[http.server.BaseHTTPRequestHandler]:
                 mirror.release.wait(5.0)
                 self.close_connection = True
                 return
+            if mode == "loop":  # a redirect to itself: urllib gives up with a multi-line reason
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if mode == "gzip":  # a server compressing on the fly, whatever was asked for
                 body = gzip.compress(body)
             self.send_response(200)
@@ -253,6 +259,13 @@ def test_mirror_from_environment(
     assert path.read_bytes() == body
 
 
+def test_a_redirect_loop_is_one_line(mirror: Mirror, tmp_path: Path) -> None:
+    mirror.routes[VITS16_PATH] = ("loop", b"")
+    with pytest.raises(PretrainedError, match="HTTP 302") as caught:
+        fetch_pretrained("dino_vits16", cache_dir=tmp_path, base_url=mirror.base_url)
+    assert "\n" not in str(caught.value) and "infinite loop" in str(caught.value)
+
+
 def test_http_404_is_a_clear_error(mirror: Mirror, tmp_path: Path) -> None:
     with pytest.raises(PretrainedError, match="HTTP 404") as caught:
         fetch_pretrained("dino_vits16", cache_dir=tmp_path, base_url=mirror.base_url)
@@ -348,6 +361,9 @@ def test_structure_check_names_what_differs(vits16_state: dict[str, torch.Tensor
 def test_unreadable_or_nested_checkpoints_are_rejected(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\n  <html>captive portal</html>")
+    with pytest.raises(PretrainedError, match="not a PyTorch checkpoint but an HTML page"):
+        read_state_dict(garbage)
+    garbage.write_bytes(b"\xef\xbb\xbf<!doctype html><html>portal</html>")  # UTF-8 BOM first
     with pytest.raises(PretrainedError, match="not a PyTorch checkpoint but an HTML page"):
         read_state_dict(garbage)
 
