@@ -148,8 +148,8 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Im
             width, height = img.size
             if max_pixels and width * height > max_pixels:
                 raise ImageTooLargeError(
-                    f"{width}x{height} = {width * height} pixels, over --max_image_pixels "
-                    f"{max_pixels}"
+                    f"{width}x{height} = {width * height} pixels, over the limit of "
+                    f"{max_pixels} (pretrain's --max_image_pixels)"
                 )
             img.load()
             return _to_rgb(img)

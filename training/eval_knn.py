@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.contract import (
     CLS_EMBEDDING,
@@ -34,6 +35,7 @@ from models.contract import (
     PreprocessingRecipe,
     plan_center_crop,
 )
+from models.files import new_temp_file
 from training.data import (
     UNREADABLE_ERRORS,
     DataError,
@@ -171,7 +173,17 @@ def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, Prepr
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime's InvalidProtobuf/Fail/... derive from Exception
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"--onnx {path} is not a loadable ONNX model: {first[:300]}") from err
+        if len(first) > 300:  # the reason comes last ("... Unsupported model IR version: 14")
+            first = f"{first[:100]} ... {first[-190:]}"
+        raise DataError(f"--onnx {path} is not a loadable ONNX model: {first}") from err
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [PIXEL_VALUES.name] or CLS_EMBEDDING.name not in outputs:
+        raise DataError(
+            f"--onnx {path} does not follow this project's contract: inputs {inputs}, outputs "
+            f"{outputs} (expected the input {PIXEL_VALUES.name!r} and the output "
+            f"{CLS_EMBEDDING.name!r})"
+        )
     metadata = session.get_modelmeta().custom_metadata_map
     if MetadataKey.PREPROCESSING not in metadata:
         raise DataError(f"{path} has no {MetadataKey.PREPROCESSING} metadata (not our export?)")
@@ -202,6 +214,7 @@ def extract_features(
     """
     chunks: list[FloatArray] = []
     kept: list[int] = []
+    first_shape: tuple[int, ...] = ()
 
     def batches() -> Iterator[tuple[FloatArray, list[int]]]:
         pixels: list[FloatArray] = []
@@ -219,9 +232,13 @@ def extract_features(
             yield stack(pixels), indices
 
     total = (len(images) + batch_size - 1) // batch_size
-    for batch, indices in tqdm(batches(), total=total, desc=desc, leave=False):
-        chunks.append(extract(batch))
-        kept.extend(indices)
+    with logging_redirect_tqdm():  # skip warnings above the bar (root's handler), not onto it
+        for batch, indices in tqdm(batches(), total=total, desc=desc, leave=False):
+            if chunks and batch.shape[1:] != first_shape:
+                raise DataError(_MIXED_SIZES)
+            first_shape = batch.shape[1:]
+            chunks.append(extract(batch))
+            kept.extend(indices)
     if not chunks:
         raise DataError(f"no readable images for {desc}")
     features = torch.from_numpy(np.concatenate(chunks)).float()
@@ -236,11 +253,17 @@ def stack(pixels: list[FloatArray]) -> FloatArray:
     """
     shapes = {p.shape for p in pixels}
     if len(shapes) > 1:
-        raise DataError(
-            "the images have different sizes, so their raw pixels cannot be compared; pass "
-            "--resolution R to resize and centre-crop them to R x R first"
-        )
+        raise DataError(_MIXED_SIZES)
     return np.stack(pixels)
+
+
+_MIXED_SIZES = (
+    "the images have different sizes, so their raw pixels cannot be compared; pass "
+    "--resolution R to resize and centre-crop them to R x R first"
+)
+# Side of the evaluation crop: memory grows with its square (and the attention with its fourth
+# power); a typo such as 100000 must be refused, not killed by the kernel.
+MAX_RESOLUTION = 2048
 
 
 def _array_loader(array: npt.NDArray[np.uint8], index: int) -> Callable[[], Image.Image | None]:
@@ -450,7 +473,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the evaluation; prints one JSON line per k. Returns the exit status."""
+    """Run the evaluation; prints one JSON line per k. Returns the exit status (130 on
+    Ctrl-C)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
@@ -462,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--nb_knn and --batch_size must be positive")
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         parser.error(f"--temperature must be a positive number, got {args.temperature}")
-    if args.resolution is not None and args.resolution <= 0:
-        parser.error(f"--resolution must be positive, got {args.resolution}")
+    if args.resolution is not None and not 0 < args.resolution <= MAX_RESOLUTION:
+        parser.error(f"--resolution must be in [1, {MAX_RESOLUTION}], got {args.resolution}")
     if args.num_heads is not None and args.num_heads <= 0:
         parser.error(f"--num_heads must be positive, got {args.num_heads}")
     if args.train_limit < 0 or args.test_limit < 0:
@@ -479,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--output {args.output}: cannot create its folder ({err})")
         if args.output.is_dir():
             parser.error(f"--output {args.output} is a directory; give a file name")
+        try:  # can a file be created there? (not after an hour of feature extraction)
+            new_temp_file(args.output.parent, ".eval-knn-", ".tmp").unlink()
+        except OSError as err:
+            parser.error(f"--output {args.output}: cannot write there ({err.strerror or err})")
     try:
         prepare: Callable[[Image.Image], FloatArray] | None = None
         extract: Extractor
@@ -520,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_f, test_kept = extract_features(
             test_loaders, extract, recipe, args.batch_size, "test", prepare
         )
+        if train_f.shape[1] != test_f.shape[1]:  # raw pixels of train and val sizes differ
+            raise DataError(_MIXED_SIZES)
     except (DataError, CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -544,7 +582,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         print(json.dumps(result))
     if args.output is not None:
-        args.output.write_text(json.dumps(results, indent=2))
+        try:
+            args.output.write_text(json.dumps(results, indent=2))
+        except OSError as err:
+            print(
+                f"error: cannot write --output {args.output}: {err.strerror or err}",
+                file=sys.stderr,
+            )
+            return 1
     return 0
 
 

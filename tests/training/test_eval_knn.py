@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,7 +190,8 @@ def test_limits_sample_every_class_of_an_image_folder(tmp_path, capsys, image_di
     [
         (["--temperature", "nan"], "--temperature must be a positive number"),
         (["--temperature", "inf"], "--temperature must be a positive number"),
-        (["--resolution", "0"], "--resolution must be positive"),
+        (["--resolution", "0"], "--resolution must be in [1, 2048]"),
+        (["--resolution", "100000"], "--resolution must be in [1, 2048], got 100000"),
         (["--train_limit", "-1"], "must be >= 0"),
         (["--num_heads", "0"], "--num_heads must be positive"),
     ],
@@ -316,3 +318,104 @@ def test_an_image_reached_from_two_class_folders_keeps_its_own_label(tmp_path, c
         ("b.png", "b"),
     ]
     assert "reachable from more than one class folder" in caplog.text
+
+
+def _sized_folder(root, sizes):
+    from PIL import Image
+
+    for name, size in sizes.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (90, 120, 200)).save(root / name)
+    return root
+
+
+@pytest.mark.parametrize("batch_size", ["1", "128"])
+def test_raw_pixels_of_other_sizes_in_other_batches_or_splits_are_one_line(
+    tmp_path, capsys, batch_size
+):
+    # Within one batch the sizes were compared; across batches, or train against val, numpy's
+    # or torch's own error (or a traceback) came out instead.
+    train = _sized_folder(tmp_path / "train", {"a/1.png": (40, 40), "b/2.png": (40, 40)})
+    val = _sized_folder(tmp_path / "val", {"a/3.png": (50, 50), "b/4.png": (50, 50)})
+    argv = ["--raw_pixels", "--train_dir", str(train), "--val_dir", str(val), "--nb_knn", "1"]
+    assert main([*argv, "--batch_size", batch_size]) == 1
+    err = capsys.readouterr().err
+    assert "error: the images have different sizes" in err and "Traceback" not in err
+    mixed = _sized_folder(tmp_path / "mixed", {"a/1.png": (40, 40), "b/2.png": (50, 50)})
+    argv = ["--raw_pixels", "--train_dir", str(mixed), "--val_dir", str(mixed), "--nb_knn", "1"]
+    assert main([*argv, "--batch_size", "1"]) == 1
+    assert "pass --resolution R" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    import training.eval_knn as eval_knn
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(eval_knn, "new_temp_file", read_only)
+    extracted = []
+    monkeypatch.setattr(eval_knn, "extract_features", lambda *a, **k: extracted.append(1))
+    with pytest.raises(SystemExit) as info:
+        main(["--raw_pixels", "--dataset", "fashion-mnist", "--output", str(tmp_path / "r.json")])
+    assert info.value.code == 2 and not extracted
+    assert "cannot write there (Permission denied)" in capsys.readouterr().err
+
+
+def test_a_failed_final_write_and_ctrl_c_are_one_line(tmp_path, capsys, monkeypatch):
+    root = write_fashion_mnist(tmp_path / "fm", n_train=20, n_test=6)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    argv = ["--raw_pixels", "--dataset", "fashion-mnist", "--nb_knn", "1"]
+    if Path("/dev/full").exists():  # accepts the open, refuses the write: ENOSPC
+        assert main([*argv, "--output", "/dev/full"]) == 1
+        err = capsys.readouterr().err
+        assert "error: cannot write --output /dev/full: No space" in err and "Traceback" not in err
+
+    import training.eval_knn as eval_knn
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_knn, "extract_features", interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_an_onnx_model_off_the_contract_is_named(tmp_path, capsys, tiny_model_repository):
+    import onnx
+
+    proto = onnx.load(str(tiny_model_repository / "tiny" / "1" / "model.onnx"))
+    for node in proto.graph.node:
+        node.output[:] = ["cls" if o == "cls_embedding" else o for o in node.output]
+    for output in proto.graph.output:
+        if output.name == "cls_embedding":
+            output.name = "cls"
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save(proto, str(renamed))
+    assert main(["--onnx", str(renamed), "--dataset", "fashion-mnist"]) == 1
+    err = capsys.readouterr().err
+    assert "does not follow this project's contract" in err and "'cls_embedding'" in err
+    assert "Traceback" not in err
+
+
+def test_skip_warnings_print_once_on_their_own_line(tmp_path):
+    # In a process of its own, as a user runs it (the progress bars are on stderr too).
+    import subprocess
+    import sys
+
+    train = _sized_folder(tmp_path / "train", {"a/1.png": (32, 32), "b/2.png": (32, 32)})
+    (train / "a" / "broken.png").write_bytes(b"")
+    argv = ["--raw_pixels", "--train_dir", str(train), "--val_dir", str(train), "--nb_knn", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "training.eval_knn", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.split("\n")
+    skipped = [line for line in lines if "skipping unreadable image" in line]
+    assert len(skipped) == 2  # once per split: the train and the val pass both read it
+    # What shows after the last carriage return: the warning, not a bar with it glued on.
+    assert all(line.rsplit("\r", 1)[-1].startswith("WARNING skipping") for line in skipped)
