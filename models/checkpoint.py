@@ -230,6 +230,15 @@ def infer_config(
             )
     pos_embed = state_dict["pos_embed"]
     proj = state_dict["patch_embed.proj.weight"]
+    if pos_embed.dim() != 3 or pos_embed.shape[1] < 2:
+        raise CheckpointError(
+            f"pos_embed has shape {tuple(pos_embed.shape)}: not [1, 1 + patches, embed_dim]"
+        )
+    if proj.dim() != 4:
+        raise CheckpointError(
+            f"patch_embed.proj.weight has shape {tuple(proj.shape)}: not a 2-D convolution's "
+            "[embed_dim, channels, patch, patch]"
+        )
     embed_dim = int(pos_embed.shape[-1])
     weight_patch = int(proj.shape[-1])
     if patch_size is not None and patch_size != weight_patch:
@@ -240,10 +249,6 @@ def infer_config(
     if depth == 0:
         raise CheckpointError("not a ViT backbone: no blocks.* keys")
     num_patches = int(pos_embed.shape[1]) - 1
-    if pos_embed.dim() != 3 or num_patches < 1:
-        raise CheckpointError(
-            f"pos_embed has shape {tuple(pos_embed.shape)}: not [1, 1 + patches, embed_dim]"
-        )
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise CheckpointError(f"pos_embed holds {num_patches} patch entries, not a square grid")

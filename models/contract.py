@@ -316,7 +316,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def validate_model_name(name: str) -> str:
     """Return ``name`` if it is a safe single path component, else raise ValueError."""
-    if not _NAME_RE.match(name) or name in {".", ".."}:
+    if not _NAME_RE.fullmatch(name) or name in {".", ".."}:  # fullmatch: "$" allows a "\n"
         raise ValueError(
             f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (no slashes)"
         )

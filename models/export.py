@@ -550,14 +550,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed = (args.arch != "auto", args.num_heads is not None, args.patch_size is not None)
     if args.pretrained and any(fixed):
         parser.error("--pretrained fixes the architecture: drop --arch/--patch-size/--num-heads")
+    repository = args.repository or Path(
+        os.environ.get("DINO_MODEL_REPOSITORY", "model_repository")
+    )
+    name = args.name if args.name is not None else "dino_default"
+    before = _published(args.output, repository, name)
     with _sigterm_interrupts():
         try:
-            return _export(args)
+            return _export(args, repository, name)
         except _Interrupted as stop:
-            print(
-                f"error: interrupted ({stop.signal_name}); nothing was published", file=sys.stderr
-            )
+            after = _published(args.output, repository, name)
+            new = sorted(label for label, state in after.items() if before.get(label) != state)
+            # A signal after the rename (during the final fsync or the report) comes too late
+            # to undo the publication: say what is there, so that nobody exports it again.
+            outcome = f"{', '.join(new)} was published" if new else "nothing was published"
+            print(f"error: interrupted ({stop.signal_name}); {outcome}", file=sys.stderr)
             return stop.status
+
+
+def _published(output: Path | None, repository: Path, name: str) -> dict[str, tuple[int, int]]:
+    """What an export would have published, as it is now: the ``--output`` file, or the
+    model's versions in the repository, each with its file's (inode, mtime)."""
+    try:
+        if output is not None:
+            state = output.stat()
+            return {str(output): (state.st_ino, state.st_mtime_ns)}
+        found: dict[str, tuple[int, int]] = {}
+        for version in contract.model_versions(repository, name):
+            state = contract.model_path(repository, name, version).stat()
+            found[f"version {version} of {repository / name}"] = (state.st_ino, state.st_mtime_ns)
+        return found
+    except (OSError, ValueError):
+        return {}
 
 
 class _Interrupted(BaseException):
@@ -588,7 +612,7 @@ def _sigterm_interrupts() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace, repository: Path, name: str) -> int:
     """Load, export and report; returns the exit status."""
     try:
         if args.pretrained:
@@ -614,10 +638,6 @@ def _export(args: argparse.Namespace) -> int:
         if args.output:
             report = export_model(loaded.model, args.output, **common)
         else:
-            repository = args.repository or Path(
-                os.environ.get("DINO_MODEL_REPOSITORY", "model_repository")
-            )
-            name = args.name if args.name is not None else "dino_default"
             check_repository_target(repository, name)
             report = export_to_repository(loaded.model, repository, name, **common)
     except (CheckpointError, ExportError, pretrained.PretrainedError, ValueError, OSError) as err:

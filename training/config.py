@@ -265,8 +265,8 @@ def _export_target(value: str) -> str | None:
     return None if value.lower() in ("none", "null") else value
 
 
-# Path options: a leading ~ is the user's home, as a shell would expand it on the command line
-# (it does not in a YAML file, nor after --flag=).
+# Path options: a leading ~ is the user's home. A shell expands it in `--flag ~/x` but not in
+# a YAML file nor in `--flag=~/x`, so it is expanded here for all three.
 _PATHS = ("data_path", "output_dir", "export_to")
 
 

@@ -13,11 +13,13 @@ ImageFolder train/val pair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,21 @@ def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, Prepr
     return extract, recipe
 
 
+@dataclass(frozen=True)
+class Features:
+    """What :func:`extract_features` returns.
+
+    Attributes:
+        vectors: ``[N, D]`` L2-normalised features of the images that could be read.
+        kept: Their indices in the input list.
+        item_shape: Shape of one prepared image (raw pixels: ``(H, W, 3)``), the same for all.
+    """
+
+    vectors: Tensor
+    kept: list[int]
+    item_shape: tuple[int, ...]
+
+
 def extract_features(
     images: Sequence[Callable[[], Image.Image | None]],
     extract: Extractor,
@@ -207,10 +224,13 @@ def extract_features(
     batch_size: int,
     desc: str,
     prepare: Callable[[Image.Image], FloatArray] | None = None,
-) -> tuple[Tensor, list[int]]:
+) -> Features:
     """L2-normalised features of the loadable images and the indices that were kept.
 
     ``prepare`` replaces the recipe's preprocessing (used for the raw-pixel baseline).
+
+    Raises:
+        DataError: No image could be read, or the prepared images differ in shape.
     """
     chunks: list[FloatArray] = []
     kept: list[int] = []
@@ -232,17 +252,16 @@ def extract_features(
             yield stack(pixels), indices
 
     total = (len(images) + batch_size - 1) // batch_size
-    with logging_redirect_tqdm():  # skip warnings above the bar (root's handler), not onto it
-        for batch, indices in tqdm(batches(), total=total, desc=desc, leave=False):
-            if chunks and batch.shape[1:] != first_shape:
-                raise DataError(_MIXED_SIZES)
-            first_shape = batch.shape[1:]
-            chunks.append(extract(batch))
-            kept.extend(indices)
+    for batch, indices in tqdm(batches(), total=total, desc=desc, leave=False):
+        if chunks and batch.shape[1:] != first_shape:
+            raise DataError(_MIXED_SIZES)
+        first_shape = batch.shape[1:]
+        chunks.append(extract(batch))
+        kept.extend(indices)
     if not chunks:
         raise DataError(f"no readable images for {desc}")
     features = torch.from_numpy(np.concatenate(chunks)).float()
-    return torch.nn.functional.normalize(features, dim=1, p=2), kept
+    return Features(torch.nn.functional.normalize(features, dim=1, p=2), kept, first_shape)
 
 
 def stack(pixels: list[FloatArray]) -> FloatArray:
@@ -362,8 +381,8 @@ def _sample(count: int, limit: int) -> list[int]:
 
 
 def _raw_pixels(image: Image.Image) -> FloatArray:
-    """The image's own pixels, flattened (the raw-pixel baseline)."""
-    return np.asarray(image, dtype=np.float32).reshape(-1)
+    """The image's own pixels, ``(H, W, 3)`` (the raw-pixel baseline; flattened per batch)."""
+    return np.asarray(image, dtype=np.float32)
 
 
 def _raw_pixels_at(recipe: PreprocessingRecipe) -> Callable[[Image.Image], FloatArray]:
@@ -375,8 +394,8 @@ def _raw_pixels_at(recipe: PreprocessingRecipe) -> Callable[[Image.Image], Float
     return prepare
 
 
-def _identity(batch: FloatArray) -> FloatArray:
-    return batch
+def _flatten(batch: FloatArray) -> FloatArray:
+    return batch.reshape(len(batch), -1)  # (B, H, W, 3) -> (B, H*W*3)
 
 
 def _names(name: str) -> list[str]:
@@ -485,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    own_logging = not logging.root.handlers  # else a host program set logging up: leave it
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     if bool(args.dataset) == bool(args.train_dir or args.val_dir):
         parser.error("give either --dataset fashion-mnist or --train_dir and --val_dir")
@@ -511,8 +531,13 @@ def _main(argv: Sequence[str] | None) -> int:
             parser.error(f"--output {args.output}: cannot create its folder ({err})")
         if args.output.is_dir():
             parser.error(f"--output {args.output} is a directory; give a file name")
-        try:  # can a file be created there? (not after an hour of feature extraction)
-            new_temp_file(args.output.parent, ".eval-knn-", ".tmp").unlink()
+        target = args.output.resolve()  # a link's target is what gets written
+        try:  # can it be written? (not after an hour of feature extraction)
+            if target.exists():
+                with open(target, "a"):  # opened for writing, nothing written
+                    pass
+            else:
+                new_temp_file(target.parent, ".eval-knn-", ".tmp").unlink()
         except OSError as err:
             parser.error(f"--output {args.output}: cannot write there ({err.strerror or err})")
     try:
@@ -521,7 +546,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.raw_pixels:
             recipe = PreprocessingRecipe.for_resolution(args.resolution or 224)
             prepare = _raw_pixels_at(recipe) if args.resolution else _raw_pixels
-            extract = _identity
+            extract = _flatten
         elif args.onnx is not None:
             extract, recipe = onnx_extractor(args.onnx, args.resolution)
         else:
@@ -550,14 +575,16 @@ def _main(argv: Sequence[str] | None) -> int:
             test_paths, test_labels = [test_paths[i] for i in keep], [test_labels[i] for i in keep]
             train_loaders = [_file_loader(p) for p in train_paths]
             test_loaders = [_file_loader(p) for p in test_paths]
-        train_f, train_kept = extract_features(
-            train_loaders, extract, recipe, args.batch_size, "train", prepare
-        )
-        test_f, test_kept = extract_features(
-            test_loaders, extract, recipe, args.batch_size, "test", prepare
-        )
-        if train_f.shape[1] != test_f.shape[1]:  # raw pixels of train and val sizes differ
+        # Skip warnings above the progress bars, when the root logger is this CLI's own.
+        redirect = logging_redirect_tqdm() if own_logging else contextlib.nullcontext()
+        with redirect:
+            train = extract_features(
+                train_loaders, extract, recipe, args.batch_size, "train", prepare
+            )
+            test = extract_features(test_loaders, extract, recipe, args.batch_size, "test", prepare)
+        if train.item_shape != test.item_shape:  # raw pixels of other sizes in the two splits
             raise DataError(_MIXED_SIZES)
+        train_f, train_kept, test_f, test_kept = train.vectors, train.kept, test.vectors, test.kept
     except (DataError, CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -228,6 +228,7 @@ def test_the_stored_head_count_beats_the_arch_family_default() -> None:
 
 def test_an_empty_position_embedding_is_refused_not_a_math_error() -> None:
     sd = dict(VisionTransformer(vit_config("vit_tiny", 16, depth=1, img_size=32)).state_dict())
-    sd["pos_embed"] = torch.zeros(1, 0, 192)
-    with pytest.raises(CheckpointError, match=r"pos_embed has shape \(1, 0, 192\)"):
-        infer_config(sd)
+    for shape in [(1, 0, 192), (192,), ()]:
+        sd["pos_embed"] = torch.zeros(shape)
+        with pytest.raises(CheckpointError, match=r"pos_embed has shape \("):
+            infer_config(sd)

@@ -66,7 +66,7 @@ def test_model_versions_only_count_complete_numeric_dirs(tmp_path: Path) -> None
     assert contract.model_path(tmp_path, "m", 10) == root / "10" / "model.onnx"
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "-x"])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "-x", "dino\n"])
 def test_model_names_are_single_safe_components(name: str) -> None:
     with pytest.raises(ValueError, match="invalid model name"):
         contract.validate_model_name(name)

@@ -488,3 +488,30 @@ def test_an_interrupted_export_publishes_nothing_and_leaves_no_file(
     assert "interrupted" in err and "nothing was published" in err and "Traceback" not in err
     assert list((repo / "dino_default").iterdir()) == []  # no version folder, no temp file
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_a_signal_after_the_publication_says_what_was_published(
+    tmp_path: Path,
+    tiny_vit_config: ViTConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SIGTERM during the final fsync, after the rename: the version is live and stays so; the
+    # message must not tell a retrying scheduler that nothing was published.
+    weights = tmp_path / "w.pth"
+    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    real = export.fsync_folder
+
+    def late_signal(path: Path) -> None:
+        real(path)
+        if contract.model_versions(tmp_path / "repo", "m"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "fsync_folder", late_signal)
+    argv = ["--weights", str(weights), "--num-heads", "2", "--repository", str(tmp_path / "repo")]
+    assert export.main([*argv, "--name", "m"]) == 143
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert (
+        err == f"error: interrupted (SIGTERM); version 1 of {tmp_path / 'repo' / 'm'} was published"
+    )
+    assert contract.model_versions(tmp_path / "repo", "m") == [1]

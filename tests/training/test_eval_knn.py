@@ -419,3 +419,48 @@ def test_skip_warnings_print_once_on_their_own_line(tmp_path):
     assert len(skipped) == 2  # once per split: the train and the val pass both read it
     # What shows after the last carriage return: the warning, not a bar with it glued on.
     assert all(line.rsplit("\r", 1)[-1].startswith("WARNING skipping") for line in skipped)
+
+
+def test_raw_pixels_with_the_same_count_but_other_shapes_are_refused(tmp_path, capsys):
+    # 16 x 16 and 32 x 8 images have as many pixels: flattened first, they compared "equal".
+    train = _sized_folder(tmp_path / "train", {"a/1.png": (16, 16), "b/2.png": (16, 16)})
+    val = _sized_folder(tmp_path / "val", {"a/3.png": (32, 8), "b/4.png": (8, 32)})
+    argv = ["--raw_pixels", "--train_dir", str(train), "--val_dir", str(val), "--nb_knn", "1"]
+    assert main(argv) == 1
+    assert "error: the images have different sizes" in capsys.readouterr().err
+    # Within one split: 32 x 8 and 8 x 32 in one batch.
+    assert main(["--raw_pixels", "--train_dir", str(val), "--val_dir", str(val)]) == 1
+    assert "error: the images have different sizes" in capsys.readouterr().err
+
+
+def test_an_existing_output_file_needs_no_new_file_in_its_folder(tmp_path, capsys, monkeypatch):
+    import training.eval_knn as eval_knn
+
+    root = write_fashion_mnist(tmp_path / "fm", n_train=20, n_test=6)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    out = tmp_path / "results.json"
+    out.write_text("[]")
+
+    def no_new_files(*args, **kwargs):  # a folder where files cannot be created
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(eval_knn, "new_temp_file", no_new_files)
+    link = tmp_path / "link.json"
+    link.symlink_to(out)
+    argv = ["--raw_pixels", "--dataset", "fashion-mnist", "--nb_knn", "1", "--output", str(link)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())[0]["k"] == 1  # written through the link
+
+
+def test_in_process_callers_keep_their_logging(tmp_path, capsys, monkeypatch):
+    # A host program (here pytest) has set up logging: the skip warnings go to its handlers,
+    # not to an extra stderr handler of the progress-bar redirect.
+    import logging
+
+    # (an earlier in-process pretrain run leaves its own stderr handler on "training")
+    monkeypatch.setattr(logging.getLogger("training"), "handlers", [])
+    train = _sized_folder(tmp_path / "train", {"a/1.png": (32, 32), "b/2.png": (32, 32)})
+    (train / "a" / "broken.png").write_bytes(b"")
+    argv = ["--raw_pixels", "--train_dir", str(train), "--val_dir", str(train), "--nb_knn", "1"]
+    assert main(argv) == 0
+    assert "skipping unreadable image" not in capsys.readouterr().err
