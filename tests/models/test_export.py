@@ -244,8 +244,7 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, extra: list[str]) -> None:
 def test_cli_unwritable_output_is_an_error_not_a_traceback(
     tmp_path: Path, tiny_vit_config: ViTConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    weights = tmp_path / "w.pth"
-    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    weights = _weights_file(tmp_path, tiny_vit_config)
     target = tmp_path / "a_directory"
     target.mkdir()
     argv = ["--weights", str(weights), "--num-heads", "2", "--output", str(target)]
@@ -354,6 +353,13 @@ def test_export_never_changes_the_process_umask(
     assert contract.model_versions(tmp_path, "m") == [1]
 
 
+def _weights_file(tmp_path: Path, config: ViTConfig) -> Path:
+    """A backbone-only checkpoint of a fresh model (``w.pth``)."""
+    path = tmp_path / "w.pth"
+    torch.save(VisionTransformer(config).state_dict(), path)
+    return path
+
+
 def _nan_checkpoint(tmp_path: Path, config: ViTConfig) -> Path:
     model = VisionTransformer(config)
     with torch.no_grad():
@@ -419,8 +425,7 @@ def test_pretrained_refuses_an_explicit_zero_num_heads(
 def test_cli_repository_in_the_way_is_one_line(
     tmp_path: Path, tiny_vit_config: ViTConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    weights = tmp_path / "w.pth"
-    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    weights = _weights_file(tmp_path, tiny_vit_config)
     (tmp_path / "afile").write_text("x")
     argv = ["--weights", str(weights), "--num-heads", "2", "--repository", str(tmp_path / "afile")]
     assert export.main(argv) == 2
@@ -434,8 +439,7 @@ def test_an_engine_failure_is_one_line(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    weights = tmp_path / "w.pth"
-    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    weights = _weights_file(tmp_path, tiny_vit_config)
 
     def out_of_memory(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 8 GB\nmore")
@@ -472,8 +476,7 @@ def test_an_interrupted_export_publishes_nothing_and_leaves_no_file(
     monkeypatch: pytest.MonkeyPatch,
     signum: int,
 ) -> None:
-    weights = tmp_path / "w.pth"
-    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    weights = _weights_file(tmp_path, tiny_vit_config)
     real = export._trace
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
@@ -498,8 +501,7 @@ def test_a_signal_after_the_publication_says_what_was_published(
 ) -> None:
     # SIGTERM during the final fsync, after the rename: the version is live and stays so; the
     # message must not tell a retrying scheduler that nothing was published.
-    weights = tmp_path / "w.pth"
-    torch.save(VisionTransformer(tiny_vit_config).state_dict(), weights)
+    weights = _weights_file(tmp_path, tiny_vit_config)
     real = export.fsync_folder
 
     def late_signal(path: Path) -> None:
