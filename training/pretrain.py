@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +59,16 @@ from training.distributed import (
 from training.ema import ParameterEMA
 from training.gpu_augment import BatchedMultiCrop
 from training.heads import DINOHead
+from training.interrupts import (
+    SIGTERM_SEEN,
+    Terminated,
+    ignore_interrupts_in_worker,
+    interruptions_deferred,
+    raise_if_interrupted,
+    sigterm_unwinds,
+    start_workers,
+    stop_workers,
+)
 from training.loss import DINOLoss
 from training.monitor import CollapseWatch, RunLog
 from training.multicrop import MultiCropWrapper
@@ -160,64 +168,13 @@ def augment_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch + 1]).generate_state(3)[2])
 
 
-def _end_worker(_signum: int, _frame: object) -> None:
-    os._exit(0)
-
-
 def _seed_worker(_worker_id: int) -> None:
     import random
 
-    # A forked worker inherits the trainer's SIGTERM handler; a worker must simply end, and
-    # quietly: a SIGTERM sent to the whole process group (Slurm, `timeout`, `kill -- -PGID`)
-    # would otherwise kill it by the signal, which torch reports in the trainer as a worker
-    # failure with a traceback. The trainer reports the interruption once. The worker was
-    # started with SIGTERM blocked (see _start_workers): one that arrived since is pending and
-    # runs this handler now.
-    signal.signal(signal.SIGTERM, _end_worker)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    ignore_interrupts_in_worker()  # the trainer stops its workers (see training.interrupts)
     seed = torch.initial_seed() % 2**32  # base seed + worker id, distinct per worker
     random.seed(seed)
     np.random.seed(seed)
-
-
-def _start_workers(loader: DataLoader[Any]) -> Iterator[Any]:
-    """``iter(loader)``, its workers started with SIGTERM blocked.
-
-    A worker only installs its own SIGTERM handler in :func:`_seed_worker`; a SIGTERM to the
-    process group before that (an epoch's workers are new) would kill it by the signal, which
-    torch reports as a worker failure. Blocked, the signal waits for the handler.
-    """
-    if not hasattr(signal, "pthread_sigmask") or (
-        threading.current_thread() is not threading.main_thread()
-    ):
-        return iter(loader)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        batches = iter(loader)
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        raise
-    try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending SIGTERM lands here
-    except BaseException:
-        _stop_workers(batches)
-        raise
-    return batches
-
-
-def _stop_workers(batches: Iterator[Any]) -> None:
-    """Shut down a data loader iterator's workers while a run unwinds.
-
-    An exception's traceback holds the iterator (and so its workers) alive until the garbage
-    collector breaks the cycle, which may be at interpreter exit, after multiprocessing has
-    killed the workers: torch then prints a traceback for them after the run's one-line error.
-    A worker failure torch reports during the shutdown is not the error being reported.
-    """
-    shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
-    if callable(shutdown):
-        with contextlib.suppress(RuntimeError):
-            shutdown()
 
 
 @dataclass
@@ -654,13 +611,13 @@ class Trainer:
         tick, tick_step = time.perf_counter(), 0
         epoch_start = tick
         img_per_s = 0.0
-        batches = _start_workers(self.loader)
+        batches = start_workers(self.loader)
         try:
             # Log lines (skipped files, the collapse watch) go above the bar, not onto it.
             redirect = contextlib.nullcontext() if bar.disable else logging_redirect_tqdm([logger])
             with redirect:
                 for i, (batch, bad) in enumerate(batches):
-                    _raise_if_terminated()
+                    raise_if_interrupted()
                     it = epoch * self.niter + i
                     self._note_skipped(bad)
                     crops = self.device_crops(batch)
@@ -698,10 +655,10 @@ class Trainer:
                         bar.set_postfix(postfix)
                         self.log.step(it, record)
                         self.watch.observe(epoch=epoch, loss=loss_value, teacher_entropy=entropy)
-        except BaseException:
-            _stop_workers(batches)  # now, not when the traceback's frames are collected
-            raise
         finally:
+            # Now, not when a traceback's frames are collected; after a full epoch torch has
+            # stopped them, and this only kills one that outlived that.
+            stop_workers(batches)
             bar.close()
         epoch_img_per_s = (
             self.niter * images_per_step / max(time.perf_counter() - epoch_start, 1e-9)
@@ -875,17 +832,20 @@ class Trainer:
         self.check_export_target()
         if self.info.is_main:  # only once the checkpoint (if any) is known to fit these options
             save_config(config, self.output_dir / "config.yaml")
-        self.log.rewind(self.start_epoch, self.start_epoch * self.niter)
+        with interruptions_deferred():
+            self.log.rewind(self.start_epoch, self.start_epoch * self.niter)
         for done_this_run, epoch in enumerate(range(self.start_epoch, config.epochs), start=1):
-            stats = self.train_epoch(epoch)
-            self.save(epoch)
-            self.log.epoch(epoch, stats)
-            logger.info(
-                "epoch %d: %s",
-                epoch,
-                {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
-            )
-            _raise_if_terminated()  # one a finalizer swallowed: this epoch is saved, stop here
+            # SIGTERM and Ctrl-C are raised at each step's start (see training.interrupts); one
+            # that arrives while the epoch is saved is raised once it is saved and logged.
+            with interruptions_deferred():
+                stats = self.train_epoch(epoch)
+                self.save(epoch)
+                self.log.epoch(epoch, stats)
+                logger.info(
+                    "epoch %d: %s",
+                    epoch,
+                    {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
+                )
             self._warn_if_mostly_unreadable(int(stats["skipped_images"]))
             final = epoch + 1 == config.epochs
             if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
@@ -1007,66 +967,6 @@ def _setup_logging(is_main: bool) -> None:
         logger.addHandler(handler)
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (``docker stop``, a scheduler's time limit, torchrun stopping a job).
-
-    A ``BaseException`` like ``KeyboardInterrupt``, so that it unwinds through the same
-    clean-up (a checkpoint being written is discarded, the last complete one is kept).
-    """
-
-
-# Set when SIGTERM arrives. The handler's exception can be lost: raised while Python runs a
-# finalizer (a logging lock release, a DataLoader's __del__), it is only printed. The flag is
-# what the training loop and the error handling trust.
-_SIGTERM_SEEN = threading.Event()
-
-
-def _terminate(_signum: int, _frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    _SIGTERM_SEEN.set()
-    raise Terminated
-
-
-def _raise_if_terminated() -> None:
-    """Raise :class:`Terminated` if SIGTERM arrived and its exception was swallowed."""
-    if _SIGTERM_SEEN.is_set():
-        raise Terminated
-
-
-def _quiet_lost_termination(previous: Any) -> Any:
-    """An unraisable-exception hook that drops the Terminated a finalizer swallowed (the flag
-    carries it on) and passes everything else to ``previous``."""
-
-    def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, Terminated):
-            return
-        previous(unraisable)
-
-    return hook
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` in the main thread, unless someone else handles
-    it already (an embedding program's own handler is left alone)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is not signal.SIG_DFL:
-        yield
-        return
-    _SIGTERM_SEEN.clear()
-    hook = sys.unraisablehook
-    sys.unraisablehook = _quiet_lost_termination(hook)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        sys.unraisablehook = hook
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run pretraining; returns the process exit status (0 ok, 1 failure, 2 bad options)."""
     try:
@@ -1080,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _setup_logging(info.is_main)
-    with _sigterm_unwinds():
+    with sigterm_unwinds():
         return _run(config, info)
 
 
@@ -1107,12 +1007,13 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
         try:
             return trainer.run()
         finally:
-            trainer.log.close()
+            with interruptions_deferred(check=False):  # no exception inside TensorBoard's writer
+                trainer.log.close()
     except ConfigError as err:
         logger.error("error: %s", err)
         return 2
     except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
-        if _SIGTERM_SEEN.is_set():  # e.g. a file cut short by the termination
+        if SIGTERM_SEEN.is_set():  # e.g. a file cut short by the termination
             return _interrupted(config, Terminated())
         logger.error("error: %s", user_message(err))
         return 1
@@ -1120,8 +1021,8 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
         interrupt = _interrupt_behind(err)
         if interrupt is not None:  # torch.save's writer turns it into a RuntimeError
             return _interrupted(config, interrupt)
-        if _SIGTERM_SEEN.is_set():  # e.g. "DataLoader worker exited unexpectedly": it got
-            return _interrupted(config, Terminated())  # the process group's SIGTERM too
+        if SIGTERM_SEEN.is_set():  # e.g. an error torch raised while the run stopped
+            return _interrupted(config, Terminated())
         message = resource_failure(err)
         if message is None and info.distributed:
             message = peer_failure(err)

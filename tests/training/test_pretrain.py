@@ -358,26 +358,83 @@ def test_a_failed_final_export_is_one_line_with_the_command_to_retry(
     assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1  # the training is not lost
 
 
-def test_sigterm_stops_cleanly_and_keeps_the_last_checkpoint(
+def test_sigterm_while_a_checkpoint_is_written_keeps_that_checkpoint(
     tmp_path, image_dir, caplog, monkeypatch
 ):
+    """docker stop while the epoch's checkpoint is written: it is finished, then the run stops
+    (raised inside the save, the exception threw that epoch's work away)."""
     import os
     import signal
 
     out = tmp_path / "run"
     assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
-    before = (out / "checkpoint.pth").read_bytes()
+    save = Trainer.save
 
-    def terminated_mid_save(self, epoch):  # docker stop while the checkpoint is written
+    def terminated_mid_save(self, epoch):
         os.kill(os.getpid(), signal.SIGTERM)
+        save(self, epoch)
 
     monkeypatch.setattr(Trainer, "save", terminated_mid_save)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    assert main(tiny_args(image_dir, out)) == 128 + signal.SIGTERM
+    assert main(tiny_args(image_dir, out, "--epochs", "3")) == 128 + signal.SIGTERM
     assert "terminated (SIGTERM); resume later from" in caplog.text
     assert "Traceback" not in caplog.text
-    assert (out / "checkpoint.pth").read_bytes() == before
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2  # epoch 1 finished and kept
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+
+
+def test_sigterm_during_the_final_export_stops_at_once_and_publishes_nothing(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    import os
+    import signal
+
+    from models import export
+
+    real = export._trace
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)  # the temporary file is written, then docker stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the export went on after SIGTERM")
+
+    monkeypatch.setattr(export, "_trace", interrupted)
+    out, repo = tmp_path / "run", tmp_path / "repo"
+    argv = tiny_args(image_dir, out, "--export-to", str(repo / "m"))
+    assert main(argv) == 128 + signal.SIGTERM
+    assert "terminated (SIGTERM); resume later from" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2  # the training is kept
+    assert not (repo / "m").exists() or list((repo / "m").iterdir()) == []
+
+
+@pytest.mark.parametrize(("signame", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_inside_the_step_log_stops_the_run_at_the_next_step(
+    tmp_path, image_dir, monkeypatch, signame, status
+):
+    """Not inside the logging (TensorBoard's writer shares a queue with its thread, and an
+    exception raised in it hung the run on its way out)."""
+    import os
+    import signal
+
+    from training.monitor import RunLog
+
+    out = tmp_path / "run"
+    step = RunLog.step
+    sent_at: list[int] = []
+
+    def signalled_step(self, iteration, record):
+        if iteration == 2:
+            sent_at.append(iteration)
+            os.kill(os.getpid(), getattr(signal, signame))
+        step(self, iteration, record)
+
+    monkeypatch.setattr(RunLog, "step", signalled_step)
+    assert main(tiny_args(image_dir, out, "--epochs", "3")) == status
+    lines = (out / "log_steps.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [0, 1, 2]
+    assert sent_at == [2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_killed_saves_temporary_files_are_removed_at_the_next_start(tmp_path, image_dir, caplog):
@@ -440,7 +497,7 @@ def test_sigterm_caught_inside_torch_save_still_exits_143(tmp_path, image_dir, c
     import signal
 
     from training import checkpoint as ckpt_module
-    from training.pretrain import Terminated
+    from training.interrupts import Terminated
 
     out = tmp_path / "run"
     assert main(tiny_args(image_dir, out, "--max_epochs_this_run", "1")) == 0
@@ -460,65 +517,13 @@ def test_sigterm_caught_inside_torch_save_still_exits_143(tmp_path, image_dir, c
     assert not list(out.glob(".*.tmp"))
 
 
-def _worker_then_sleep(ready):
-    from training.pretrain import _seed_worker
-
-    _seed_worker(0)
-    ready.set()
-    import time
-
-    time.sleep(60)
-
-
-def test_a_loader_worker_ends_quietly_on_sigterm():
-    """A worker stops with status 0 on SIGTERM (not the trainer's handler, not death by the
-    signal, which torch would report in the trainer as a worker failure with a traceback)."""
-    import multiprocessing
-    import signal
-
-    context = multiprocessing.get_context("fork")  # as the loader's workers on Linux
-    ready = context.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a "trainer" handler to inherit
-    # Started as _start_workers starts them: SIGTERM blocked until _seed_worker's handler is in.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        worker = context.Process(target=_worker_then_sleep, args=(ready,))
-        worker.start()
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        assert ready.wait(30)
-        worker.terminate()  # SIGTERM
-        worker.join(10)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        signal.signal(signal.SIGTERM, previous)
-        if worker.is_alive():
-            worker.kill()
-    assert worker.exitcode == 0
-
-
-def test_starting_workers_restores_the_signal_mask_even_when_it_fails():
-    import signal
-
-    from training.pretrain import _start_workers
-
-    class Broken:
-        def __iter__(self):
-            raise OSError(24, "Too many open files")
-
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    with pytest.raises(OSError):
-        _start_workers(Broken())  # type: ignore[arg-type]
-    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
-    assert signal.SIGTERM not in before
-
-
 def test_a_sigterm_a_finalizer_swallowed_still_stops_the_run(
     tmp_path, image_dir, caplog, monkeypatch
 ):
     """Python only prints an exception raised in a finalizer; the flag carries it on."""
     import signal
 
-    from training import pretrain
+    from training import interrupts
 
     out = tmp_path / "run"
     train_epoch = Trainer.train_epoch
@@ -526,7 +531,7 @@ def test_a_sigterm_a_finalizer_swallowed_still_stops_the_run(
     def swallowed_at_the_end(self, epoch):
         stats = train_epoch(self, epoch)
         if epoch == 1:  # the last epoch: no step of another epoch would notice
-            pretrain._SIGTERM_SEEN.set()  # as if the handler's exception was lost in a __del__
+            interrupts.SIGTERM_SEEN.set()  # as if the handler's exception was lost in a __del__
         return stats
 
     monkeypatch.setattr(Trainer, "train_epoch", swallowed_at_the_end)
@@ -580,13 +585,25 @@ def test_skip_warnings_print_once_above_the_progress_bar(tmp_path, image_dir):
     assert "empty file (0 bytes)" in warnings[0]
 
 
-def test_sigterm_to_the_whole_process_group_is_one_line(tmp_path, image_dir):
-    """Slurm, `timeout` and `kill -- -PGID` signal the trainer and its loader workers."""
+@pytest.mark.parametrize(
+    ("signame", "status", "line"),
+    [
+        ("SIGTERM", 143, "terminated (SIGTERM); resume later from"),
+        ("SIGINT", 130, "interrupted; resume later from"),
+    ],
+)
+def test_a_signal_to_the_whole_process_group_is_one_line(
+    tmp_path, image_dir, signame, status, line
+):
+    """Slurm, `timeout` and `kill -- -PGID` (SIGTERM) or Ctrl-C in a terminal (SIGINT) signal
+    the trainer and its loader workers; the workers ignore it and the trainer stops them."""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    sent = getattr(signal, signame)
 
     out = tmp_path / "run"
     argv = tiny_args(image_dir, out, "--num_workers", "2", "--epochs", "500")
@@ -605,14 +622,14 @@ def test_sigterm_to_the_whole_process_group_is_one_line(tmp_path, image_dir):
             if steps.exists() and steps.read_text().count("\n") >= 3:
                 break
             time.sleep(0.1)
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sent)
         _, stderr = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert "terminated (SIGTERM); resume later from" in stderr
+    assert process.returncode == status, stderr[-3000:]
+    assert line in stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
 
 

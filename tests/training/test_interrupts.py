@@ -1,0 +1,297 @@
+"""Signals and the loader's workers: a signal to the process group never hangs the trainer."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch.utils.data import DataLoader
+
+from training import interrupts
+from training.interrupts import (
+    SIGTERM_SEEN,
+    Terminated,
+    ignore_interrupts_in_worker,
+    interruptions_deferred,
+    raise_if_interrupted,
+    sigterm_unwinds,
+    start_workers,
+    stop_workers,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spin_on_event(done: Any, ready: Any) -> None:
+    ignore_interrupts_in_worker()
+    ready.set()
+    while True:  # as a loader worker checks the loader's "done" event between batches
+        done.is_set()
+
+
+def _worker_init(_worker_id: int) -> None:
+    ignore_interrupts_in_worker()
+
+
+def _loader(num_workers: int = 2, **kwargs: Any) -> DataLoader[Any]:
+    return DataLoader(
+        list(range(16)),
+        batch_size=2,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init,
+        **kwargs,
+    )
+
+
+def test_a_signalled_worker_never_leaves_the_done_event_locked():
+    """The hang behind a flaky CI run: a worker that ended on the process group's SIGTERM
+    (os._exit in its handler) could die inside the event's lock, and the trainer's
+    shutdown of the loader (which sets that event) then waited forever."""
+    context = multiprocessing.get_context("fork")  # as the loader's workers on Linux
+    for _ in range(10):
+        done, ready = context.Event(), context.Event()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            worker = context.Process(target=_spin_on_event, args=(done, ready), daemon=True)
+            worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            assert ready.wait(30)
+            time.sleep(0.02)
+            for sent in (signal.SIGTERM, signal.SIGINT):
+                os.kill(worker.pid, sent)  # type: ignore[arg-type]
+            worker.join(0.2)
+            assert worker.is_alive()  # ignored: the trainer stops its workers itself
+            setter = threading.Thread(target=done.set, daemon=True)
+            setter.start()
+            setter.join(10)
+            assert not setter.is_alive(), "the event's lock was left held"
+        finally:
+            worker.kill()
+            worker.join(10)
+
+
+class _Firing(multiprocessing.context.ForkContext):
+    """A multiprocessing context that sends ``signum`` to this process while the loader
+    iterator is being built (after its first worker started), through another thread, as a
+    signal to the process group reaches a thread of the trainer that does not block it."""
+
+    def __init__(self, signum: int) -> None:
+        self._context = multiprocessing.get_context("fork")
+        self.signum = signum
+        self.started: list[Any] = []
+        self._go = threading.Event()
+        self._fired = threading.Event()
+        self._thread = threading.Thread(target=self._fire, daemon=True)
+        self._thread.start()  # before the signals are blocked in the main thread
+
+    def _fire(self) -> None:
+        self._go.wait(60)
+        signal.pthread_kill(threading.get_ident(), self.signum)
+        self._fired.set()
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 (multiprocessing's name)
+        process = self._context.Process(*args, **kwargs)
+        self.started.append(process)
+        if len(self.started) == 2:
+            self._go.set()
+            assert self._fired.wait(30)
+        return process
+
+
+@pytest.mark.parametrize(
+    ("signum", "raised"), [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)]
+)
+def test_a_signal_while_the_workers_start_is_raised_once_the_loader_is_whole(
+    signum, raised, monkeypatch
+):
+    """Raised in the middle of torch's iterator set-up, it left started workers that nothing
+    stopped (torch's clean-up of the half-built iterator failed with an AttributeError)."""
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    context = _Firing(signum)
+    loader = _loader(multiprocessing_context=context)
+    with sigterm_unwinds(), pytest.raises(raised):
+        start_workers(loader)
+    assert len(context.started) == 2  # the set-up was not cut short
+    for worker in context.started:
+        worker.join(10)
+        assert not worker.is_alive()
+    import gc
+
+    gc.collect()
+    assert unraisable == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == set()
+    assert not SIGTERM_SEEN.is_set()  # cleared once the handler is removed
+
+
+def test_starting_workers_restores_the_signal_state_even_when_it_fails():
+    class Broken:
+        def __iter__(self) -> Any:
+            raise OSError(24, "Too many open files")
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    with pytest.raises(OSError):
+        start_workers(Broken())
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+    assert signal.SIGTERM not in before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _stuck(_index: int) -> int:
+    time.sleep(600)
+    return 0
+
+
+def test_stopping_kills_a_worker_that_outlives_torchs_shutdown(monkeypatch):
+    """torch's own last resort is a SIGTERM, which the workers ignore."""
+    from torch.utils.data import _utils
+
+    monkeypatch.setattr(_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+    loader = DataLoader(
+        [0, 1], batch_size=1, num_workers=1, collate_fn=_stuck, worker_init_fn=_worker_init
+    )
+    batches = start_workers(loader)
+    (worker,) = batches._workers  # type: ignore[attr-defined]
+    time.sleep(0.5)  # the worker is inside _stuck now
+    start = time.monotonic()
+    stop_workers(batches)
+    assert not worker.is_alive()
+    assert time.monotonic() - start < 20
+
+
+def test_a_full_epoch_leaves_no_worker_behind():
+    batches = start_workers(_loader())
+    workers = list(batches._workers)  # type: ignore[attr-defined]
+    assert [int(b.sum()) for b in batches] == [1, 5, 9, 13, 17, 21, 25, 29]
+    stop_workers(batches)
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_workers_still_alive_at_exit_do_not_hang_the_interpreter(tmp_path):
+    """multiprocessing's exit hook sends daemon children a SIGTERM (which loader workers
+    ignore) and waits for them; the reaper kills them first."""
+    script = tmp_path / "leave_workers.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from torch.utils.data import DataLoader
+            from training.interrupts import ignore_interrupts_in_worker, start_workers
+
+            def init(_worker_id):
+                ignore_interrupts_in_worker()
+
+            loader = DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=init)
+            batches = start_workers(loader)
+            next(batches)
+            print(",".join(str(w.pid) for w in batches._workers), flush=True)
+            sys.exit(0)  # with the iterator (and its workers) alive
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for pid in result.stdout.strip().split(","):  # gone (the reaper waited for them)
+        assert not Path(f"/proc/{pid}").exists(), pid
+
+
+def test_the_reaper_kills_only_live_workers():
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_spin_on_event, args=(context.Event(), ready), daemon=True)
+    worker.start()
+    assert ready.wait(30)
+    interrupts._WORKERS.add(worker)
+    os.kill(worker.pid, signal.SIGTERM)  # type: ignore[arg-type]
+    worker.join(0.2)
+    assert worker.is_alive()
+    interrupts._reap()
+    assert not worker.is_alive() and worker.exitcode == -signal.SIGKILL
+    interrupts._reap()  # again: nothing alive, nothing to do
+
+
+def test_a_worker_ignores_the_signals_from_then_on():
+    """Checked in a forked child: signal dispositions are per process."""
+    context = multiprocessing.get_context("fork")
+    queue = context.SimpleQueue()
+
+    def report() -> None:
+        ignore_interrupts_in_worker()
+        queue.put(
+            (
+                signal.getsignal(signal.SIGTERM) is signal.SIG_IGN,
+                signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                signal.pthread_sigmask(signal.SIG_BLOCK, set()),
+            )
+        )
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        child = context.Process(target=report)
+        child.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    assert queue.get() == (True, True, set())
+    child.join(10)
+    assert child.exitcode == 0
+
+
+def test_deferred_signals_are_raised_on_leaving_the_block():
+    with sigterm_unwinds():
+        with pytest.raises(Terminated), interruptions_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            reached = True  # not raised inside
+        assert reached
+        with interruptions_deferred(check=False):  # already seen: raised only when checked
+            pass
+        with pytest.raises(Terminated):
+            raise_if_interrupted()
+    assert not SIGTERM_SEEN.is_set()
+    with pytest.raises(KeyboardInterrupt), interruptions_deferred():
+        with interruptions_deferred(check=False):  # nested: the outer block decides
+            os.kill(os.getpid(), signal.SIGINT)
+        reached_ctrl_c = True
+    assert reached_ctrl_c
+    with pytest.raises(KeyboardInterrupt), interruptions_deferred(check=False):
+        with interruptions_deferred():  # a nested block that checks raises on leaving
+            os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("not raised")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """For a run stuck before its next safe point."""
+    with pytest.raises(KeyboardInterrupt), interruptions_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("not interrupted")
+    with interruptions_deferred(check=False):
+        os.kill(os.getpid(), signal.SIGINT)
+    raise_if_interrupted()  # nothing left over: a deferred Ctrl-C is raised once or dropped
+
+
+def test_sigterm_outside_a_deferred_block_is_raised_at_once():
+    with sigterm_unwinds(), pytest.raises(Terminated):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("not raised")
