@@ -16,6 +16,13 @@ its file changes or its directory is deleted.
 Versions are meant to be immutable, but a serving version whose file changes anyway is treated
 as a new candidate of the same number: swapped in if it passes the checks, otherwise the copy
 already loaded keeps serving and the serving row of ``/v1/models`` says what is wrong on disk.
+
+A file copied into place without a rename (``cp``, ``rsync --inplace``) is seen half-written
+by the polls while the copy runs. A poll's load that fails on a file modified less than
+:data:`SETTLE_S` seconds before (or during the load) is not a failure yet: it is logged once at
+INFO and tried again when the file changes; if the file stays as it is past
+:data:`SETTLE_S`, the failure is recorded then, without loading the same bytes again. The
+first scan and ``POST /admin/reload`` report every failure at once.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 Loader = Callable[..., OnnxModel]
 Fingerprint = tuple[int, int, int, int]
+
+# Seconds a file must have stayed unmodified before a poll reports its load failure.
+SETTLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,11 @@ def _fingerprint(path: Path) -> Fingerprint | None:
     except OSError:
         return None
     return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+def _modified_ago(fingerprint: Fingerprint) -> float:
+    """Seconds since the file's content last changed (its mtime)."""
+    return time.time() - fingerprint[2] / 1e9
 
 
 def _same_content(a: Fingerprint | None, b: Fingerprint | None) -> bool:
@@ -109,6 +124,8 @@ class ModelManager:
         self._ignored_logged: set[str] = set()  # version-like folder names already warned of
         self._loaded_at: float | None = None
         self._failures: dict[int, LoadFailure] = {}
+        # Poll load failures on files modified just before: not reported until they settle.
+        self._unsettled: dict[int, LoadFailure] = {}
         self._scan_error: str | None = None  # the model folder itself could not be listed
         self._last_error: str | None = None
         self._last_refresh: float | None = None
@@ -163,7 +180,7 @@ class ModelManager:
         while True:
             await asyncio.sleep(self._settings.poll_interval_s)
             try:
-                await self.refresh()
+                await self.refresh(settle=True)
             except Exception:
                 logger.exception("repository poll failed")
 
@@ -179,13 +196,15 @@ class ModelManager:
         return ordered
 
     async def refresh(
-        self, *, force: bool = False, fatal_device_errors: bool = False
+        self, *, force: bool = False, fatal_device_errors: bool = False, settle: bool = False
     ) -> RefreshResult:
         """Scan the repository and swap in a better version if one loads.
 
         Args:
             force: Retry versions that failed before even if their file did not change.
             fatal_device_errors: Raise :class:`DeviceUnavailableError` instead of recording it.
+            settle: Hold back the failure of a file modified less than :data:`SETTLE_S`
+                seconds ago (it may still be being copied); the polls pass it.
 
         Returns:
             Whether the serving model changed, which version serves, and the load error of
@@ -200,7 +219,7 @@ class ModelManager:
                 return RefreshResult(False, serving, self._scan_error)
             self._forget_stale_failures(versions)
             self._note_serving_version(versions)
-            scan_error: str | None = None
+            errors: list[str] = []  # this scan's failures, newest version first
             for version in self._candidates(versions):
                 path = model_path(settings.model_repository, settings.model_name, version)
                 fingerprint = _fingerprint(path)
@@ -213,6 +232,22 @@ class ModelManager:
                 failure = self._failures.get(version)
                 if failure is not None and failure.fingerprint == fingerprint and not force:
                     continue
+                unsettled = self._unsettled.pop(version, None)
+                if (
+                    unsettled is not None
+                    and fingerprint is not None
+                    and unsettled.fingerprint == fingerprint
+                ):
+                    if settle and _modified_ago(fingerprint) < SETTLE_S:
+                        self._unsettled[version] = unsettled  # not settled yet
+                        continue
+                    if not force:  # the same bytes as the load that failed: no second load
+                        errors.append(
+                            self._record_failure(
+                                version, fingerprint, ModelLoadError(unsettled.error)
+                            )
+                        )
+                        continue
                 self._loading = version
                 try:
                     model = await asyncio.to_thread(
@@ -228,21 +263,54 @@ class ModelManager:
                 except DeviceUnavailableError as err:
                     if fatal_device_errors:
                         raise
-                    scan_error = self._record_failure(version, fingerprint, err)
+                    errors.append(self._record_failure(version, fingerprint, err))
                 except ModelLoadError as err:
-                    scan_error = self._record_failure(version, fingerprint, err)
+                    if settle and self._hold_back(version, path, fingerprint, err, unsettled):
+                        continue
+                    errors.append(self._record_failure(version, fingerprint, err))
                 except Exception as err:  # a file that breaks the loader is still just refused
                     logger.exception("unexpected error loading version %d of %s", version, path)
-                    scan_error = self._record_failure(
-                        version, fingerprint, ModelLoadError(f"cannot load {path}: {err!r}")
+                    errors.append(
+                        self._record_failure(
+                            version, fingerprint, ModelLoadError(f"cannot load {path}: {err!r}")
+                        )
                     )
                 else:
                     self._swap(model, fingerprint)
-                    return RefreshResult(True, version, scan_error)
+                    return RefreshResult(True, version, "; ".join(errors) or None)
                 finally:
                     self._loading = None
             serving = self._current.version if self._current is not None else None
-            return RefreshResult(False, serving, scan_error)
+            return RefreshResult(False, serving, "; ".join(errors) or None)
+
+    def _hold_back(
+        self,
+        version: int,
+        path: Path,
+        before: Fingerprint | None,
+        err: ModelLoadError,
+        previous: LoadFailure | None,
+    ) -> bool:
+        """Whether the failed load of ``path`` is held back as unsettled: its file changed
+        during the load or less than SETTLE_S seconds before it (a copy may still run)."""
+        after = _fingerprint(path)
+        if after is None or (after == before and _modified_ago(after) >= SETTLE_S):
+            return False
+        if previous is None:  # the first of a series: said once, not at every poll of a copy
+            logger.info(
+                "version %d: %s; the file changed %.1f s ago and may still be being written, "
+                "so it is tried again once it changes or stays as it is for %.0f s (publish "
+                "versions by atomic rename to skip this)",
+                version,
+                err,
+                max(0.0, _modified_ago(after)),
+                SETTLE_S,
+            )
+        # Only bytes that stayed put during the load are known to fail; a file that changed
+        # during it is loaded again at the next poll.
+        tried = after if after == before else None
+        self._unsettled[version] = LoadFailure(version, str(err), tried, time.time())
+        return True
 
     def _list_versions(self) -> list[int] | None:
         """The repository's versions, or None (and ``_scan_error`` set) if it cannot be listed."""
@@ -321,6 +389,9 @@ class ModelManager:
             path = model_path(settings.model_repository, settings.model_name, version)
             if version not in present or _fingerprint(path) != failure.fingerprint:
                 del self._failures[version]
+        for version in list(self._unsettled):
+            if version not in present:
+                del self._unsettled[version]
         self._update_last_error()
 
     def _note_serving_version(self, versions: list[int]) -> None:
@@ -351,6 +422,7 @@ class ModelManager:
         self._last_error = f"version {latest.version}: {latest.error}"
 
     def _record_failure(self, version: int, fingerprint: Fingerprint | None, err: Exception) -> str:
+        self._unsettled.pop(version, None)
         message = f"version {version}: {err}"
         self._failures[version] = LoadFailure(version, str(err), fingerprint, time.time())
         self._update_last_error()
@@ -365,6 +437,7 @@ class ModelManager:
         self._serving_gone_logged = False
         self._loaded_at = time.time()
         self._failures.pop(model.version, None)
+        self._unsettled.pop(model.version, None)
         self._update_last_error()
         self._metrics.model_loads.labels("loaded").inc()
         self._metrics.set_model(
@@ -416,6 +489,14 @@ class ModelManager:
                     )
             elif failure is not None:
                 state, error = "failed", failure.error
+            elif version in self._unsettled:
+                state, error = (
+                    "available",
+                    (
+                        "not loaded: its file was changing when it was tried (still being "
+                        "copied?); tried again once it changes or settles"
+                    ),
+                )
             else:
                 state, error = "available", None
             rows.append({"version": version, "state": state, "error": error})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -487,3 +488,72 @@ def test_the_server_answers_while_the_first_model_loads(
         release.set()
         wait_for(lambda: server.client.get("/readyz").status_code == 200)
         assert server.client.get("/readyz").json()["version"] == 1
+
+
+def test_a_version_copied_in_place_is_loaded_when_complete_not_reported_failed(
+    tiny_model_repository: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`cp` into the version folder (no rename): the polls see a half-written file."""
+    monkeypatch.setattr(repository_module, "SETTLE_S", 3.0)  # far above the pauses below
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    good = model_path(repository, TINY_MODEL_NAME, 1).read_bytes()
+    target = model_path(repository, TINY_MODEL_NAME, 2)
+    calls: Counter[int] = Counter()
+
+    def loader(path: Path, **kwargs: Any) -> Any:
+        calls[kwargs["version"]] += 1
+        return load_model(path, **kwargs)
+
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    caplog.set_level(logging.INFO, logger="service.repository")
+    with run_server(settings, loader=loader) as server:
+        caplog.clear()
+        target.parent.mkdir()
+        chunk = len(good) // 4 + 1
+        with target.open("wb") as out:
+            for start in range(0, len(good), chunk):
+                out.write(good[start : start + chunk])
+                out.flush()
+                time.sleep(0.3)  # several polls see each partial file
+                assert _states(server).get(2) != "failed"
+        wait_for(lambda: server.client.get("/readyz").json().get("version") == 2)
+        assert calls[2] >= 2  # tried while it was being written, then loaded
+        assert server.metric("dino_model_loads_total", {"outcome": "failed"}) == 0
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == []
+    held = [r for r in caplog.records if "may still be being written" in r.getMessage()]
+    assert len(held) == 1, held  # once for the whole copy, not at every poll
+    assert held[0].levelname == "INFO"
+
+
+def test_a_broken_file_that_stays_put_is_refused_once_it_settles_and_loaded_once(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository_module, "SETTLE_S", 1.0)
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    calls: Counter[int] = Counter()
+
+    def loader(path: Path, **kwargs: Any) -> Any:
+        calls[kwargs["version"]] += 1
+        return load_model(path, **kwargs)
+
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=loader) as server:
+        written = time.time()
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 2), b"not an onnx model")
+        wait_for(lambda: _states(server).get(2) == "failed")
+        assert time.time() - written >= 0.9  # held back while the file was new
+        assert calls[2] == 1  # the same bytes are not loaded a second time
+        assert server.metric("dino_model_loads_total", {"outcome": "failed"}) == 1
+        assert "version 2" in _models(server)["last_error"]
+
+        # POST /admin/reload reports a new file's failure at once (and every other one).
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), b"junk")
+        reload = server.client.post("/admin/reload")
+        assert reload.status_code == 200
+        error = reload.json()["error"]
+        assert error.startswith("version 3: ") and "; version 2: " in error
+        assert _states(server)[3] == "failed"
