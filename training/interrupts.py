@@ -121,11 +121,13 @@ def interruptions_deferred(check: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
-        _deferring -= 1
-        if own_sigint:
-            signal.signal(signal.SIGINT, sigint)
-            ctrl_c = _CTRL_C_SEEN.is_set()  # raised below if checked, else dropped
-            _CTRL_C_SEEN.clear()
+        try:  # still deferring: a SIGTERM now cannot cut this short
+            if own_sigint:
+                signal.signal(signal.SIGINT, sigint)
+                ctrl_c = _CTRL_C_SEEN.is_set()  # raised below if checked, else dropped
+                _CTRL_C_SEEN.clear()
+        finally:
+            _deferring -= 1
     if check and ctrl_c:
         raise KeyboardInterrupt
     if check:
@@ -195,8 +197,10 @@ def start_workers(loader: Iterable[Any]) -> Iterator[Any]:
     ):
         return _track(iter(loader), before)
     with interruptions_deferred(check=False):
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # read only: nothing to undo
         try:
+            # Inside the try: blocking runs pending handlers, which may raise (a second Ctrl-C).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             batches = _track(iter(loader), before)
         except BaseException:
             _kill(_new_workers(before))  # the workers of a half-built iterator
@@ -251,15 +255,29 @@ def stop_workers(batches: Iterator[Any]) -> None:
 
 
 def _kill(workers: Iterable[BaseProcess]) -> None:
-    """SIGKILL the live ones of ``workers`` and wait for them (briefly)."""
+    """SIGKILL the live ones of ``workers`` and wait for them (briefly).
+
+    torch's SIGCHLD handler raises, at whatever line the main thread is on, for a worker it
+    still watches that dies by a signal (at exit nothing has told it to stop watching): it is
+    set aside meanwhile, or its error could cut this short with workers left alive.
+    """
     alive = [w for w in workers if w.is_alive()]
-    for worker in alive:
-        with contextlib.suppress(OSError, ValueError):
-            worker.kill()
-    for worker in alive:
-        # torch's SIGCHLD handler may raise for a killed worker it still watches.
-        with contextlib.suppress(RuntimeError, ValueError):
-            worker.join(_KILL_WAIT_S)
+    if not alive:
+        return
+    sigchld = getattr(signal, "SIGCHLD", None)
+    previous = None
+    if sigchld is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(sigchld, signal.SIG_DFL)
+    try:
+        for worker in alive:
+            with contextlib.suppress(OSError, ValueError):
+                worker.kill()
+        for worker in alive:
+            with contextlib.suppress(RuntimeError, ValueError):  # off the main thread
+                worker.join(_KILL_WAIT_S)
+    finally:
+        if previous is not None:
+            signal.signal(sigchld, previous)  # type: ignore[arg-type]
 
 
 def _reap() -> None:

@@ -1007,7 +1007,9 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
         try:
             return trainer.run()
         finally:
-            with interruptions_deferred(check=False):  # no exception inside TensorBoard's writer
+            # No exception inside TensorBoard's writer; one that came meanwhile is raised after
+            # (the run's work is done, but whoever sent it is told it arrived: 143 or 130).
+            with interruptions_deferred():
                 trainer.log.close()
     except ConfigError as err:
         logger.error("error: %s", err)

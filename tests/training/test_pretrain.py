@@ -409,6 +409,32 @@ def test_sigterm_during_the_final_export_stops_at_once_and_publishes_nothing(
 
 
 @pytest.mark.parametrize(("signame", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_the_finished_runs_log_closes_is_still_reported(
+    tmp_path, image_dir, caplog, monkeypatch, signame, status
+):
+    """The work is done and kept, but whoever sent it (a loop over --max_epochs_this_run
+    chunks, say) is told that it arrived."""
+    import os
+    import signal
+
+    from training.monitor import RunLog
+
+    close = RunLog.close
+
+    def signalled_close(self):
+        if self.writer is not None:  # the close at the end (rewind() closes first, too)
+            os.kill(os.getpid(), getattr(signal, signame))
+        close(self)
+
+    monkeypatch.setattr(RunLog, "close", signalled_close)
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out)) == status
+    assert "resume later from" in caplog.text and "Traceback" not in caplog.text
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(("signame", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_inside_the_step_log_stops_the_run_at_the_next_step(
     tmp_path, image_dir, monkeypatch, signame, status
 ):
@@ -585,6 +611,13 @@ def test_skip_warnings_print_once_above_the_progress_bar(tmp_path, image_dir):
     assert "empty file (0 bytes)" in warnings[0]
 
 
+def _default_signals() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     ("signame", "status", "line"),
     [
@@ -614,6 +647,9 @@ def test_a_signal_to_the_whole_process_group_is_one_line(
         text=True,
         start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # As a terminal would: a runner started in the background (`pytest &` in a script)
+        # ignores SIGINT, and its children would inherit that.
+        preexec_fn=_default_signals,
     )
     try:
         deadline = time.monotonic() + 120
