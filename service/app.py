@@ -192,7 +192,10 @@ async def reload_models(request: Request) -> ReloadResponse:
     """Rescan the repository now, retrying versions that failed before."""
     result = await _state(request).manager.refresh(force=True)
     return ReloadResponse(
-        changed=result.changed, serving_version=result.serving_version, error=result.error
+        changed=result.changed,
+        serving_version=result.serving_version,
+        error=result.error,
+        errors=list(result.errors),
     )
 
 

@@ -17,12 +17,14 @@ Versions are meant to be immutable, but a serving version whose file changes any
 as a new candidate of the same number: swapped in if it passes the checks, otherwise the copy
 already loaded keeps serving and the serving row of ``/v1/models`` says what is wrong on disk.
 
-A file copied into place without a rename (``cp``, ``rsync --inplace``) is seen half-written
-by the polls while the copy runs. A poll's load that fails on a file modified less than
-:data:`SETTLE_S` seconds before (or during the load) is not a failure yet: it is logged once at
-INFO and tried again when the file changes; if the file stays as it is past
-:data:`SETTLE_S`, the failure is recorded then, without loading the same bytes again. The
-first scan and ``POST /admin/reload`` report every failure at once.
+A new file may be seen half-written by a poll (a ``cp`` or ``rsync --inplace`` into the version
+folder still running). A poll's load that fails on a file modified less than :data:`SETTLE_S`
+seconds before it (by its mtime, a future one included) or during it is held back, not
+recorded: one INFO line for the series, and it is tried again when the file changes. Once the
+file has stayed as it is for :data:`SETTLE_S` seconds of this process's clock (whatever its
+mtime says), the failure is recorded without loading the same bytes again; a file that keeps
+changing is recorded anyway after :data:`SETTLE_CAP_S`. The first scan and
+``POST /admin/reload`` report every failure at once.
 """
 
 from __future__ import annotations
@@ -50,8 +52,20 @@ logger = logging.getLogger(__name__)
 Loader = Callable[..., OnnxModel]
 Fingerprint = tuple[int, int, int, int]
 
-# Seconds a file must have stayed unmodified before a poll reports its load failure.
+# Seconds a file must have stayed as it is before a poll records its load failure.
 SETTLE_S = 2.0
+# Seconds a series of held-back failures of one version may last (a file that keeps changing).
+SETTLE_CAP_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Unsettled:
+    """A poll's held-back load failure (the file may still be being written)."""
+
+    error: str
+    fingerprint: Fingerprint | None  # the bytes that failed; None if they changed meanwhile
+    tried_at: float  # time.monotonic() of that load
+    series_start: float  # time.monotonic() of the series' first held-back failure
 
 
 @dataclass(frozen=True)
@@ -70,7 +84,12 @@ class RefreshResult:
 
     changed: bool
     serving_version: int | None
-    error: str | None
+    errors: tuple[str, ...] = ()  # this scan's load failures, newest version first
+
+    @property
+    def error(self) -> str | None:
+        """The scan's failures joined by "; " (None when there were none)."""
+        return "; ".join(self.errors) or None
 
 
 def _fingerprint(path: Path) -> Fingerprint | None:
@@ -125,7 +144,7 @@ class ModelManager:
         self._loaded_at: float | None = None
         self._failures: dict[int, LoadFailure] = {}
         # Poll load failures on files modified just before: not reported until they settle.
-        self._unsettled: dict[int, LoadFailure] = {}
+        self._unsettled: dict[int, _Unsettled] = {}
         self._scan_error: str | None = None  # the model folder itself could not be listed
         self._last_error: str | None = None
         self._last_refresh: float | None = None
@@ -216,11 +235,15 @@ class ModelManager:
             versions = self._list_versions()
             if versions is None:
                 serving = self._current.version if self._current is not None else None
-                return RefreshResult(False, serving, self._scan_error)
+                listing = (self._scan_error,) if self._scan_error else ()
+                return RefreshResult(False, serving, listing)
             self._forget_stale_failures(versions)
             self._note_serving_version(versions)
             errors: list[str] = []  # this scan's failures, newest version first
-            for version in self._candidates(versions):
+            candidates = self._candidates(versions)
+            if settle:
+                errors += self._settle(candidates)
+            for version in candidates:
                 path = model_path(settings.model_repository, settings.model_name, version)
                 fingerprint = _fingerprint(path)
                 if (
@@ -235,19 +258,12 @@ class ModelManager:
                 unsettled = self._unsettled.pop(version, None)
                 if (
                     unsettled is not None
+                    and not force
                     and fingerprint is not None
                     and unsettled.fingerprint == fingerprint
                 ):
-                    if settle and _modified_ago(fingerprint) < SETTLE_S:
-                        self._unsettled[version] = unsettled  # not settled yet
-                        continue
-                    if not force:  # the same bytes as the load that failed: no second load
-                        errors.append(
-                            self._record_failure(
-                                version, fingerprint, ModelLoadError(unsettled.error)
-                            )
-                        )
-                        continue
+                    self._unsettled[version] = unsettled  # not settled yet (see _settle)
+                    continue
                 self._loading = version
                 try:
                     model = await asyncio.to_thread(
@@ -277,11 +293,11 @@ class ModelManager:
                     )
                 else:
                     self._swap(model, fingerprint)
-                    return RefreshResult(True, version, "; ".join(errors) or None)
+                    return RefreshResult(True, version, tuple(errors))
                 finally:
                     self._loading = None
             serving = self._current.version if self._current is not None else None
-            return RefreshResult(False, serving, "; ".join(errors) or None)
+            return RefreshResult(False, serving, tuple(errors))
 
     def _hold_back(
         self,
@@ -289,28 +305,55 @@ class ModelManager:
         path: Path,
         before: Fingerprint | None,
         err: ModelLoadError,
-        previous: LoadFailure | None,
+        previous: _Unsettled | None,
     ) -> bool:
-        """Whether the failed load of ``path`` is held back as unsettled: its file changed
-        during the load or less than SETTLE_S seconds before it (a copy may still run)."""
+        """Whether the failed load of ``path`` is held back: its file changed during the load
+        or less than SETTLE_S seconds before it (a copy may still run), and the series of
+        such failures is younger than SETTLE_CAP_S."""
         after = _fingerprint(path)
-        if after is None or (after == before and _modified_ago(after) >= SETTLE_S):
+        if after is None:
             return False
+        changed = after != before
+        if not changed and _modified_ago(after) >= SETTLE_S:
+            return False
+        now = time.monotonic()
+        series_start = previous.series_start if previous is not None else now
+        if now - series_start >= SETTLE_CAP_S:
+            return False  # it keeps changing: report it (a new series starts after)
         if previous is None:  # the first of a series: said once, not at every poll of a copy
             logger.info(
-                "version %d: %s; the file changed %.1f s ago and may still be being written, "
-                "so it is tried again once it changes or stays as it is for %.0f s (publish "
-                "versions by atomic rename to skip this)",
+                "version %d: %s; its file changed just before or during the load and may "
+                "still be being written: tried again when it changes, refused if it stays as "
+                "it is for %.0f s",
                 version,
                 err,
-                max(0.0, _modified_ago(after)),
                 SETTLE_S,
             )
         # Only bytes that stayed put during the load are known to fail; a file that changed
         # during it is loaded again at the next poll.
-        tried = after if after == before else None
-        self._unsettled[version] = LoadFailure(version, str(err), tried, time.time())
+        self._unsettled[version] = _Unsettled(
+            str(err), None if changed else after, now, series_start
+        )
         return True
+
+    def _settle(self, candidates: list[int]) -> list[str]:
+        """Record the held-back failures whose file has stayed as it was tried for SETTLE_S
+        seconds (no second load of the same bytes); drop those of a file that changed since,
+        unless it is a candidate (the scan loads it again). Returns the recorded errors."""
+        settings = self._settings
+        errors: list[str] = []
+        now = time.monotonic()
+        for version, unsettled in sorted(self._unsettled.items(), reverse=True):
+            path = model_path(settings.model_repository, settings.model_name, version)
+            fingerprint = _fingerprint(path)
+            if fingerprint is None or fingerprint != unsettled.fingerprint:
+                if version not in candidates:
+                    del self._unsettled[version]
+                continue
+            if now - unsettled.tried_at >= SETTLE_S:
+                err = ModelLoadError(unsettled.error)
+                errors.append(self._record_failure(version, fingerprint, err))
+        return errors
 
     def _list_versions(self) -> list[int] | None:
         """The repository's versions, or None (and ``_scan_error`` set) if it cannot be listed."""
@@ -493,8 +536,9 @@ class ModelManager:
                 state, error = (
                     "available",
                     (
-                        "not loaded: its file was changing when it was tried (still being "
-                        "copied?); tried again once it changes or settles"
+                        "not loaded yet: its file changed just before or during its load (still "
+                        "being written?); tried again when it changes, refused if it stays as "
+                        f"it is for {SETTLE_S:.0f} s"
                     ),
                 )
             else:

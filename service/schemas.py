@@ -191,4 +191,10 @@ class ReloadResponse(BaseModel):
 
     changed: bool
     serving_version: int | None
-    error: str | None
+    error: str | None = Field(
+        description='The failures of this scan joined by "; ", or null when there were none.'
+    )
+    errors: list[str] = Field(
+        default_factory=list,
+        description="Each failure of this scan (`version N: reason`), newest version first.",
+    )

@@ -154,7 +154,7 @@ def test_admin_reload_pinned_and_rollback(tiny_model_repository: Path, tmp_path:
         shutil.copytree(source.parent, source.parent.with_name("2"))
         assert server.client.get("/readyz").json()["version"] == 1
         reload = server.client.post("/admin/reload").json()
-        assert reload == {"changed": True, "serving_version": 2, "error": None}
+        assert reload == {"changed": True, "serving_version": 2, "error": None, "errors": []}
         # Deleting the serving version rolls back to the newest remaining one.
         shutil.rmtree(source.parent.with_name("2"))
         assert server.client.post("/admin/reload").json()["serving_version"] == 1
@@ -211,7 +211,7 @@ def test_deleted_failed_versions_are_forgotten(tiny_model_repository: Path, tmp_
 
         shutil.rmtree(broken.parent)
         reload = server.client.post("/admin/reload").json()
-        assert reload == {"changed": False, "serving_version": 1, "error": None}
+        assert reload == {"changed": False, "serving_version": 1, "error": None, "errors": []}
         models = _models(server)
         assert _states(server) == {1: "serving"}
         assert models["last_error"] is None
@@ -249,7 +249,7 @@ def test_a_model_folder_that_cannot_be_listed_is_reported_not_a_500(
         assert reload.status_code == 200 and "cannot list" in reload.json()["error"]
         broken["on"] = False
         reload = server.client.post("/admin/reload").json()
-        assert reload == {"changed": True, "serving_version": 1, "error": None}
+        assert reload == {"changed": True, "serving_version": 1, "error": None, "errors": []}
         assert _models(server)["last_error"] is None
         # Serving: a listing failure now keeps the model and says so.
         broken["on"] = True
@@ -330,7 +330,7 @@ def test_a_serving_version_whose_file_changes_is_reloaded_or_kept(
         # Replaced by a valid file: reloaded under the same number, the weights tell them apart.
         _write_atomically(serving, other)
         reload = server.client.post("/admin/reload").json()
-        assert reload == {"changed": True, "serving_version": 1, "error": None}
+        assert reload == {"changed": True, "serving_version": 1, "error": None, "errors": []}
         assert _models(server)["loaded"]["weights_sha256"] == "1" * 64
         assert "version 1 of tiny changed on disk and was reloaded" in caplog.text
         # Replaced by a broken file: the copy in memory keeps serving, the row says why.
@@ -351,7 +351,7 @@ def test_a_serving_version_whose_file_changes_is_reloaded_or_kept(
         # Fixed in place (not atomically): picked up, the error is gone.
         serving.write_bytes(original)
         reload = server.client.post("/admin/reload").json()
-        assert reload == {"changed": True, "serving_version": 1, "error": None}
+        assert reload == {"changed": True, "serving_version": 1, "error": None, "errors": []}
         models = _models(server)
         assert models["versions"] == [{"version": 1, "state": "serving", "error": None}]
         assert models["last_error"] is None and models["loaded"]["weights_sha256"] == "0" * 64
@@ -372,7 +372,7 @@ def test_a_removed_serving_version_keeps_serving_and_says_so(
         shutil.rmtree(model_path(repository, TINY_MODEL_NAME, 1).parent)
         for _ in range(2):
             reload = server.client.post("/admin/reload").json()
-            assert reload == {"changed": False, "serving_version": 1, "error": None}
+            assert reload == {"changed": False, "serving_version": 1, "error": None, "errors": []}
         (row,) = _models(server)["versions"]
         assert row["state"] == "serving" and "removed from the repository" in row["error"]
         assert caplog.text.count("version 1 was removed from the repository") == 1
@@ -554,6 +554,131 @@ def test_a_broken_file_that_stays_put_is_refused_once_it_settles_and_loaded_once
         _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), b"junk")
         reload = server.client.post("/admin/reload")
         assert reload.status_code == 200
-        error = reload.json()["error"]
-        assert error.startswith("version 3: ") and "; version 2: " in error
+        body = reload.json()
+        assert [e.split(":")[0] for e in body["errors"]] == ["version 3", "version 2"]
+        assert body["error"] == "; ".join(body["errors"])
         assert _states(server)[3] == "failed"
+
+
+def _counting_loader(calls: Counter[int], first_call: Any = None) -> Any:
+    def loader(path: Path, **kwargs: Any) -> Any:
+        calls[kwargs["version"]] += 1
+        if first_call is not None and calls[kwargs["version"]] == 1:
+            first_call(path, kwargs["version"])
+        return load_model(path, **kwargs)
+
+    return loader
+
+
+def test_a_held_back_version_with_a_future_mtime_is_refused_by_the_services_clock(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An mtime ahead of this clock (tar, cp -p from a host whose clock is ahead) looked
+    "just modified" until the clock caught up: the broken version went unreported."""
+    monkeypatch.setattr(repository_module, "SETTLE_S", 0.5)
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    calls: Counter[int] = Counter()
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=_counting_loader(calls)) as server:
+        broken = model_path(repository, TINY_MODEL_NAME, 2)
+        _write_atomically(broken, b"junk")
+        os.utime(broken, (time.time() + 3600, time.time() + 3600))
+        wait_for(lambda: (_models(server)["versions"][-1]["error"] or "").startswith("not loaded"))
+        assert _states(server)[2] == "available"  # held back, and it says so
+        wait_for(lambda: _states(server)[2] == "failed", timeout=10)
+        assert calls[2] == 1
+        assert server.metric("dino_model_loads_total", {"outcome": "failed"}) == 1
+
+
+def test_a_file_that_keeps_changing_is_refused_after_the_cap(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount that reports mtime as "now", or a periodic toucher."""
+    monkeypatch.setattr(repository_module, "SETTLE_S", 5.0)
+    monkeypatch.setattr(repository_module, "SETTLE_CAP_S", 1.0)
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings) as server:
+        broken = model_path(repository, TINY_MODEL_NAME, 2)
+        _write_atomically(broken, b"junk")
+        deadline = time.monotonic() + 15
+        while _states(server)[2] != "failed":
+            assert time.monotonic() < deadline, "never reported"
+            os.utime(broken)  # touched again and again
+            time.sleep(0.1)
+
+
+def test_a_file_completed_during_its_failed_load_is_loaded_at_the_next_poll(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure was of bytes no longer on disk: not a reason to refuse the file."""
+    monkeypatch.setattr(repository_module, "SETTLE_S", 3.0)
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    good = model_path(repository, TINY_MODEL_NAME, 1).read_bytes()
+    calls: Counter[int] = Counter()
+
+    def finish_the_copy(path: Path, version: int) -> None:
+        if version == 2:
+            path.write_bytes(good)  # the copy ends while the half file is being loaded
+            raise ModelLoadError(f"{path}: truncated (half of it was read)")
+
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=_counting_loader(calls, finish_the_copy)) as server:
+        target = model_path(repository, TINY_MODEL_NAME, 2)
+        target.parent.mkdir()
+        target.write_bytes(good[: len(good) // 2])
+        wait_for(lambda: server.client.get("/readyz").json().get("version") == 2, timeout=10)
+        assert calls[2] == 2
+        assert server.metric("dino_model_loads_total", {"outcome": "failed"}) == 0
+
+
+def test_an_old_broken_file_is_refused_at_once_and_a_held_back_one_by_reload(
+    tiny_model_repository: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(repository_module, "SETTLE_S", 30.0)
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    calls: Counter[int] = Counter()
+    caplog.set_level(logging.INFO, logger="service.repository")
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=_counting_loader(calls)) as server:
+        old = model_path(repository, TINY_MODEL_NAME, 2)
+        old.parent.mkdir()
+        incoming = old.with_name(".incoming")
+        incoming.write_bytes(b"junk")
+        os.utime(incoming, (time.time() - 3600, time.time() - 3600))  # cp -p of an old file
+        os.replace(incoming, old)
+        wait_for(lambda: _states(server)[2] == "failed", timeout=5)
+        assert not any("may still be being written" in r.getMessage() for r in caplog.records)
+
+        # A new broken file is held back (30 s here); POST /admin/reload loads it again.
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), b"junk")
+        wait_for(lambda: calls[3] == 1)
+        time.sleep(0.3)
+        assert _states(server)[3] == "available" and calls[3] == 1
+        reload = server.client.post("/admin/reload")
+        assert "version 3" in reload.json()["error"] and calls[3] == 2
+        assert _states(server)[3] == "failed"
+
+
+def test_a_held_back_version_below_the_serving_one_is_still_refused_once_settled(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a newer version serves it is no longer tried: its note would have stayed for
+    ever instead of the failure it is."""
+    monkeypatch.setattr(repository_module, "SETTLE_S", 1.0)
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    good = model_path(repository, TINY_MODEL_NAME, 1).read_bytes()
+    calls: Counter[int] = Counter()
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=_counting_loader(calls)) as server:
+        half = model_path(repository, TINY_MODEL_NAME, 2)
+        half.parent.mkdir()
+        half.write_bytes(good[: len(good) // 2])  # a copy that stopped half way
+        wait_for(lambda: calls[2] == 1)
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), good)
+        wait_for(lambda: _states(server).get(3) == "serving")
+        wait_for(lambda: _states(server)[2] == "failed", timeout=10)
+        assert calls[2] == 1
