@@ -575,7 +575,7 @@ def test_a_held_back_version_with_a_future_mtime_is_refused_by_the_services_cloc
 ) -> None:
     """An mtime ahead of this clock (tar, cp -p from a host whose clock is ahead) looked
     "just modified" until the clock caught up: the broken version went unreported."""
-    monkeypatch.setattr(repository_module, "SETTLE_S", 0.5)
+    monkeypatch.setattr(repository_module, "SETTLE_S", 1.5)  # the note must be seen first
     repository = copy_repository(tiny_model_repository, tmp_path / "repo")
     calls: Counter[int] = Counter()
     settings = tiny_settings(repository, poll_interval_s=0.05)
