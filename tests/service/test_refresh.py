@@ -624,9 +624,7 @@ def test_a_file_completed_during_its_failed_load_is_loaded_at_the_next_poll(
 
     settings = tiny_settings(repository, poll_interval_s=0.05)
     with run_server(settings, loader=_counting_loader(calls, finish_the_copy)) as server:
-        target = model_path(repository, TINY_MODEL_NAME, 2)
-        target.parent.mkdir()
-        target.write_bytes(good[: len(good) // 2])
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 2), good[: len(good) // 2])
         wait_for(lambda: server.client.get("/readyz").json().get("version") == 2, timeout=10)
         assert calls[2] == 2
         assert server.metric("dino_model_loads_total", {"outcome": "failed"}) == 0
@@ -674,10 +672,10 @@ def test_a_held_back_version_below_the_serving_one_is_still_refused_once_settled
     calls: Counter[int] = Counter()
     settings = tiny_settings(repository, poll_interval_s=0.05)
     with run_server(settings, loader=_counting_loader(calls)) as server:
-        half = model_path(repository, TINY_MODEL_NAME, 2)
-        half.parent.mkdir()
-        half.write_bytes(good[: len(good) // 2])  # a copy that stopped half way
-        wait_for(lambda: calls[2] == 1)
+        # A copy that stopped half way (renamed in: a poll must not see it grow, or it would
+        # be loaded twice; the half-written file is what this is about).
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 2), good[: len(good) // 2])
+        wait_for(lambda: calls[2] >= 1)
         _write_atomically(model_path(repository, TINY_MODEL_NAME, 3), good)
         wait_for(lambda: _states(server).get(3) == "serving")
         wait_for(lambda: _states(server)[2] == "failed", timeout=10)
