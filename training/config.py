@@ -114,6 +114,11 @@ class PretrainConfig:
     resume: bool = _opt(True, "Resume from output_dir/checkpoint.pth when it exists.")
     max_epochs_this_run: int = _opt(0, "Stop after this many epochs in this invocation (0: no).")
     log_every: int = _opt(10, "Steps between progress/log updates.")
+    stop_timeout: float = _opt(
+        20.0,
+        "Under torchrun: seconds a process that received SIGTERM or Ctrl-C waits to stop "
+        "together with the others before it exits on its own (one of them failed or is stuck).",
+    )
     progress: bool = _opt(True, "Show a progress bar.")
     export_to: str | None = _opt(
         None,
@@ -159,6 +164,10 @@ class PretrainConfig:
             "epochs",
             "log_every",
         )
+        if not 0 < self.stop_timeout <= 86_400:  # also refuses nan and inf
+            raise ConfigError(
+                f"--stop_timeout must be in (0, 86400] seconds, got {self.stop_timeout}"
+            )
         for name in positive + ("global_crops_size", "local_crops_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -91,6 +92,20 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def max_over_ranks(values: Sequence[int], device: torch.device) -> list[int]:
+    """Elementwise maximum of small integers over ranks (the values themselves in one process).
+
+    Args:
+        values: This rank's integers.
+        device: Where the collective runs (the rank's GPU for NCCL, the CPU for gloo).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    flags = torch.tensor(list(values), dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [int(v) for v in flags.tolist()]
 
 
 def union_over_ranks(items: set[str]) -> set[str]:

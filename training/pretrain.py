@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from training.distributed import (
     all_reduce_mean,
     cleanup_distributed,
     init_distributed,
+    max_over_ranks,
     ranks_agree,
     union_over_ranks,
 )
@@ -60,13 +62,20 @@ from training.ema import ParameterEMA
 from training.gpu_augment import BatchedMultiCrop
 from training.heads import DINOHead
 from training.interrupts import (
+    ELSEWHERE,
     SIGTERM_SEEN,
+    Interruption,
     Terminated,
     ignore_interrupts_in_worker,
     interruptions_deferred,
+    kill_workers_now,
+    mark_stopping,
+    pending_interruption,
     raise_if_interrupted,
+    raise_interruption,
     sigterm_unwinds,
     start_workers,
+    stop_deadline,
     stop_workers,
 )
 from training.loss import DINOLoss
@@ -587,6 +596,37 @@ class Trainer:
                 "a lower --lr, or a longer warm-up (the last checkpoint is intact)."
             )
 
+    def stop_together(self, *, bad_loss: bool = False) -> None:
+        """In a distributed run: stop every rank here if one of them must stop.
+
+        Each rank stopping on its own at its next step would leave the others waiting in a
+        collective for a rank that has gone (with NCCL, until torchrun's grace period ends
+        and it kills them). A signal reaches the ranks at different moments (torchrun's agent
+        forwards its own; a scheduler signals each process), or only one of them (``kill``),
+        so the ranks agree here, at a point they all reach, on the interruption to act on and
+        on a non-finite loss.
+
+        Args:
+            bad_loss: This rank had a non-finite loss since the last agreement (its own
+                check reports it, with the iteration).
+
+        Raises:
+            TrainingError: Another rank had a non-finite loss.
+            KeyboardInterrupt: A rank received Ctrl-C.
+            Terminated: A rank received SIGTERM.
+        """
+        if not self.info.distributed:
+            raise_if_interrupted()
+            return
+        stop, bad = max_over_ranks([pending_interruption(), int(bad_loss)], self.device)
+        if bad and not bad_loss:
+            raise TrainingError(
+                f"the loss is not finite {ELSEWHERE} (its own error names the iteration); "
+                "stopping (the last checkpoint is intact)"
+            )
+        if not bad:
+            raise_interruption(Interruption(stop))
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch; returns its averaged metrics."""
         config = self.config
@@ -611,13 +651,15 @@ class Trainer:
         tick, tick_step = time.perf_counter(), 0
         epoch_start = tick
         img_per_s = 0.0
-        batches = start_workers(self.loader)
+        together = self.info.distributed  # ranks stop where they agree to (stop_together)
+        batches = start_workers(self.loader, check=not together)
         try:
             # Log lines (skipped files, the collapse watch) go above the bar, not onto it.
             redirect = contextlib.nullcontext() if bar.disable else logging_redirect_tqdm([logger])
             with redirect:
                 for i, (batch, bad) in enumerate(batches):
-                    raise_if_interrupted()
+                    if not together:
+                        raise_if_interrupted()
                     it = epoch * self.niter + i
                     self._note_skipped(bad)
                     crops = self.device_crops(batch)
@@ -629,6 +671,9 @@ class Trainer:
                     bar.update(1)
                     if (i + 1) % config.log_every == 0 or i + 1 == self.niter:
                         loss_value = float(loss)
+                        if together:
+                            bad_here = int(bad_it) >= 0 or not math.isfinite(loss_value)
+                            self.stop_together(bad_loss=bad_here)
                         self._check_finite(loss_value, it, (bad_it, bad_loss))
                         now = time.perf_counter()
                         img_per_s = (i + 1 - tick_step) * images_per_step / max(now - tick, 1e-9)
@@ -773,6 +818,27 @@ class Trainer:
                 f"--repository {target.parent} --name {target.name}"
             ) from err
 
+    def _say_nothing_to_do(self) -> None:
+        """Log why a run whose checkpoint has all its epochs trains nothing."""
+        config = self.config
+        if self.start_epoch > config.epochs:
+            logger.warning(
+                "the checkpoint has trained %d epochs, more than --epochs %d: nothing to do "
+                "(its schedules were those of its own --epochs; give that to continue it)",
+                self.start_epoch,
+                config.epochs,
+            )
+        else:
+            logger.info("nothing to do: the checkpoint already finished %d epochs", config.epochs)
+        if config.export_to:
+            target = Path(config.export_to)
+            logger.info(
+                "to export it: python -m models.export --weights %s --repository %s --name %s",
+                self.output_dir / CHECKPOINT_NAME,
+                target.parent,
+                target.name,
+            )
+
     def run(self) -> int:
         """The epoch loop; returns the exit status."""
         config = self.config
@@ -792,68 +858,60 @@ class Trainer:
                 self.gpu_input, ""
             ),
         )
-        if self.info.is_main:
-            stale = remove_stale_temps(self.output_dir)
-            if stale:
-                logger.info(
-                    "removed %d temporary file(s) an interrupted checkpoint save left in %s",
-                    stale,
-                    self.output_dir,
-                )
-        self.resume()
-        if self.start_epoch >= config.epochs:
-            if self.start_epoch > config.epochs:
-                logger.warning(
-                    "the checkpoint has trained %d epochs, more than --epochs %d: nothing to do "
-                    "(its schedules were those of its own --epochs; give that to continue it)",
-                    self.start_epoch,
-                    config.epochs,
-                )
-            else:
-                logger.info(
-                    "nothing to do: the checkpoint already finished %d epochs", config.epochs
-                )
-            if config.export_to:
-                target = Path(config.export_to)
-                logger.info(
-                    "to export it: python -m models.export --weights %s --repository %s --name %s",
-                    self.output_dir / CHECKPOINT_NAME,
-                    target.parent,
-                    target.name,
-                )
-            return 0
-        if self.info.is_main:
-            try:  # before an epoch of work, not after it
-                new_temp_file(self.output_dir, ".write-check-", ".tmp").unlink()
-            except OSError as err:
-                raise TrainingError(
-                    f"--output_dir {self.output_dir} is not writable ({err.strerror or err})"
-                ) from err
-        self.check_export_target()
-        if self.info.is_main:  # only once the checkpoint (if any) is known to fit these options
-            save_config(config, self.output_dir / "config.yaml")
-        with interruptions_deferred():
-            self.log.rewind(self.start_epoch, self.start_epoch * self.niter)
-        for done_this_run, epoch in enumerate(range(self.start_epoch, config.epochs), start=1):
-            # SIGTERM and Ctrl-C are raised at each step's start (see training.interrupts); one
-            # that arrives while the epoch is saved is raised once it is saved and logged.
-            with interruptions_deferred():
-                stats = self.train_epoch(epoch)
-                self.save(epoch)
-                self.log.epoch(epoch, stats)
-                logger.info(
-                    "epoch %d: %s",
-                    epoch,
-                    {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
-                )
-            self._warn_if_mostly_unreadable(int(stats["skipped_images"]))
-            final = epoch + 1 == config.epochs
-            if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
-                self.export(final=False)
-            limit = config.max_epochs_this_run
-            if limit and done_this_run >= limit and not final:
-                logger.info("stopping after %d epochs (--max_epochs_this_run)", done_this_run)
+        # One process: SIGTERM and Ctrl-C are raised at once before the epochs, at each step's
+        # start during them (see training.interrupts), and one that arrives while the epoch is
+        # saved is raised once it is saved and logged. Several (torchrun): from here on, with
+        # the start-up's collectives behind, they are deferred, and the ranks stop together
+        # where they agree to (stop_together: before the first epoch, at log points and after
+        # each epoch), since every step has collectives; after the loop there are none left.
+        together = self.info.distributed
+        with interruptions_deferred() if together else contextlib.nullcontext():
+            if self.info.is_main:
+                stale = remove_stale_temps(self.output_dir)
+                if stale:
+                    logger.info(
+                        "removed %d temporary file(s) an interrupted checkpoint save left in %s",
+                        stale,
+                        self.output_dir,
+                    )
+            self.resume()
+            if self.start_epoch >= config.epochs:
+                self._say_nothing_to_do()
                 return 0
+            if self.info.is_main:
+                try:  # before an epoch of work, not after it
+                    new_temp_file(self.output_dir, ".write-check-", ".tmp").unlink()
+                except OSError as err:
+                    raise TrainingError(
+                        f"--output_dir {self.output_dir} is not writable ({err.strerror or err})"
+                    ) from err
+            self.check_export_target()
+            if self.info.is_main:  # only once the checkpoint (if any) is known to fit these options
+                save_config(config, self.output_dir / "config.yaml")
+            with interruptions_deferred(check=not together):
+                self.log.rewind(self.start_epoch, self.start_epoch * self.niter)
+            if together:
+                self.stop_together()
+            for done_this_run, epoch in enumerate(range(self.start_epoch, config.epochs), start=1):
+                with interruptions_deferred(check=not together):
+                    stats = self.train_epoch(epoch)
+                    self.save(epoch)
+                    self.log.epoch(epoch, stats)
+                    logger.info(
+                        "epoch %d: %s",
+                        epoch,
+                        {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
+                    )
+                self._warn_if_mostly_unreadable(int(stats["skipped_images"]))
+                final = epoch + 1 == config.epochs
+                if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
+                    self.export(final=False)
+                if together:
+                    self.stop_together()
+                limit = config.max_epochs_this_run
+                if limit and done_this_run >= limit and not final:
+                    logger.info("stopping after %d epochs (--max_epochs_this_run)", done_this_run)
+                    return 0
         self.export(final=True)
         return 0
 
@@ -951,11 +1009,16 @@ def _interrupt_behind(err: BaseException) -> BaseException | None:
 def _interrupted(config: PretrainConfig, err: BaseException) -> int:
     """Log an interruption in one line; returns the exit status (130 or 143, as the shell)."""
     ckpt = Path(config.output_dir) / CHECKPOINT_NAME
+    # ELSEWHERE, in a rank that stops because another rank of its run was signalled
+    where = "".join(f" {arg}" for arg in err.args)
     if isinstance(err, Terminated):
-        logger.error("terminated (SIGTERM); resume later from %s", ckpt)
+        logger.error("terminated (SIGTERM%s); resume later from %s", where, ckpt)
         return 128 + signal.SIGTERM
-    logger.error("interrupted; resume later from %s", ckpt)
+    logger.error("interrupted%s; resume later from %s", f" (Ctrl-C{where})" if where else "", ckpt)
     return 130
+
+
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -963,7 +1026,7 @@ def _setup_logging(is_main: bool) -> None:
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if not logger.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(_LOG_FORMAT)
         logger.addHandler(handler)
 
 
@@ -980,8 +1043,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _setup_logging(info.is_main)
-    with sigterm_unwinds():
+    # In a torchrun job a repeated signal is torchrun's agent forwarding its own, and the
+    # agent signals the ranks still running once one has failed (see sigterm_unwinds).
+    together = info.distributed
+    with (
+        sigterm_unwinds(repeats_stop=not together, then_ignored=together),
+        stop_deadline(config.stop_timeout, _stop_now(config))
+        if together
+        else contextlib.nullcontext(),
+    ):
         return _run(config, info)
+
+
+def _stop_now(config: PretrainConfig) -> Callable[[int], None]:
+    """What a rank does when it has not stopped ``--stop_timeout`` seconds after a signal:
+    one line, then exit at once (see training.interrupts.stop_deadline)."""
+
+    def expire(signum: int) -> None:
+        what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        message = (
+            f"{what}, but this process did not stop within {config.stop_timeout:g} s "
+            "(--stop_timeout): another process of this run failed or is stuck (this one waits "
+            "for it in a collective), or the work up to the point where the processes stop "
+            "together takes longer (the steps to the next log point, a checkpoint save or an "
+            "export, the start-up); stopping it without clean-up; resume later from "
+            f"{Path(config.output_dir) / CHECKPOINT_NAME}"
+        )
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None)
+        # Not through the logging handlers: the blocked main thread may hold their lock.
+        with contextlib.suppress(OSError):
+            os.write(2, (_LOG_FORMAT.format(record) + "\n").encode())
+        kill_workers_now()  # os._exit skips the reaper at exit
+        os._exit(128 + signum)
+
+    return expire
 
 
 def _make_output_dir(folder: Path) -> None:
@@ -999,45 +1094,75 @@ def _make_output_dir(folder: Path) -> None:
 
 
 def _run(config: PretrainConfig, info: DistInfo) -> int:
-    """Train with ``config`` in this process; returns the exit status."""
+    """Train with ``config`` in this process; returns the exit status.
+
+    The report and the clean-up run with interruptions deferred: a signal that arrives while
+    the run unwinds (torchrun's agent sends SIGTERM to the ranks still running once one has
+    stopped) must not cut the one line that says why it stopped.
+    """
     try:
-        if info.is_main:
-            _make_output_dir(Path(config.output_dir))
-        trainer = Trainer(config, info)
-        try:
-            return trainer.run()
-        finally:
-            # No exception inside TensorBoard's writer; one that came meanwhile is raised after
-            # (the run's work is done, but whoever sent it is told it arrived: 143 or 130).
-            with interruptions_deferred():
-                trainer.log.close()
-    except ConfigError as err:
+        return _train(config, info)
+    except BaseException as err:
+        mark_stopping()
+        with interruptions_deferred(check=False):
+            status = _exit_status(config, info, err)
+        if status is None:
+            raise  # a bug: its traceback is the report
+        return status
+    finally:
+        with interruptions_deferred(check=False):
+            cleanup_distributed()
+
+
+def _train(config: PretrainConfig, info: DistInfo) -> int:
+    """Build the trainer and run it; returns the exit status of a run that ends normally."""
+    if info.is_main:
+        _make_output_dir(Path(config.output_dir))
+    trainer = Trainer(config, info)
+    try:
+        return trainer.run()
+    finally:
+        mark_stopping()
+        # No exception inside TensorBoard's writer. One that came meanwhile is raised after
+        # for a run that finished (its work is done, but whoever sent it is told it arrived:
+        # 143 or 130), not in place of the error or interruption that stopped a run.
+        with interruptions_deferred(check=sys.exception() is None):
+            trainer.log.close()
+
+
+def _exit_status(config: PretrainConfig, info: DistInfo, err: BaseException) -> int | None:
+    """Report ``err`` in one line; returns the exit status, or ``None`` for an error that is
+    not the user's or the machine's (its traceback is the report)."""
+    if isinstance(err, ConfigError):
         logger.error("error: %s", err)
         return 2
-    except (DataError, CheckpointCorruptError, TrainingError, OSError) as err:
-        if SIGTERM_SEEN.is_set():  # e.g. a file cut short by the termination
+    # In one process SIGTERM is raised wherever the run is, and code that catches it may
+    # report something else instead. Under torchrun it is raised only where the ranks agree
+    # to stop: an error is the error (the agent's SIGTERM comes after it).
+    caused_by_sigterm = SIGTERM_SEEN.is_set() and not info.distributed
+    if isinstance(err, DataError | CheckpointCorruptError | TrainingError | OSError):
+        if caused_by_sigterm:  # e.g. a file cut short by the termination
             return _interrupted(config, Terminated())
         logger.error("error: %s", user_message(err))
         return 1
-    except (MemoryError, RuntimeError) as err:
+    if isinstance(err, MemoryError | RuntimeError):
         interrupt = _interrupt_behind(err)
         if interrupt is not None:  # torch.save's writer turns it into a RuntimeError
             return _interrupted(config, interrupt)
-        if SIGTERM_SEEN.is_set():  # e.g. an error torch raised while the run stopped
+        if caused_by_sigterm:  # e.g. an error torch raised while the run stopped
             return _interrupted(config, Terminated())
         message = resource_failure(err)
         if message is None and info.distributed:
             message = peer_failure(err)
         if message is None:
-            raise  # a bug: its traceback is the report
+            return None
         logger.error(
             "error: %s (resume from %s)", message, Path(config.output_dir) / CHECKPOINT_NAME
         )
         return 1
-    except (KeyboardInterrupt, Terminated) as err:
+    if isinstance(err, KeyboardInterrupt | Terminated):
         return _interrupted(config, err)
-    finally:
-        cleanup_distributed()
+    return None
 
 
 if __name__ == "__main__":

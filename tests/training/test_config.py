@@ -234,6 +234,11 @@ def test_yaml_null_is_allowed_where_it_means_the_default(tmp_path):
         (["--export_every", "2"], "--export_every needs --export_to"),
         (["--export_to", "model_repository/"], "names a folder"),
         (["--export_to", "repo/.."], "names a folder"),
+        (["--stop_timeout", "0"], "--stop_timeout must be in \\(0, 86400\\]"),
+        (["--stop_timeout", "-1"], "--stop_timeout must be in"),
+        (["--stop_timeout", "nan"], "--stop_timeout must be in"),
+        (["--stop_timeout", "inf"], "--stop_timeout must be in"),
+        (["--stop_timeout", "1e12"], "--stop_timeout must be in"),
     ],
 )
 def test_out_of_range_options_are_refused(flags, message):

@@ -18,13 +18,20 @@ from torch.utils.data import DataLoader
 
 from training import interrupts
 from training.interrupts import (
+    ELSEWHERE,
     SIGTERM_SEEN,
+    Interruption,
     Terminated,
     ignore_interrupts_in_worker,
     interruptions_deferred,
+    kill_workers_now,
+    mark_stopping,
+    pending_interruption,
     raise_if_interrupted,
+    raise_interruption,
     sigterm_unwinds,
     start_workers,
+    stop_deadline,
     stop_workers,
 )
 
@@ -312,3 +319,186 @@ def test_sigterm_outside_a_deferred_block_is_raised_at_once():
     with sigterm_unwinds(), pytest.raises(Terminated):
         os.kill(os.getpid(), signal.SIGTERM)
         pytest.fail("not raised")
+
+
+def test_in_a_torchrun_job_repeated_signals_are_only_recorded():
+    """torchrun's agent forwards the signal it got, so a rank Slurm also signals receives it
+    twice: the repeat neither kills it (SIGTERM) nor raises (Ctrl-C) before the safe point."""
+    with sigterm_unwinds(repeats_stop=False):
+        with pytest.raises(Terminated), interruptions_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # with repeats_stop this would kill pytest
+            assert signal.getsignal(signal.SIGTERM) is interrupts._terminate
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True
+        assert reached
+        assert pending_interruption() is Interruption.SIGTERM
+        # Outside a deferred block a repeat is not raised either: it would cut short the
+        # unwinding of the first (the run's one line that says why it stopped).
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert interrupts._repeats_stop  # put back for the next run in this process
+    assert not SIGTERM_SEEN.is_set()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_pending_interruption_and_the_agreed_one_raised():
+    assert pending_interruption() is Interruption.NONE
+    raise_interruption(Interruption.NONE)  # nothing to raise
+    with interruptions_deferred(check=False):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert pending_interruption() is Interruption.CTRL_C
+        with pytest.raises(KeyboardInterrupt) as own:
+            raise_interruption(Interruption.CTRL_C)
+        assert own.value.args == ()  # this process's own Ctrl-C, now raised: not pending
+        assert pending_interruption() is Interruption.NONE
+        with pytest.raises(KeyboardInterrupt) as other:
+            raise_interruption(Interruption.CTRL_C)  # only another process got one
+        assert other.value.args == (ELSEWHERE,)
+    with sigterm_unwinds(), interruptions_deferred(check=False):
+        with pytest.raises(Terminated) as elsewhere:
+            raise_interruption(Interruption.SIGTERM)
+        assert elsewhere.value.args == (ELSEWHERE,)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # both: SIGTERM is what is acted on
+        assert pending_interruption() is Interruption.SIGTERM
+        assert max(Interruption.CTRL_C, Interruption.SIGTERM) is Interruption.SIGTERM
+        with pytest.raises(Terminated) as here:
+            raise_interruption(Interruption.SIGTERM)
+        assert here.value.args == ()
+
+
+def test_starting_workers_unchecked_leaves_a_signal_to_the_caller():
+    """In a distributed run the ranks act on a signal where they agree to; starting an
+    epoch's workers must not raise it on one rank alone."""
+    loader = _loader()
+    with sigterm_unwinds(), interruptions_deferred(check=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        batches = start_workers(loader, check=False)
+        try:
+            assert next(iter(batches)).tolist() == [0, 1]
+            assert pending_interruption() is Interruption.SIGTERM
+        finally:
+            stop_workers(batches)
+
+
+def test_a_rank_that_is_done_ignores_the_signals_while_it_exits():
+    """torchrun's agent signals the ranks still running once one has exited; a rank tearing
+    torch down after its last line must keep its exit status (not -15)."""
+    try:
+        with sigterm_unwinds(repeats_stop=False, then_ignored=True):
+            assert signal.getsignal(signal.SIGTERM) is interrupts._terminate
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # with SIG_DFL, this would end pytest
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_the_stop_deadline_sees_a_signal_the_main_thread_has_not_handled():
+    """The watcher reads the wakeup fd, written by the C-level handler: it needs nothing from
+    the main thread, which may be blocked in a collective."""
+    expired: list[int] = []
+    with sigterm_unwinds(repeats_stop=False), interruptions_deferred(check=False):
+        with stop_deadline(0.3, expired.append):
+            os.kill(os.getpid(), signal.SIGTERM)
+            started = time.monotonic()
+            while not expired and time.monotonic() - started < 10:
+                time.sleep(0.01)
+        assert expired == [signal.SIGTERM]
+        assert 0.25 < time.monotonic() - started < 5
+        with stop_deadline(0.3, expired.append):  # left in time: nothing expires
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        assert expired == [signal.SIGTERM]
+    assert signal.set_wakeup_fd(-1) == -1  # put back (none was set)
+
+
+def test_the_stop_deadline_ignores_other_signals():
+    expired: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        with (
+            sigterm_unwinds(),
+            interruptions_deferred(check=False),
+            stop_deadline(0.2, expired.append),
+        ):
+            os.kill(os.getpid(), signal.SIGUSR1)  # a Python handler: written to the fd too
+            time.sleep(0.5)
+            assert expired == []
+            os.kill(os.getpid(), signal.SIGTERM)  # the control: this one is watched
+            started = time.monotonic()
+            while not expired and time.monotonic() - started < 10:
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert expired == [signal.SIGTERM]
+
+
+def _signal_myself() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_forked_childs_signal_does_not_start_the_parents_deadline():
+    """A child forked while the deadline runs inherits the wakeup fd; its own SIGTERM (it
+    inherited the Python handler too) must not be taken for the parent's."""
+    expired: list[int] = []
+    context = multiprocessing.get_context("fork")
+    with sigterm_unwinds(), stop_deadline(0.2, expired.append):
+        child = context.Process(target=_signal_myself)
+        child.start()
+        child.join(10)
+        time.sleep(0.5)
+    assert child.exitcode is not None
+    assert expired == []
+
+
+def test_workers_are_killed_at_once_before_an_exit_that_skips_the_reaper():
+    batches = start_workers(_loader())
+    workers = list(batches._workers)  # type: ignore[attr-defined]
+    # torch's SIGCHLD handler would raise here for each killed worker (the process that
+    # calls kill_workers_now exits at once instead).
+    sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        assert all(w.is_alive() for w in workers)
+        kill_workers_now()
+        for worker in workers:
+            worker.join(10)
+        assert [w.exitcode for w in workers] == [-signal.SIGKILL] * len(workers)
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+        stop_workers(batches)
+
+
+def test_once_the_run_has_stopped_signals_are_only_recorded():
+    """The line that says why a run stopped, and its clean-up, are not cut short by a signal
+    (torchrun's agent signals the ranks still running once one has failed)."""
+    with sigterm_unwinds():
+        mark_stopping()
+        os.kill(os.getpid(), signal.SIGTERM)  # not raised, though no block defers it
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert pending_interruption() is Interruption.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert not interrupts._stopping
+    assert pending_interruption() is Interruption.NONE
+
+
+def test_repeats_are_only_recorded_also_when_sigterm_is_not_ours(monkeypatch):
+    """A process that inherited SIGTERM as ignored (or embeds the trainer with its own
+    handler) still gets the Ctrl-C behaviour it asked for."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with sigterm_unwinds(repeats_stop=False):
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # left alone
+            assert not interrupts._repeats_stop
+            with interruptions_deferred(check=False):
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)  # recorded, not raised
+                assert pending_interruption() is Interruption.CTRL_C
+        assert interrupts._repeats_stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -713,3 +713,27 @@ def test_an_output_dir_that_cannot_be_a_folder_is_named(tmp_path, image_dir, cap
     reason = "it exists and is not a folder" if where == "a file" else "cannot create it"
     assert f"--output_dir {out}: {reason}" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_a_signal_while_an_error_is_reported_does_not_cut_the_report_short(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    """The report of why a run stopped is written with interruptions deferred: a SIGTERM that
+    arrives meanwhile (torchrun's agent signals the ranks still running once one stopped)
+    must not replace that one line with a traceback."""
+    import os
+    import signal
+
+    from training import pretrain
+
+    message = pretrain.user_message
+
+    def signalled_while_reporting(err: BaseException) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return message(err)
+
+    monkeypatch.setattr(pretrain, "user_message", signalled_while_reporting)
+    (tmp_path / "afile").write_text("x")
+    assert main(tiny_args(image_dir, tmp_path / "afile")) == 1
+    assert "--output_dir" in caplog.text and "it exists and is not a folder" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
