@@ -1136,12 +1136,11 @@ def _exit_status(config: PretrainConfig, info: DistInfo, err: BaseException) -> 
     if isinstance(err, ConfigError):
         logger.error("error: %s", err)
         return 2
-    # In one process SIGTERM is raised wherever the run is, and code that catches it may
-    # report something else instead. Under torchrun it is raised only where the ranks agree
-    # to stop: an error is the error (the agent's SIGTERM comes after it).
-    caused_by_sigterm = SIGTERM_SEEN.is_set() and not info.distributed
     if isinstance(err, DataError | CheckpointCorruptError | TrainingError | OSError):
-        if caused_by_sigterm:  # e.g. a file cut short by the termination
+        # In one process SIGTERM is raised wherever the run is, and the code it lands in may
+        # report something else instead. Under torchrun it is raised only where the ranks
+        # agree to stop: such an error is the error (the agent's SIGTERM came after it).
+        if SIGTERM_SEEN.is_set() and not info.distributed:  # e.g. a file cut short by it
             return _interrupted(config, Terminated())
         logger.error("error: %s", user_message(err))
         return 1
@@ -1149,7 +1148,9 @@ def _exit_status(config: PretrainConfig, info: DistInfo, err: BaseException) -> 
         interrupt = _interrupt_behind(err)
         if interrupt is not None:  # torch.save's writer turns it into a RuntimeError
             return _interrupted(config, interrupt)
-        if caused_by_sigterm:  # e.g. an error torch raised while the run stopped
+        # E.g. an error torch raised while the run stopped; under torchrun, a collective that
+        # failed because a rank stopped or was killed after this one was signalled.
+        if SIGTERM_SEEN.is_set():
             return _interrupted(config, Terminated())
         message = resource_failure(err)
         if message is None and info.distributed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ def write_images(root: Path, count: int, seed: int = 0) -> Path:
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     return write_images(tmp_path / "images", 18)
+
+
+def default_signals() -> None:
+    """SIGINT and SIGTERM at their defaults (a ``preexec_fn`` for a child that must react to
+    them as in a terminal, also when the test runner was started ignoring them)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import tiny_args
+from tests.training.conftest import default_signals, tiny_args
 from training.checkpoint import load_checkpoint
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -115,7 +115,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def _torchrun_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a 2-process torchrun job on this checkout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         str(TORCHRUN),
@@ -124,7 +125,22 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
         f"--master_port={_free_port()}",
         *args,
     ]
+    return cmd, env
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd, env = _torchrun_command(args)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _start_torchrun(args: list[str]) -> subprocess.Popen[str]:
+    """Start a torchrun job in a session of its own, with SIGINT and SIGTERM at their defaults
+    (as in a terminal, also when the test runner ignores them)."""
+    cmd, env = _torchrun_command(args)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=default_signals,
+    )  # fmt: skip
 
 
 def test_center_all_reduce_uses_global_batch(tmp_path):
@@ -229,13 +245,6 @@ def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
     return None
 
 
-def _default_signals() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc")
 @pytest.mark.parametrize(
     ("target", "signame", "log_every"),
@@ -257,20 +266,7 @@ def test_a_signal_stops_every_rank_together_each_in_one_line(
     sent = getattr(signal, signame)
     out = tmp_path / "run"
     args = tiny_args(image_dir, out, "--epochs", "500", "--log_every", log_every)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        str(TORCHRUN),
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "training.pretrain",
-        *args,
-    ]
-    process = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=_default_signals,
-    )  # fmt: skip
+    process = _start_torchrun(["-m", "training.pretrain", *args])
     try:
         deadline = time.monotonic() + 180
         steps = out / "log_steps.jsonl"
@@ -334,20 +330,7 @@ def test_a_rank_that_cannot_stop_together_exits_by_itself_after_the_stop_timeout
     script.write_text(STUCK_RANK_1_SCRIPT)
     marker = tmp_path / "stuck"
     args = tiny_args(image_dir, tmp_path / "run", "--epochs", "50", "--stop_timeout", "3")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        str(TORCHRUN),
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(script),
-        str(marker),
-        *args,
-    ]
-    process = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True, preexec_fn=_default_signals,
-    )  # fmt: skip
+    process = _start_torchrun([str(script), str(marker), *args])
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and process.poll() is None and not marker.exists():

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.contract import model_versions
-from tests.training.conftest import tiny_args
+from tests.training.conftest import default_signals, tiny_args
 from training.checkpoint import CheckpointCorruptError, load_checkpoint
 from training.config import parse_config
 from training.distributed import cleanup_distributed, init_distributed
@@ -611,13 +611,6 @@ def test_skip_warnings_print_once_above_the_progress_bar(tmp_path, image_dir):
     assert "empty file (0 bytes)" in warnings[0]
 
 
-def _default_signals() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize(
     ("signame", "status", "line"),
     [
@@ -649,7 +642,7 @@ def test_a_signal_to_the_whole_process_group_is_one_line(
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         # As a terminal would: a runner started in the background (`pytest &` in a script)
         # ignores SIGINT, and its children would inherit that.
-        preexec_fn=_default_signals,
+        preexec_fn=default_signals,
     )
     try:
         deadline = time.monotonic() + 120
