@@ -596,29 +596,39 @@ class Trainer:
                 "a lower --lr, or a longer warm-up (the last checkpoint is intact)."
             )
 
-    def stop_together(self, *, bad_loss: bool = False) -> None:
+    def stop_together(self, *, bad_loss: bool = False, failed: bool = False) -> None:
         """In a distributed run: stop every rank here if one of them must stop.
 
         Each rank stopping on its own at its next step would leave the others waiting in a
         collective for a rank that has gone (with NCCL, until torchrun's grace period ends
         and it kills them). A signal reaches the ranks at different moments (torchrun's agent
         forwards its own; a scheduler signals each process), or only one of them (``kill``),
-        so the ranks agree here, at a point they all reach, on the interruption to act on and
-        on a non-finite loss.
+        so the ranks agree here, at a point they all reach, on the interruption to act on, on
+        a non-finite loss, and on a failure of the work one rank does alone (rank 0 saves).
 
         Args:
             bad_loss: This rank had a non-finite loss since the last agreement (its own
                 check reports it, with the iteration).
+            failed: This rank's own work failed (the caller raises its error after this).
 
         Raises:
-            TrainingError: Another rank had a non-finite loss.
+            TrainingError: Another rank failed or had a non-finite loss.
             KeyboardInterrupt: A rank received Ctrl-C.
             Terminated: A rank received SIGTERM.
         """
         if not self.info.distributed:
             raise_if_interrupted()
             return
-        stop, bad = max_over_ranks([pending_interruption(), int(bad_loss)], self.device)
+        stop, bad, failure = max_over_ranks(
+            [pending_interruption(), int(bad_loss), int(failed)], self.device
+        )
+        if failure:
+            if not failed:
+                raise TrainingError(
+                    "another process of this run failed (its own error says why); stopping "
+                    "(the last complete checkpoint is kept)"
+                )
+            return
         if bad and not bad_loss:
             raise TrainingError(
                 f"the loss is not finite {ELSEWHERE} (its own error names the iteration); "
@@ -771,6 +781,29 @@ class Trainer:
                 f"({err.strerror or err}); the last complete checkpoint there is kept"
             ) from err
 
+    def _save_and_log(self, epoch: int, stats: dict[str, Any]) -> Exception | None:
+        """Save and log the finished epoch (rank 0 writes).
+
+        Returns:
+            ``None``, or in a distributed run the error that stopped it, for the caller to
+            raise once the ranks have agreed to stop (stop_together): raised at once, it would
+            leave the others waiting for rank 0 in their next collective. In one process the
+            error is raised here.
+        """
+        try:
+            self.save(epoch)
+            self.log.epoch(epoch, stats)
+        except Exception as err:
+            if not self.info.distributed:
+                raise
+            return err
+        logger.info(
+            "epoch %d: %s",
+            epoch,
+            {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
+        )
+        return None
+
     def check_export_target(self) -> None:
         """Fail before training, not after it, when ``--export_to`` cannot be written."""
         if not (self.info.is_main and self.config.export_to):
@@ -895,19 +928,17 @@ class Trainer:
             for done_this_run, epoch in enumerate(range(self.start_epoch, config.epochs), start=1):
                 with interruptions_deferred(check=not together):
                     stats = self.train_epoch(epoch)
-                    self.save(epoch)
-                    self.log.epoch(epoch, stats)
-                    logger.info(
-                        "epoch %d: %s",
-                        epoch,
-                        {k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()},
-                    )
-                self._warn_if_mostly_unreadable(int(stats["skipped_images"]))
+                    failure = self._save_and_log(epoch, stats)
                 final = epoch + 1 == config.epochs
-                if config.export_every and (epoch + 1) % config.export_every == 0 and not final:
-                    self.export(final=False)
+                periodic = config.export_every and (epoch + 1) % config.export_every == 0
+                if failure is None:
+                    self._warn_if_mostly_unreadable(int(stats["skipped_images"]))
+                    if periodic and not final:
+                        self.export(final=False)
                 if together:
-                    self.stop_together()
+                    self.stop_together(failed=failure is not None)
+                if failure is not None:
+                    raise failure
                 limit = config.max_epochs_this_run
                 if limit and done_this_run >= limit and not final:
                     logger.info("stopping after %d epochs (--max_epochs_this_run)", done_this_run)

@@ -89,6 +89,8 @@ def logged_step(self, crops, epoch, it):
 def signalled_save(self, epoch):  # rank 0 only writes; the others return at once
     if where == "save" and rank == "0" and epoch == 1:
         os.kill(os.getpid(), signal.SIGTERM)
+    if where == "save fails" and rank == "0" and epoch == 1:
+        raise pretrain.TrainingError("cannot write the checkpoint (injected)")
     save(self, epoch)
 starts = []
 def signalled_start(loader, **kwargs):
@@ -388,3 +390,22 @@ def test_a_signal_to_one_rank_in_its_own_work_stops_both_ranks_at_the_next_agree
         assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1
         assert steps == {f"rank {r} step {e} {it}" for r in (0, 1) for e, it in
                          ((0, 0), (0, 1), (1, 2))}  # fmt: skip
+
+
+def test_rank_0_failing_to_save_stops_every_rank_at_once_each_in_one_line(tmp_path, image_dir):
+    """Only rank 0 saves; when that fails the ranks agree to stop after the epoch, instead of
+    the others waiting for rank 0 in their next collective (with NCCL, until the deadline)."""
+    script = tmp_path / "inside.py"
+    script.write_text(SIGNAL_INSIDE_SCRIPT)
+    out = tmp_path / "run"
+    args = tiny_args(image_dir, out, "--epochs", "5", "--log_every", "1")
+    result = _torchrun([str(script), "save fails", *args], ROOT)
+    own = "\n".join(line for line in result.stderr.splitlines() if line.startswith("20"))
+    assert own.count(" ERROR error: cannot write the checkpoint (injected)") == 1, own
+    line = " ERROR error: another process of this run failed (its own error says why); stopping"
+    assert own.count(line) == 1, result.stderr[-3000:]
+    assert "another process of this run stopped" not in result.stderr, result.stderr[-3000:]
+    assert "exitcode  : 1 " in result.stderr and "exitcode  : -" not in result.stderr
+    steps = {line for line in result.stderr.splitlines() if line.startswith("rank ")}
+    assert not any(" step 2 " in step for step in steps), steps  # no step of epoch 2 ran
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 1  # epoch 0's is kept
