@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.runtime import cuda_unavailable_reason
-from service.settings import Settings
+from service.settings import Settings, misspelt_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Args:
         argv: Command-line arguments (only ``--help``); default ``sys.argv[1:]``.
+
+    Returns:
+        0 after a normal shutdown (SIGTERM), 2 for invalid settings, 3 when the server cannot
+        start (``DINO_DEVICE=cuda`` and CUDA cannot be bound, or the port is taken: uvicorn's
+        startup-failure status), 130 after Ctrl-C.
     """
     _parser().parse_args(argv)
+    for message in misspelt_settings(os.environ):
+        print(f"warning: {message}", file=sys.stderr)
     try:
         settings = Settings()
     except ValidationError as err:
@@ -75,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # turns into KeyboardInterrupt: the conventional status, without a traceback.
         return 130
     # The model loads after the server started listening; a device that cannot be bound
-    # stops it (stop_server). uvicorn also returns normally when the lifespan startup failed.
+    # stops it (stop_server). uvicorn also returns normally when the lifespan startup failed,
+    # and exits with its own startup-failure status, 3 as well, when it cannot bind the port.
     return 3 if fatal or not server.started else 0
 
 

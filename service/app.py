@@ -42,7 +42,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
-from service.options import EmbedOptions, parse_options, resolve_resolution
+from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
 from service.preprocess import plan_geometry, to_pixels
 from service.repository import Loader, ModelManager
 from service.runtime import OnnxModel, load_model
@@ -486,7 +486,7 @@ def _prepare(
         resolution=resolution,
         crop=options.crop,
         patch_size=model.metadata.patch_size,
-        max_side=settings.max_resolution,
+        max_side=max_side(settings.max_resolution, model.metadata.resolution),
     )
     center_side = resolution if options.crop == "none" else None
     check_attention_budget(model, geometry.size, settings, index=index, center_side=center_side)

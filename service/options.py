@@ -127,17 +127,37 @@ def _parse_resolution(value: str) -> int | None:
     return int(value)
 
 
+def max_side(max_resolution: int, default: int) -> int:
+    """Largest processed side: ``DINO_MAX_RESOLUTION``, but never below the model's default.
+
+    A model is always served at its own resolution; a setting below it is raised to it, so a
+    plain request, ``resolution`` equal to the default and ``crop=none`` agree.
+
+    Args:
+        max_resolution: The ``DINO_MAX_RESOLUTION`` setting.
+        default: The model's default resolution (from its metadata).
+    """
+    return max(max_resolution, default)
+
+
 def resolve_resolution(
     requested: int | None, *, default: int, patch_size: int, max_resolution: int
 ) -> int:
     """The resolution to use: the model's default, or the request rounded to a patch multiple.
 
+    Args:
+        requested: The ``resolution`` option, None when absent.
+        default: The model's default resolution, always allowed.
+        patch_size: The model's patch size.
+        max_resolution: The ``DINO_MAX_RESOLUTION`` setting (see :func:`max_side`).
+
     Raises:
-        InvalidOptionError: Outside ``[patch_size, max_resolution]`` after rounding.
+        InvalidOptionError: Outside ``[patch_size, max_side(max_resolution, default)]`` after
+            rounding.
     """
     if requested is None:
         return default
-    limit = max(patch_size, (max_resolution // patch_size) * patch_size)
+    limit = max(patch_size, (max_side(max_resolution, default) // patch_size) * patch_size)
     rounded = round_to_patch(min(max(requested, 0), 2 * limit), patch_size)
     if requested < 1 or rounded > limit:
         raise InvalidOptionError(

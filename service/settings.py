@@ -5,8 +5,10 @@ Build a :class:`Settings` in ``main``/``create_app``, never at import time.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -51,7 +53,8 @@ class Settings(BaseSettings):
         keep_alive_s: uvicorn's idle keep-alive timeout between requests on one connection.
         max_images_per_request: Most images in one request (422 beyond).
         max_image_pixels: Largest width*height accepted, checked before pixels are decoded.
-        max_resolution: Largest processed side in pixels (``resolution`` and ``crop=none``).
+        max_resolution: Largest processed side in pixels (``resolution`` and ``crop=none``);
+            never below the model's default resolution, which is always served.
         max_batch_attention_bytes: Attention-matrix bytes allowed per inference call
             (``batch * heads * tokens**2 * 4``): batches of large images are split to stay
             within it, and an image that alone exceeds it is refused with 413.
@@ -161,3 +164,28 @@ class Settings(BaseSettings):
     def worker_count(self) -> int:
         """Decode/resize threads to start."""
         return self.decode_workers or max(os.cpu_count() or 1, 1)
+
+
+def misspelt_settings(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``DINO_*`` variables that are no setting but nearly spell one.
+
+    pydantic-settings ignores unknown variables, so ``DINO_MAX_BATCHSIZE=8`` would leave the
+    default in force without a word. Variables that resemble no setting (other tools' own
+    ``DINO_*`` names, such as compose's ``DINO_CPUS``) are left alone.
+
+    Args:
+        environ: The process environment.
+
+    Returns:
+        One message per near miss, naming the setting it resembles.
+    """
+    known = [f"DINO_{name.upper()}" for name in Settings.model_fields]
+    messages = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("DINO_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.85)
+        if close:
+            messages.append(f"{name} is not a setting (did you mean {close[0]}?); it is ignored")
+    return messages

@@ -41,6 +41,25 @@ def _post(url: str, blob: bytes, barrier: threading.Barrier | None = None) -> ht
         return client.post("/embed", files=[("images", ("a.png", blob, "image/png"))])
 
 
+def test_a_max_resolution_below_the_models_default_is_raised_to_it(
+    tiny_model_repository: Path,
+) -> None:
+    # The tiny model's default is 32; DINO_MAX_RESOLUTION=16 must not make a plain request,
+    # resolution=32 and crop=none disagree about what the model may see.
+    with run_server(tiny_settings(tiny_model_repository, max_resolution=16)) as server:
+        files = [("images", ("a.png", png_bytes(64, 48), "image/png"))]
+        sizes = []
+        for data in [{}, {"resolution": "32"}, {"crop": "none"}]:
+            response = server.client.post("/embed", files=files, data=data)
+            assert response.status_code == 200, (data, response.text)
+            body = response.json()
+            sizes.append((body["options"]["resolution"], body["results"][0]["processed_size"]))
+        square = (32, {"width": 32, "height": 32})
+        assert sizes == [square, square, (32, {"width": 32, "height": 24})]  # 64x48 capped at 32
+        response = server.client.post("/embed", files=files, data={"resolution": "40"})
+        assert response.status_code == 422 and "between 8 and 32" in response.text
+
+
 def test_extreme_aspect_ratio_stays_in_memory_bounds(live: LiveServer) -> None:
     # 1 x 3000 at resolution 256: torchvision's intermediate would be 293 x 879,000 pixels
     # (~770 MB of RGB). Kept moderate so a regression fails this assertion instead of

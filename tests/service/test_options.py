@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.errors import InvalidOptionError
-from service.options import EmbedOptions, parse_options, resolve_resolution
+from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
 
 
 def test_defaults() -> None:
@@ -64,6 +64,17 @@ def test_resolution_rounding_and_limits() -> None:
     for bad in (0, -5, 1041, 10**9):
         with pytest.raises(InvalidOptionError, match="limits"):
             resolve_resolution(bad, default=224, patch_size=16, max_resolution=1024)
+
+
+def test_the_models_default_resolution_is_always_allowed() -> None:
+    # DINO_MAX_RESOLUTION below the model's default: the limit is raised to the default, so
+    # asking for the default explicitly gives what a plain request gives.
+    assert resolve_resolution(None, default=32, patch_size=8, max_resolution=16) == 32
+    assert resolve_resolution(32, default=32, patch_size=8, max_resolution=16) == 32
+    assert resolve_resolution(22, default=32, patch_size=8, max_resolution=16) == 24
+    with pytest.raises(InvalidOptionError, match="between 8 and 32"):
+        resolve_resolution(40, default=32, patch_size=8, max_resolution=16)
+    assert max_side(16, 32) == 32 and max_side(1024, 224) == 1024
 
 
 def test_values_are_case_insensitive() -> None:

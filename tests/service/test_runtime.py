@@ -261,6 +261,32 @@ def test_cuda_device_fails_at_start_without_a_gpu(
     assert "DINO_DEVICE=cuda" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_port_already_taken_exits_3_with_the_reason(
+    tiny_model_repository: Path,
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ,
+            "DINO_DEVICE": "cpu",
+            "DINO_HOST": "127.0.0.1",
+            "DINO_PORT": str(taken.getsockname()[1]),
+            "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
+            "DINO_MODEL_NAME": TINY_MODEL_NAME,
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "service"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+    assert result.returncode == 3, result.stderr[-2000:]  # uvicorn's startup-failure status
+    assert "address already in use" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_device_that_cannot_be_bound_at_load_stops_the_server(
     tiny_model_repository: Path,
 ) -> None:

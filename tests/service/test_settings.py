@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, misspelt_settings
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,6 +81,28 @@ def test_log_level_is_normalised_and_a_bad_one_exits_2(monkeypatch, capsys) -> N
     assert "DINO_LOG_LEVEL='verbose' is not a log level" in err and "Traceback" not in err
 
 
+def test_a_misspelt_setting_is_named_not_silently_ignored(monkeypatch, capsys) -> None:
+    environ = {
+        "DINO_MAX_BATCHSIZE": "8",
+        "dino_log_levl": "debug",
+        "DINO_CPUS": "2",  # compose's own variable: resembles no setting
+        "DINO_MAX_BATCH_SIZE": "8",
+        "PATH": "/bin",
+    }
+    assert misspelt_settings(environ) == [
+        "DINO_MAX_BATCHSIZE is not a setting (did you mean DINO_MAX_BATCH_SIZE?); it is ignored",
+        "dino_log_levl is not a setting (did you mean DINO_LOG_LEVEL?); it is ignored",
+    ]
+    monkeypatch.setenv("DINO_MAX_QUEUE_DELAY", "5")
+    monkeypatch.setenv("DINO_LOG_LEVEL", "verbose")  # stops main before anything starts
+    from service.__main__ import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    hint = "warning: DINO_MAX_QUEUE_DELAY is not a setting (did you mean DINO_MAX_QUEUE_DELAY_MS?)"
+    assert hint in err
+
+
 def test_help_describes_the_settings_and_starts_nothing(capsys) -> None:
     from service.__main__ import main
 
@@ -102,3 +124,14 @@ def test_every_setting_is_in_both_configuration_tables() -> None:
         }
         fields = {f"DINO_{name.upper()}" for name in Settings.model_fields}
         assert fields <= rows, (doc, sorted(fields - rows))
+        row_text = {
+            line.split("|")[1].strip().strip("`"): line
+            for line in text.splitlines()
+            if line.startswith("| `DINO_")
+        }
+        for name, field in Settings.model_fields.items():
+            # A lower bound beyond the obvious (non-negative, positive) must be in the table.
+            for bound in field.metadata:
+                minimum = getattr(bound, "ge", None)
+                if minimum is not None and minimum > 1:
+                    assert f"at least `{minimum}`" in row_text[f"DINO_{name.upper()}"], (doc, name)
