@@ -227,9 +227,17 @@ async def embed(request: Request) -> Response:
     # What the headers alone decide is refused before the body is read (a client that sent
     # "Expect: 100-continue" is then never asked for it): media type, query options, a model.
     check_content_type(content_type)
-    parse_options(query_options(query))
-    if state.manager.current is None:
+    early = parse_options(query_options(query))
+    current = state.manager.current
+    if current is None:
         raise NotReadyError("no model is loaded yet; see /readyz and /v1/models")
+    if early.resolution is not None:  # a query resolution is final (a second one is refused)
+        resolve_resolution(
+            early.resolution,
+            default=current.metadata.resolution,
+            patch_size=current.metadata.patch_size,
+            max_resolution=settings.max_resolution,
+        )
     with state.bodies.reservation() as reservation:
         body = await read_body(
             request,
@@ -746,6 +754,8 @@ def create_app(
         version="1",
         summary="CLS embeddings, patch features and attention maps of a DINO ViT over HTTP.",
         lifespan=lifespan,
+        # "/embed/" is an unknown path (a JSON 404), not a redirect built from the Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.include_router(router)

@@ -22,6 +22,7 @@ from service.errors import (
     NotAnImageError,
     UnsupportedImageFormatError,
 )
+from service.structure import check_structure, check_tiles
 
 SUPPORTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
 # Leading bytes of the supported formats: data that starts like one of them but that no decoder
@@ -68,12 +69,20 @@ def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> I
         NotAnImageError: No supported decoder recognises the bytes.
         UnsupportedImageFormatError: A recognised format outside :data:`SUPPORTED_FORMATS`.
         ImageTooLargeError: More than ``max_pixels`` pixels.
+        ImageTooComplexError: A file structure that would cost far more than its pixels
+            (:mod:`service.structure`).
         CorruptImageError: Truncated or corrupt pixel data.
     """
     if not data:
         raise EmptyImageError("the image is empty (0 bytes)", index=index)
     _allow_pixels(max_pixels)
+    check_structure(data, index=index)
     image = _open(data, max_pixels=max_pixels, index=index)
+    if image.format == "TIFF":
+        tags = image.tag_v2  # type: ignore[attr-defined]
+        tile = (tags.get(322), tags.get(323))  # TileWidth, TileLength
+        if isinstance(tile[0], int) and isinstance(tile[1], int):
+            check_tiles(image.width, image.height, (tile[0], tile[1]), index=index)
     try:
         image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
         image.load()

@@ -62,6 +62,10 @@ class BodyTooLargeError(ServiceError):
     status = 413
     code = "body_too_large"
 
+    def headers(self) -> dict[str, str]:
+        """The connection is not reusable: the rest of the body was not read."""
+        return {"Connection": "close"}
+
 
 class ImageTooLargeError(ServiceError):
     """An image has more pixels than ``max_image_pixels`` (refused before decoding)."""
@@ -126,6 +130,17 @@ class CorruptImageError(ServiceError):
     code = "corrupt_image"
 
 
+class ImageTooComplexError(ServiceError):
+    """An image whose file structure would cost far more to decode than its pixels.
+
+    Thousands of progressive JPEG scans, millions of empty segments or blocks, TIFF tiles far
+    larger than the image (see :mod:`service.structure`).
+    """
+
+    status = 422
+    code = "image_too_complex"
+
+
 class UnsupportedImageFormatError(ServiceError):
     """An image format outside the supported list (PNG, JPEG, MPO, WebP, BMP, GIF, TIFF)."""
 
@@ -164,18 +179,24 @@ class OverloadedError(ServiceError):
     Args:
         message: Explanation.
         retry_after_s: Seconds the client should wait.
+        body_unread: Refused while the body was being read: the connection is then closed
+            after the answer, or the client would go on sending the rest of it.
     """
 
     status = 429
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int) -> None:
+    def __init__(self, message: str, *, retry_after_s: int, body_unread: bool = False) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.body_unread = body_unread
 
     def headers(self) -> dict[str, str]:
-        """Tell the client when to retry."""
-        return {"Retry-After": str(self.retry_after_s)}
+        """Tell the client when to retry (and close a connection whose body was cut off)."""
+        headers = {"Retry-After": str(self.retry_after_s)}
+        if self.body_unread:
+            headers["Connection"] = "close"
+        return headers
 
 
 class NotReadyError(ServiceError):

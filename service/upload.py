@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -46,6 +47,8 @@ IMAGE_FIELD = "images"
 OPTION_PART_SLACK = 4
 """Option parts allowed beyond one per option name (``outputs`` may be repeated)."""
 _MAX_TEXT_FIELD = 1024
+MAX_TRANSPORT_PADDING = 64
+"""Most spaces and tabs allowed after a boundary delimiter (RFC 2046 transport padding)."""
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Reservation:
                 f"the service is reading too many request bodies at once ({budget.used} of "
                 f"{budget.capacity} bytes held); retry in {budget.retry_after_s} s",
                 retry_after_s=budget.retry_after_s,
+                body_unread=True,
             )
         budget._add(extra)
         self.bytes = total
@@ -343,6 +347,8 @@ def _check_delimiters(body: bytes, boundary: bytes, max_images: int) -> None:
 
     Raises:
         TooManyPartsError: More delimiters than :func:`max_parts` parts and the closing one.
+        MalformedRequestError: More than :data:`MAX_TRANSPORT_PADDING` spaces or tabs after a
+            delimiter.
     """
     limit = max_parts(max_images)
     delimiter = b"--" + boundary
@@ -353,10 +359,24 @@ def _check_delimiters(body: bytes, boundary: bytes, max_images: int) -> None:
             f"of at most {limit} parts can (at most {max_images} images plus the options; the "
             "delimiter may not occur inside a part)"
         )
+    # The parser also walks the padding after a delimiter byte by byte, however long it is.
+    padded = re.compile(re.escape(delimiter) + rb"[ \t]{%d}" % (MAX_TRANSPORT_PADDING + 1))
+    if padded.search(body) is not None:
+        raise MalformedRequestError(
+            "a multipart boundary delimiter is followed by more than "
+            f"{MAX_TRANSPORT_PADDING} bytes of padding (spaces or tabs)"
+        )
 
 
 def _parse_multipart(body: bytes, boundary: bytes, upload: Upload, max_images: int) -> None:
     _check_delimiters(body, boundary, max_images)
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter):
+        # RFC 2046 allows a preamble before the first delimiter, to be ignored; the parser
+        # does not skip one itself.
+        first = body.find(b"\r\n" + delimiter)
+        if first >= 0:
+            body = body[first + 2 :]
     collector = _MultipartCollector(upload, max_images)
     try:  # the parser itself refuses some boundaries (longer than 256 bytes, for one)
         parser = MultipartParser(

@@ -146,6 +146,20 @@ def jpeg_bytes(width: int = 40, height: int = 30, seed: int = 0) -> bytes:
     return encode(Image.fromarray(gradient_rgb(width, height, seed)), "JPEG", quality=90)
 
 
+def progressive_jpeg() -> bytes:
+    """A small progressive JPEG (libjpeg's default progression: 10 scans)."""
+    return encode(Image.fromarray(gradient_rgb(48, 40)), "JPEG", quality=90, progressive=True)
+
+
+def repeat_last_scan(jpeg: bytes, copies: int) -> bytes:
+    """The file with its last scan written ``copies`` more times (the scan-bomb pattern).
+
+    Byte stuffing keeps 0xFFDA out of entropy-coded data, so the last SOS is found by search.
+    """
+    last = jpeg.rindex(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last:-2] * copies + b"\xff\xd9"
+
+
 @pytest.fixture(scope="module")
 def live(tiny_model_repository: Path) -> Iterator[LiveServer]:
     """A server on the shared (read-only) tiny repository."""

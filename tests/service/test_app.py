@@ -29,6 +29,8 @@ from tests.service.conftest import (
     gradient_rgb,
     jpeg_bytes,
     png_bytes,
+    progressive_jpeg,
+    repeat_last_scan,
     run_server,
     tiny_settings,
 )
@@ -253,6 +255,14 @@ def test_invalid_options_answer_422(
     assert_error(response, 422, "invalid_option")
 
 
+def test_a_trailing_slash_is_an_unknown_path_not_a_redirect(live: LiveServer) -> None:
+    # Starlette would answer 307 with an empty body and a Location built from the Host header.
+    for method, path in [("POST", "/embed/"), ("GET", "/readyz/"), ("GET", "/static")]:
+        response = live.client.request(method, path, headers={"Host": "elsewhere.example"})
+        assert_error(response, 404, "not_found")
+        assert "location" not in response.headers
+
+
 def test_image_errors_name_the_bad_image(live: LiveServer) -> None:
     good = png_bytes()
     truncated = jpeg_bytes(64, 64)[:300]
@@ -264,6 +274,7 @@ def test_image_errors_name_the_bad_image(live: LiveServer) -> None:
         (truncated, 400, "corrupt_image"),
         (bytes(corrupt), 400, "corrupt_image"),
         (encode(Image.fromarray(gradient_rgb(8, 8)), "PPM"), 415, "unsupported_image_format"),
+        (repeat_last_scan(progressive_jpeg(), 200), 422, "image_too_complex"),
     ]
     for blob, status, code in cases:
         response = post_images(live, [good, blob, good])

@@ -233,6 +233,39 @@ def test_body_budget_refuses_while_bodies_are_pending(guarded: LiveServer) -> No
     wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)
 
 
+def test_refusals_while_the_body_arrives_close_the_connection(guarded: LiveServer) -> None:
+    # Otherwise the client goes on sending the rest of its body into a connection that stays
+    # open (each chunk restarting uvicorn's idle timer): 413 over max_body_bytes, declared or
+    # found while reading, and 429 when the body budget runs out mid-body.
+    declared = _stalled_upload(guarded, 10**11, b"")
+    chunked = socket.create_connection(("127.0.0.1", _port(guarded)), timeout=10)
+    chunked.sendall(  # no declared size: the limit is found while reading
+        b"POST /embed HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % 50_000 + b"x" * 50_000 + b"\r\n"
+    )
+    for connection in (declared, chunked):
+        answer = _json_answer(connection)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b"connection: close" in answer.lower()
+    stalled = _stalled_upload(guarded, 40_000, b"x" * 30_000)
+    try:
+        wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 30_000)
+        second = _stalled_upload(guarded, 40_000, b"z" * 25_000)
+        answer = _json_answer(second)
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+        assert b"connection: close" in answer.lower() and b"retry-after: 3" in answer.lower()
+    finally:
+        stalled.close()
+    wait_for(lambda: guarded.metric("dino_request_body_bytes_in_flight") == 0)
+    # Answers after a complete body keep the connection open for the next request.
+    with httpx.Client(base_url=guarded.url, timeout=30) as client:
+        for _ in range(2):
+            response = client.post(
+                "/embed", content=png_bytes(), headers={"content-type": "image/png"}
+            )
+            assert response.status_code == 200 and "connection" not in response.headers
+
+
 def test_slow_body_times_out_with_408(guarded: LiveServer) -> None:
     connection = _stalled_upload(guarded, 1000, b"0123456789")
     started = time.monotonic()
@@ -251,6 +284,7 @@ def test_slow_body_times_out_with_408(guarded: LiveServer) -> None:
         ("multipart/form-data", "", 400, "malformed_request"),  # no boundary
         ("image/png", "?bogus=1", 422, "invalid_option"),
         ("image/png", "?crop=diagonal", 422, "invalid_option"),
+        ("image/png", "?resolution=5000", 422, "invalid_option"),  # beyond max_resolution
     ],
 )
 def test_what_the_headers_decide_is_refused_before_the_body_is_asked_for(

@@ -11,7 +11,7 @@ from service.errors import (
     TooManyImagesError,
     TooManyPartsError,
 )
-from service.upload import max_parts, parse_upload
+from service.upload import MAX_TRANSPORT_PADDING, max_parts, parse_upload
 
 BOUNDARY = "B0undary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -112,3 +112,24 @@ def test_boundary_the_parser_refuses_is_malformed_not_a_crash() -> None:
             query=[],
             max_images=3,
         )
+
+
+def test_transport_padding_is_bounded() -> None:
+    # RFC 2046 allows spaces and tabs after a delimiter; python-multipart walks them byte by
+    # byte in Python, so a body of 60 MB of padding took it about 14 s.
+    padding = b" \t" * (MAX_TRANSPORT_PADDING // 2)
+    second = field("outputs", b"patch").replace(b"\r\n", padding + b"\r\n", 1)
+    images, options = parse(field("images", b"one", "a.png") + second + END)
+    assert images == [b"one"] and options == {"outputs": ["patch"]}
+    too_long = field("outputs", b"patch").replace(b"\r\n", padding + b" \r\n", 1)
+    with pytest.raises(MalformedRequestError, match=f"more than {MAX_TRANSPORT_PADDING} bytes"):
+        parse(field("images", b"one", "a.png") + too_long + END)
+
+
+def test_a_preamble_before_the_first_delimiter_is_ignored() -> None:
+    body = field("images", b"one", "a.png") + field("crop", b"none") + END
+    for preamble in (b"This is a multipart message.\r\n", b"\r\n"):
+        images, options = parse(preamble + body)
+        assert images == [b"one"] and options == {"crop": ["none"]}
+    with pytest.raises(MalformedRequestError):  # no delimiter after the text at all
+        parse(b"just text\r\n")
