@@ -95,6 +95,8 @@ def _check_jpeg(data: bytes, index: int | None) -> None:
         if fill is None:
             return  # not a marker where one belongs: the decoder reports the damage
         position = fill.end() - 1  # the last 0xFF of a run of fill bytes
+        if position + 4 > size:
+            return
         marker = data[position + 1]
         markers += 1
         if markers > MAX_JPEG_MARKERS:

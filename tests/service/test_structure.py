@@ -9,10 +9,12 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service.decode import decode_image
-from service.errors import ImageTooComplexError
+from service.errors import ImageTooComplexError, ServiceError
 from service.structure import (
     MAX_GIF_BLOCKS_BEFORE_IMAGE,
     MAX_JPEG_MARKERS,
@@ -184,3 +186,30 @@ def test_tiled_tiffs_decode_unless_their_tiles_dwarf_the_image() -> None:
         )
     with pytest.raises(ImageTooComplexError, match="16384x16384 tiles for a 4x4 image"):
         decode_image(bomb, max_pixels=PIXELS, index=0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8" + b"\xff" * 10,  # fill bytes up to the end
+        b"\xff\xd8\xff\xda\x00\x02",  # a scan header and no data
+        b"\xff\xd8\xff\xe1\xff\xff",  # a segment longer than the file
+        b"GIF89a\x01\x00\x01\x00\xff\x00\x00",  # a colour table cut short
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00\x21\xfe\x05",  # a sub-block cut short
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHD",  # a chunk header cut short
+    ],
+)
+def test_files_cut_short_are_left_to_the_decoder(data: bytes) -> None:
+    check_structure(data)  # no error of its own: decode_image reports them as corrupt
+    with pytest.raises(ServiceError) as refused:
+        decode_image(data, max_pixels=PIXELS)
+    assert refused.value.code == "corrupt_image"
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.sampled_from([b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF89a"]),
+    st.binary(max_size=96),
+)
+def test_fuzz_the_walks_never_fail_on_damaged_files(signature: bytes, tail: bytes) -> None:
+    check_structure(signature + tail)  # too short to exceed a limit: no error at all
