@@ -236,27 +236,36 @@ def test_auto_uses_the_cpu_quietly_without_a_gpu(tiny_path: Path) -> None:
     assert result.stderr.strip() == ""  # no error-level noise from a CUDA provider
 
 
-@no_gpu
-def test_cuda_device_fails_at_start_without_a_gpu(
-    tiny_path: Path, tiny_model_repository: Path
-) -> None:
-    with pytest.raises(DeviceUnavailableError, match="DINO_DEVICE=cuda"):
-        load_model(tiny_path, name="tiny", version=1, device="cuda")
+def _run_service(
+    arguments: list[str], repository: Path, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the Python interpreter on ``arguments`` with the tiny model's ``DINO_*`` settings."""
     env = {
         **os.environ,
-        "DINO_DEVICE": "cuda",
-        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
-        "DINO_MODEL_NAME": TINY_MODEL_NAME,
+        "DINO_DEVICE": "cpu",
+        "DINO_HOST": "127.0.0.1",
         "DINO_PORT": "0",
+        "DINO_MODEL_REPOSITORY": str(repository),
+        "DINO_MODEL_NAME": TINY_MODEL_NAME,
+        **settings,
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "service"],
+    return subprocess.run(
+        [sys.executable, *arguments],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
         check=False,
     )
+
+
+@no_gpu
+def test_cuda_device_fails_at_start_without_a_gpu(
+    tiny_path: Path, tiny_model_repository: Path
+) -> None:
+    with pytest.raises(DeviceUnavailableError, match="DINO_DEVICE=cuda"):
+        load_model(tiny_path, name="tiny", version=1, device="cuda")
+    result = _run_service(["-m", "service"], tiny_model_repository, DINO_DEVICE="cuda")
     assert result.returncode == 3
     assert "DINO_DEVICE=cuda" in result.stderr and "Traceback" not in result.stderr
 
@@ -267,22 +276,8 @@ def test_a_port_already_taken_exits_3_with_the_reason(
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {
-            **os.environ,
-            "DINO_DEVICE": "cpu",
-            "DINO_HOST": "127.0.0.1",
-            "DINO_PORT": str(taken.getsockname()[1]),
-            "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
-            "DINO_MODEL_NAME": TINY_MODEL_NAME,
-        }
-        result = subprocess.run(
-            [sys.executable, "-m", "service"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-            check=False,
-        )
+        port = str(taken.getsockname()[1])
+        result = _run_service(["-m", "service"], tiny_model_repository, DINO_PORT=port)
     assert result.returncode == 3, result.stderr[-2000:]  # uvicorn's startup-failure status
     assert "address already in use" in result.stderr and "Traceback" not in result.stderr
 
@@ -304,22 +299,7 @@ def test_a_device_that_cannot_be_bound_at_load_stops_the_server(
         "entry.create_app = functools.partial(create_app, loader=loader)\n"
         "sys.exit(entry.main([]))\n"
     )
-    env = {
-        **os.environ,
-        "DINO_DEVICE": "cuda",
-        "DINO_HOST": "127.0.0.1",
-        "DINO_PORT": "0",
-        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
-        "DINO_MODEL_NAME": TINY_MODEL_NAME,
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+    result = _run_service(["-c", script], tiny_model_repository, DINO_DEVICE="cuda")
     assert result.returncode == 3, result.stderr[-2000:]
     assert "CUDA could not be bound (test)" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
