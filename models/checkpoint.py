@@ -98,11 +98,19 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> Any:
         trust: Allow arbitrary pickled objects (``weights_only=False``). Only for trusted files.
 
     Raises:
-        CheckpointError: The file is missing, truncated/corrupt, or needs ``trust``.
+        CheckpointError: The file is missing, cannot be read (permissions: said as such),
+            is truncated/corrupt, or needs ``trust``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot read {path}: it is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    try:  # a file that cannot be opened (permissions) is not a corrupt one
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise CheckpointError(cannot_read(path, err)) from err
     if trust:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -122,6 +130,12 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> Any:
             f"cannot read checkpoint {path}: the file is not a torch.save file, or it is "
             f"truncated or corrupt ({load_failure(err)})"
         ) from err
+
+
+def cannot_read(path: Path, err: OSError) -> str:
+    """``cannot read PATH: permission denied``: an operating-system error on one line."""
+    reason = err.strerror or type(err).__name__
+    return f"cannot read {path}: {reason[:1].lower()}{reason[1:]}"
 
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -217,11 +231,12 @@ def infer_config(
     """Architecture of a backbone state dict.
 
     ``embed_dim``, depth, patch size, MLP ratio, qkv bias and the training image size are read
-    from the weights; ``num_heads`` comes from the argument, the stored config, the named arch,
-    or ``embed_dim / 64``.
+    from the weights; ``num_heads`` comes from the stored config (an argument must agree with
+    it), else the argument, the named arch, or ``embed_dim / 64``.
 
     Raises:
-        CheckpointError: Required tensors are missing or the values contradict each other.
+        CheckpointError: Required tensors are missing, or the values (or ``num_heads`` and the
+            stored config) contradict each other.
     """
     for key in ("pos_embed", "patch_embed.proj.weight", "cls_token"):
         if key not in state_dict:
@@ -265,15 +280,22 @@ def infer_config(
                 f"--arch {arch} expects embed_dim {want_dim} and depth {want_depth}, but the "
                 f"weights have embed_dim {embed_dim} and depth {depth}"
             )
-    # Heads do not show in the weights: an explicit --num-heads, else what the checkpoint
-    # recorded (its training may have overridden the --arch family's count), else --arch.
-    if num_heads is None and stored is not None and "num_heads" in stored:
+    # Heads do not show in the weights: what the checkpoint recorded (its training may have
+    # overridden the --arch family's count), which an explicit --num-heads must agree with,
+    # else --num-heads, else --arch.
+    if stored is not None and "num_heads" in stored:
         try:
-            num_heads = int(stored["num_heads"])
+            recorded = int(stored["num_heads"])
         except (TypeError, ValueError):
             raise CheckpointError(
                 f"the checkpoint's vit_config.num_heads {stored['num_heads']!r} is not a number"
             ) from None
+        if num_heads is not None and num_heads != recorded:
+            raise CheckpointError(
+                f"--num-heads {num_heads} contradicts the checkpoint, which records "
+                f"{recorded} heads (vit_config.num_heads): drop --num-heads"
+            )
+        num_heads = recorded
     if num_heads is None and name != "auto":
         num_heads = want_heads
     if num_heads is None:
@@ -340,7 +362,8 @@ def load_backbone(
         checkpoint_key: Which network of a full checkpoint (``teacher`` or ``student``).
         arch: ``auto`` (infer from the weights) or a factory name that must match them.
         patch_size: Optional check of the patch size.
-        num_heads: Head count when it cannot be inferred (``embed_dim / 64`` otherwise).
+        num_heads: Head count when the file records none (``embed_dim / 64`` otherwise); it
+            must agree with the count the file records.
         trust: Allow unsafe unpickling (only for trusted files).
 
     Raises:

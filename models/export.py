@@ -35,7 +35,7 @@ from torchvision import transforms
 
 from models import contract, pretrained
 from models.checkpoint import CheckpointError, LoadedBackbone, load_backbone
-from models.files import fsync_file, fsync_folder, new_temp_file
+from models.files import fsync_file, fsync_folder, new_temp_file, same_file
 from models.vit import VisionTransformer
 
 PRECISIONS = ("float32", "float16")
@@ -301,7 +301,8 @@ def export_model(
 
     Args:
         model: The backbone (fp32); it is not modified.
-        path: Destination ``.onnx`` file; replaced only when the export succeeded.
+        path: Destination ``.onnx`` file; replaced only when the export succeeded. A symbolic
+            link is written through: its target is replaced (atomically) and the link kept.
         resolution: Default input size (recorded in the metadata and the recipe).
         precision: ``float32``, or ``float16`` weights (drift is reported, not enforced).
         weights_sha256: Digest of the source weights, for the metadata.
@@ -316,8 +317,11 @@ def export_model(
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a directory; give the path of the .onnx file to write")
+    # A link is written through, as eval_knn's --output and a shell's > are: replacing the
+    # link itself would leave what it points to (what the user meant) unchanged.
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
         raise ExportError(
             f"cannot create the folder of {path}: {err.strerror}: {err.filename} "
@@ -336,7 +340,7 @@ def export_model(
         source=source,
     )
     # mode 0666 less the umask: readable by the service's user (0644 by default)
-    tmp = new_temp_file(path.parent, ".export-", ".onnx.tmp")
+    tmp = new_temp_file(target.parent, ".export-", ".onnx.tmp")
     try:
         say(f"tracing ({precision}, resolution {resolution})")
         if precision == "float16":
@@ -360,8 +364,8 @@ def export_model(
         say("parity check against PyTorch")
         parity = check_parity(_session(tmp), model, resolution=resolution, precision=precision)
         fsync_file(tmp)  # on disk before the rename makes it visible to a watching service
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
+        os.replace(tmp, target)
+        fsync_folder(target.parent)
     except BaseException:  # also Ctrl-C: never leave a temp file behind
         tmp.unlink(missing_ok=True)
         raise
@@ -540,6 +544,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output and args.name is not None:
         parser.error("--name applies to --repository, not to --output")
+    if args.output and args.weights and same_file(args.output, args.weights):
+        parser.error(
+            f"--output {args.output} is the --weights file {args.weights}: the export would "
+            "replace it; write the model to another file"
+        )
     if args.name is not None:
         try:  # an empty --name "$UNSET" must not publish over dino_default
             contract.validate_model_name(args.name)

@@ -55,3 +55,15 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one existing file (through links, hard links or ``..``).
+
+    False when either cannot be looked at (missing, no permission): writing to ``a`` then
+    cannot destroy ``b``.
+    """
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,15 +34,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.contract import (
     CLS_EMBEDDING,
+    DYNAMIC_INPUT_AXES,
     PIXEL_VALUES,
     MetadataKey,
     PreprocessingRecipe,
     plan_center_crop,
 )
-from models.files import new_temp_file
+from models.files import new_temp_file, same_file
 from training.data import (
+    FASHION_MNIST_FILES,
+    IMAGE_EXTENSIONS,
     UNREADABLE_ERRORS,
     DataError,
+    fashion_mnist_root,
     find_images,
     load_rgb,
     read_fashion_mnist,
@@ -186,6 +192,7 @@ def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, Prepr
             f"{outputs} (expected the input {PIXEL_VALUES.name!r} and the output "
             f"{CLS_EMBEDDING.name!r})"
         )
+    _check_dynamic_axes(path, session.get_inputs()[0].shape)
     metadata = session.get_modelmeta().custom_metadata_map
     if MetadataKey.PREPROCESSING not in metadata:
         raise DataError(f"{path} has no {MetadataKey.PREPROCESSING} metadata (not our export?)")
@@ -200,6 +207,30 @@ def onnx_extractor(path: Path, resolution: int | None) -> tuple[Extractor, Prepr
         return np.asarray(cls, dtype=np.float32)
 
     return extract, recipe
+
+
+def _check_dynamic_axes(path: Path, shape: Sequence[int | str | None]) -> None:
+    """Refuse an input whose batch, height or width is fixed (a shape-fixing tool's output):
+    batches of other sizes and other resolutions would fail in onnxruntime mid-run.
+
+    Raises:
+        DataError: The input's rank is not the contract's, or a dynamic axis has a size.
+    """
+    shown = "[" + ", ".join(str(size) for size in shape) + "]"
+    dynamic = DYNAMIC_INPUT_AXES[PIXEL_VALUES.name]
+    if len(shape) == PIXEL_VALUES.rank:
+        fixed = [f"{name} {shape[i]}" for i, name in dynamic.items() if isinstance(shape[i], int)]
+        if not fixed:
+            return
+        problem = f"a fixed {' and '.join(fixed)}"
+    else:
+        problem = f"rank {len(shape)}"
+    axes = ", ".join(str(axis) for axis in PIXEL_VALUES.axes)
+    raise DataError(
+        f"--onnx {path}: its input {PIXEL_VALUES.name} has the shape {shown}, with {problem}; "
+        f"the contract's is [{axes}] with {', '.join(dynamic.values())} dynamic (export the "
+        "model again with python -m models.export)"
+    )
 
 
 @dataclass(frozen=True)
@@ -224,13 +255,16 @@ def extract_features(
     batch_size: int,
     desc: str,
     prepare: Callable[[Image.Image], FloatArray] | None = None,
+    source: str = "the model",
 ) -> Features:
     """L2-normalised features of the loadable images and the indices that were kept.
 
-    ``prepare`` replaces the recipe's preprocessing (used for the raw-pixel baseline).
+    ``prepare`` replaces the recipe's preprocessing (used for the raw-pixel baseline);
+    ``source`` names the features' origin in the error on non-finite features.
 
     Raises:
-        DataError: No image could be read, or the prepared images differ in shape.
+        DataError: No image could be read, the prepared images differ in shape, or a feature
+            is not finite (NaN or inf: normalised, it would still vote).
     """
     chunks: list[FloatArray] = []
     kept: list[int] = []
@@ -256,7 +290,13 @@ def extract_features(
         if chunks and batch.shape[1:] != first_shape:
             raise DataError(_MIXED_SIZES)
         first_shape = batch.shape[1:]
-        chunks.append(extract(batch))
+        output = extract(batch)
+        if not np.isfinite(output).all():
+            raise DataError(
+                f"{source} gives features that are not finite (NaN or inf) on the {desc} "
+                "images (NaN or inf weights, or an overflow)"
+            )
+        chunks.append(output)
         kept.extend(indices)
     if not chunks:
         raise DataError(f"no readable images for {desc}")
@@ -283,6 +323,29 @@ _MIXED_SIZES = (
 # Side of the evaluation crop: memory grows with its square (and the attention with its fourth
 # power); a typo such as 100000 must be refused, not killed by the kernel.
 MAX_RESOLUTION = 2048
+
+
+def _overwritten_input(output: Path, args: argparse.Namespace) -> str | None:
+    """The input that writing ``output`` would destroy, in words; None when there is none.
+
+    Inputs are the model file, the Fashion-MNIST files, and the images under ``--train_dir``
+    and ``--val_dir`` (an output with an image's name there; the folders themselves are
+    refused as directories).
+    """
+    files = [("the --checkpoint", args.checkpoint), ("the --onnx model", args.onnx)]
+    if args.dataset:
+        root = fashion_mnist_root()
+        for names in FASHION_MNIST_FILES.values():
+            files += [("the Fashion-MNIST file", root / name) for name in names]
+    for what, path in files:
+        if path is not None and same_file(output, path):
+            return f"{what} {path}"
+    if output.suffix.lower() in IMAGE_EXTENSIONS:
+        real = Path(os.path.realpath(output))
+        for flag, folder in (("--train_dir", args.train_dir), ("--val_dir", args.val_dir)):
+            if folder is not None and real.is_relative_to(os.path.realpath(folder)):
+                return f"an image of {flag} {folder}"
+    return None
 
 
 def _array_loader(array: npt.NDArray[np.uint8], index: int) -> Callable[[], Image.Image | None]:
@@ -525,18 +588,30 @@ def _main(argv: Sequence[str] | None) -> int:
     except ImportError:  # pragma: no cover
         CheckpointError = RuntimeError  # type: ignore[misc,assignment]
     if args.output is not None:  # fail before the work, not after it
+        overwritten = _overwritten_input(args.output, args)
+        if overwritten is not None:
+            parser.error(
+                f"--output {args.output} would overwrite {overwritten}; write the results to "
+                "another file"
+            )
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             parser.error(f"--output {args.output}: cannot create its folder ({err})")
         if args.output.is_dir():
             parser.error(f"--output {args.output} is a directory; give a file name")
-        target = args.output.resolve()  # a link's target is what gets written
         try:  # can it be written? (not after an hour of feature extraction)
-            if target.exists():
-                with open(target, "a"):  # opened for writing, nothing written
+            # stat follows links, /dev/stdout and /dev/fd/N (process substitution) included,
+            # whose targets resolve() cannot name ("pipe:[123]"): those are written directly.
+            if args.output.is_file():
+                with open(args.output, "a"):  # opened for writing, nothing written
                     pass
-            else:
+            elif args.output.exists():  # a pipe or a device: not opened here, as closing a
+                # named pipe would end its reader's input
+                if not os.access(args.output, os.W_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            else:  # a link's target is what gets written
+                target = Path(os.path.realpath(args.output))
                 new_temp_file(target.parent, ".eval-knn-", ".tmp").unlink()
         except OSError as err:
             parser.error(f"--output {args.output}: cannot write there ({err.strerror or err})")
@@ -547,12 +622,15 @@ def _main(argv: Sequence[str] | None) -> int:
             recipe = PreprocessingRecipe.for_resolution(args.resolution or 224)
             prepare = _raw_pixels_at(recipe) if args.resolution else _raw_pixels
             extract = _flatten
+            source = "the raw pixels"
         elif args.onnx is not None:
             extract, recipe = onnx_extractor(args.onnx, args.resolution)
+            source = f"the ONNX model {args.onnx}"
         else:
             extract, recipe = torch_extractor(
                 args.checkpoint, args.checkpoint_key, args.resolution, args.num_heads
             )
+            source = f"the checkpoint {args.checkpoint}"
         if args.dataset:
             train_x, train_y = read_fashion_mnist("train")
             test_x, test_y = read_fashion_mnist("test")
@@ -579,9 +657,11 @@ def _main(argv: Sequence[str] | None) -> int:
         redirect = logging_redirect_tqdm() if own_logging else contextlib.nullcontext()
         with redirect:
             train = extract_features(
-                train_loaders, extract, recipe, args.batch_size, "train", prepare
+                train_loaders, extract, recipe, args.batch_size, "train", prepare, source
             )
-            test = extract_features(test_loaders, extract, recipe, args.batch_size, "test", prepare)
+            test = extract_features(
+                test_loaders, extract, recipe, args.batch_size, "test", prepare, source
+            )
         if train.item_shape != test.item_shape:  # raw pixels of other sizes in the two splits
             raise DataError(_MIXED_SIZES)
         train_f, train_kept, test_f, test_kept = train.vectors, train.kept, test.vectors, test.kept

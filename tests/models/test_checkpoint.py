@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +222,7 @@ def test_the_stored_head_count_beats_the_arch_family_default() -> None:
     stored = {"num_heads": 6}
     assert infer_config(sd, arch="vit_tiny", stored=stored).num_heads == 6
     assert infer_config(sd, arch="vit_tiny", stored=None).num_heads == 3  # family default
-    assert infer_config(sd, arch="vit_tiny", num_heads=12, stored=stored).num_heads == 12
+    assert infer_config(sd, arch="vit_tiny", num_heads=6, stored=stored).num_heads == 6
     with pytest.raises(CheckpointError, match=r"vit_config.num_heads 'two' is not a number"):
         infer_config(sd, stored={"num_heads": "two"})
 
@@ -232,3 +233,57 @@ def test_an_empty_position_embedding_is_refused_not_a_math_error() -> None:
         sd["pos_embed"] = torch.zeros(shape)
         with pytest.raises(CheckpointError, match=r"pos_embed has shape \("):
             infer_config(sd)
+
+
+def test_a_num_heads_that_contradicts_the_recorded_count_is_refused() -> None:
+    # An explicit --num-heads 4 rebuilt a model recorded with 2 heads as another model (the
+    # export then recorded 4 heads); it must agree with the file, and stays needed where the
+    # file records nothing.
+    with torch.device("meta"):
+        sd = VisionTransformer(vit_config("vit_tiny", 8, embed_dim=32, depth=2, num_heads=2,
+                                          img_size=32)).state_dict()  # fmt: skip
+    with pytest.raises(CheckpointError) as info:
+        infer_config(sd, num_heads=4, stored={"num_heads": 2})
+    assert str(info.value) == (
+        "--num-heads 4 contradicts the checkpoint, which records 2 heads "
+        "(vit_config.num_heads): drop --num-heads"
+    )
+    assert infer_config(sd, num_heads=2, stored={"num_heads": "2"}).num_heads == 2
+    assert infer_config(sd, num_heads=4, stored={"embed_dim": 32}).num_heads == 4
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_an_unreadable_file_is_said_to_be_unreadable_not_corrupt(
+    tmp_path: Path, tiny_vit: VisionTransformer, monkeypatch: pytest.MonkeyPatch, trust: bool
+) -> None:
+    path = tmp_path / "locked.pth"
+    torch.save(tiny_vit.state_dict(), path)
+
+    real_open = open
+
+    def denied(file: object, *args: object, **kwargs: object) -> object:
+        if Path(str(file)) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    # root reads any file: the open fails here as it would for another user
+    monkeypatch.setattr("builtins.open", denied)
+    monkeypatch.setattr(torch, "load", denied)
+    with pytest.raises(CheckpointError) as info:
+        load_backbone(path, num_heads=2, trust=trust)
+    assert str(info.value) == f"cannot read {path}: permission denied"
+
+
+def test_an_unreadable_file_and_a_folder_are_named_as_such(
+    tmp_path: Path, tiny_vit: VisionTransformer
+) -> None:
+    with pytest.raises(CheckpointError, match="it is a directory, not a checkpoint file"):
+        load_backbone(tmp_path)
+    if os.geteuid() == 0:  # root reads any file
+        return
+    path = tmp_path / "locked.pth"
+    torch.save(tiny_vit.state_dict(), path)
+    path.chmod(0)
+    with pytest.raises(CheckpointError, match="permission denied$") as info:
+        load_backbone(path, num_heads=2)
+    assert "corrupt" not in str(info.value)

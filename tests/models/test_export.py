@@ -517,3 +517,77 @@ def test_a_signal_after_the_publication_says_what_was_published(
         err == f"error: interrupted (SIGTERM); version 1 of {tmp_path / 'repo' / 'm'} was published"
     )
     assert contract.model_versions(tmp_path / "repo", "m") == [1]
+
+
+def test_an_output_that_is_the_weights_file_is_refused_before_the_work(
+    tmp_path: Path, tiny_vit_config: ViTConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --output ck.pth replaced the checkpoint with the ONNX file, with exit status 0.
+    weights = _weights_file(tmp_path, tiny_vit_config)
+    before = weights.read_bytes()
+    (tmp_path / "link.onnx").symlink_to(weights)
+    for output in (weights, tmp_path / "link.onnx", tmp_path / "." / "w.pth"):
+        with pytest.raises(SystemExit) as info:
+            export.main(["--weights", str(weights), "--num-heads", "2", "--output", str(output)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "Traceback" not in err
+        assert f"--output {output} is the --weights file {weights}: the export would" in err
+        assert weights.read_bytes() == before
+
+
+def test_an_output_link_is_written_through(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
+    # The link was replaced by a plain file and its target left as it was (eval_knn's --output
+    # writes through links).
+    models = tmp_path / "models"
+    models.mkdir()
+    old = models / "current.onnx"
+    old.write_bytes(b"an older model")
+    link = tmp_path / "link.onnx"
+    link.symlink_to(os.path.join("models", "current.onnx"))  # relative, as ln -s makes them
+    report = export_model(tiny_vit, link, resolution=32, weights_sha256="a" * 64, source="t")
+    assert link.is_symlink() and os.readlink(link) == os.path.join("models", "current.onnx")
+    assert report.path == link and report.size_bytes == old.stat().st_size
+    assert read_metadata(old)[contract.MetadataKey.NUM_HEADS] == "2"
+    assert sorted(p.name for p in models.iterdir()) == ["current.onnx"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "models"]
+
+
+def test_a_num_heads_that_contradicts_the_checkpoint_is_refused(
+    tmp_path: Path, tiny_vit: VisionTransformer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --num-heads 4 on a 2-head checkpoint exported another model that recorded 4 heads.
+    weights = tmp_path / "ck.pth"
+    teacher = {f"backbone.{k}": v for k, v in tiny_vit.state_dict().items()}
+    torch.save({"teacher": teacher, "vit_config": {"num_heads": 2}}, weights)
+    output = tmp_path / "x.onnx"
+    argv = ["--weights", str(weights), "--num-heads", "4", "--output", str(output)]
+    assert export.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --num-heads 4 contradicts the checkpoint, which records 2 heads "
+        "(vit_config.num_heads): drop --num-heads\n"
+    )
+    assert not output.exists()
+
+
+def test_an_unreadable_checkpoint_is_said_to_be_unreadable(
+    tmp_path: Path,
+    tiny_vit_config: ViTConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It was "not a torch.save file, or it is truncated or corrupt (PermissionError ...)".
+    import builtins
+
+    weights = _weights_file(tmp_path, tiny_vit_config)
+    real_open = builtins.open
+
+    def denied(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(weights):  # root reads any file: fail as another user's open does
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    monkeypatch.setattr(torch, "load", denied)
+    argv = ["--weights", str(weights), "--num-heads", "2", "--output", str(tmp_path / "x.onnx")]
+    assert export.main(argv) == 2
+    assert capsys.readouterr().err == f"error: cannot read {weights}: permission denied\n"

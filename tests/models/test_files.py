@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from models.files import fsync_file, fsync_folder, new_temp_file
+from models.files import fsync_file, fsync_folder, new_temp_file, same_file
 
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
@@ -47,3 +47,17 @@ def test_fsync_of_a_file_and_its_folder(tmp_path: Path) -> None:
     assert path.read_bytes() == b"data"
     with pytest.raises(FileNotFoundError):
         fsync_file(tmp_path / "missing")
+
+
+def test_same_file_sees_through_links_and_detours(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"data")
+    (tmp_path / "link").symlink_to(path)
+    os.link(path, tmp_path / "hard")
+    (tmp_path / "sub").mkdir()
+    for name in ("f", "link", "hard", "sub/../f"):
+        assert same_file(tmp_path / name, path), name
+    (tmp_path / "other").write_bytes(b"data")
+    assert not same_file(tmp_path / "other", path)
+    assert not same_file(tmp_path / "missing", path)  # a new file destroys nothing
+    assert not same_file(tmp_path / "missing", tmp_path / "missing")

@@ -464,3 +464,136 @@ def test_in_process_callers_keep_their_logging(tmp_path, capsys, monkeypatch):
     argv = ["--raw_pixels", "--train_dir", str(train), "--val_dir", str(train), "--nb_knn", "1"]
     assert main(argv) == 0
     assert "skipping unreadable image" not in capsys.readouterr().err
+
+
+def test_an_output_that_is_an_input_is_refused_before_the_work(
+    tmp_path, capsys, monkeypatch, image_dir
+):
+    # --output ck.pth replaced the checkpoint with the JSON results, with exit status 0.
+    import training.eval_knn as eval_knn
+
+    extracted = []
+    monkeypatch.setattr(eval_knn, "extract_features", lambda *a, **k: extracted.append(1))
+    root = write_fashion_mnist(tmp_path / "fm", n_train=10, n_test=5)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    model = tmp_path / "ck.pth"
+    model.write_bytes(b"the model")
+    (tmp_path / "link.json").symlink_to(model)
+    fm = ["--dataset", "fashion-mnist"]
+    image = next((image_dir / "cats").glob("*.png"))
+    cases = [
+        (["--checkpoint", str(model), *fm], model, f"the --checkpoint {model}"),
+        (["--checkpoint", str(model), *fm], tmp_path / "link.json", f"the --checkpoint {model}"),
+        (["--onnx", str(model), *fm], tmp_path / "." / "ck.pth", f"the --onnx model {model}"),
+        (["--raw_pixels", *fm], root / "t10k-labels-idx1-ubyte.gz", "the Fashion-MNIST file"),
+        (
+            ["--raw_pixels", "--train_dir", str(image_dir), "--val_dir", str(tmp_path / "v")],
+            image,
+            f"an image of --train_dir {image_dir}",
+        ),
+    ]
+    for argv, output, what in cases:
+        before = output.read_bytes()
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--output", str(output)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"--output {output} would overwrite {what}" in err
+        assert output.read_bytes() == before
+    assert not extracted
+    assert model.read_bytes() == b"the model"
+
+
+def test_non_finite_features_are_refused_not_scored(tmp_path, monkeypatch, capsys):
+    # NaN weights gave NaN features, which normalised still "voted": top1 50.0, exit status 0.
+    from tests.conftest import make_tiny_vit
+    from training.data import DataError
+    from training.eval_knn import extract_features
+
+    root = write_fashion_mnist(tmp_path / "fm", n_train=10, n_test=5)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    model = make_tiny_vit()
+    with torch.no_grad():
+        model.norm.weight.fill_(float("nan"))
+    path = tmp_path / "nan.pth"
+    torch.save(model.state_dict(), path)
+    argv = ["--checkpoint", str(path), "--num_heads", "2", "--dataset", "fashion-mnist"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert f"error: the checkpoint {path} gives features that are not finite" in captured.err
+    # The ONNX and raw-pixel paths go through the same check.
+    from PIL import Image
+
+    images = [lambda: Image.new("RGB", (8, 8))] * 3
+    with pytest.raises(DataError, match="the ONNX model m.onnx gives features that are not fin"):
+        extract_features(
+            images, lambda b: np.full((len(b), 4), np.inf, np.float32), _recipe(8), 2, "test",
+            source="the ONNX model m.onnx",
+        )  # fmt: skip
+
+
+def test_pipes_are_outputs(tmp_path):
+    # /dev/stdout (a pipe) and >(cat > f) were refused: resolve() made them "pipe:[123]".
+    import os
+    import subprocess
+    import sys
+
+    root = write_fashion_mnist(tmp_path / "fm", n_train=10, n_test=5)
+    env = {**os.environ, "DINO_FASHION_MNIST_ROOT": str(root)}
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "training.eval_knn", "--raw_pixels", "--dataset"]
+    argv += ["fashion-mnist", "--nb_knn", "1"]
+    with subprocess.Popen(
+        [*argv, "--output", f"/dev/fd/{write_end}"], env=env, pass_fds=(write_end,),
+        stderr=subprocess.PIPE, text=True,
+    ) as child:  # fmt: skip
+        os.close(write_end)
+        with os.fdopen(read_end) as reader:
+            written = reader.read()
+        assert child.wait(timeout=120) == 0, child.stderr.read() if child.stderr else ""
+    assert json.loads(written)[0]["k"] == 1
+    result = subprocess.run(
+        [*argv, "--output", "/dev/stdout"], env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    line, array = result.stdout.split("\n", 1)
+    assert json.loads(array) == [json.loads(line)]
+
+
+def test_an_onnx_model_with_a_fixed_batch_size_is_refused_up_front(
+    tmp_path, capsys, monkeypatch, tiny_model_repository
+):
+    # A shape-fixing tool's output (batch 1, metadata kept) failed in onnxruntime mid-run.
+    import onnx
+
+    root = write_fashion_mnist(tmp_path / "fm", n_train=10, n_test=5)
+    monkeypatch.setenv("DINO_FASHION_MNIST_ROOT", str(root))
+    proto = onnx.load(str(tiny_model_repository / "tiny" / "1" / "model.onnx"))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed))
+    assert main(["--onnx", str(fixed), "--dataset", "fashion-mnist", "--batch_size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --onnx {fixed}: its input pixel_values has the shape [1, 3, height, width], "
+        "with a fixed batch 1; the contract's is [batch, 3, height, width] with batch, height, "
+        "width dynamic"
+    )
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_num_heads_that_contradicts_the_checkpoint_is_refused(tmp_path, capsys, image_dir):
+    # --num_heads 4 silently rebuilt a model recorded with 2 heads as another model.
+    from tests.conftest import make_tiny_vit
+
+    path = tmp_path / "ck.pth"  # this project's layout: the config is recorded
+    teacher = {f"backbone.{k}": v for k, v in make_tiny_vit().state_dict().items()}
+    torch.save({"teacher": teacher, "vit_config": {"num_heads": 2}}, path)
+    argv = ["--checkpoint", str(path), "--train_dir", str(image_dir), "--val_dir", str(image_dir)]
+    assert main([*argv, "--num_heads", "4"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --num-heads 4 contradicts the checkpoint, which records 2 heads "
+        "(vit_config.num_heads): drop --num-heads\n"
+    )
+    assert main([*argv, "--num_heads", "2", "--nb_knn", "1"]) == 0
