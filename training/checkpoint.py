@@ -36,6 +36,11 @@ class CheckpointCorruptError(RuntimeError):
     """A checkpoint cannot be read back: truncated, modified or not a DINO checkpoint."""
 
 
+class CheckpointReadError(OSError):
+    """A checkpoint the system will not let this process read (permission denied, an I/O
+    error): its contents are not in question."""
+
+
 def _publish(tmp: Path, path: Path) -> None:
     """Make the complete temporary file ``tmp`` the file ``path`` (one atomic rename)."""
     os.replace(tmp, path)
@@ -135,31 +140,59 @@ def _sibling_with_digest(path: Path, digest: str) -> Path | None:
     return None
 
 
+def _read_failure(path: Path, err: OSError) -> CheckpointReadError:
+    """The error for a checkpoint the system will not let this process read (its contents
+    are not in question: nothing suggests deleting it)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    if err.filename is not None and str(err.filename) != str(path):
+        reason += f": {err.filename}"
+    return CheckpointReadError(
+        f"cannot read the checkpoint {path} to resume from it ({reason}); make it readable by "
+        "this user (its permissions, the storage it is on) and rerun, or use another "
+        "--output_dir"
+    )
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and validate a training checkpoint written by :func:`save_checkpoint`.
+
+    A digest mismatch stays fatal even when the file would load: a write torn by a crash can
+    leave a file whose archive is whole but whose tensors are not, and it must never be
+    resumed silently. The message says how to resume from a checkpoint copied in on purpose
+    (delete only the sidecar).
 
     Raises:
         CheckpointCorruptError: The file is truncated, does not match its recorded digest,
             cannot be unpickled safely or lacks the DINO training keys.
+        CheckpointReadError: The file cannot be opened or read (permission denied, an I/O
+            error): the system refuses it, whatever it holds.
     """
     path = Path(path)
     recorded = recorded_digests(path)
     if recorded:
-        actual = file_sha256(path)
+        try:
+            actual = file_sha256(path)
+        except OSError as err:
+            raise _read_failure(path, err) from err
         if actual not in recorded:
             copy_of = _sibling_with_digest(path, actual)
             if copy_of is None:
+                sidecar = digest_path(path).name
                 raise CheckpointCorruptError(
-                    f"checkpoint {path} is corrupted or was cut short: its SHA-256 "
-                    f"{actual[:12]}... is not the one recorded in {digest_path(path).name} "
-                    f"({recorded[0][:12]}...). To resume from an earlier copy, copy it with its "
-                    f"digest: cp checkpointNNNN.pth {path.name} && cp checkpointNNNN.pth"
-                    f"{DIGEST_SUFFIX} {path.name}{DIGEST_SUFFIX} (in {path.parent}); or delete "
-                    f"both files to start over, or use a new --output_dir."
+                    f"checkpoint {path} does not match its recorded digest: its SHA-256 "
+                    f"{actual[:12]}... is not the one in {sidecar} ({recorded[0][:12]}...). "
+                    "Either it is cut short or corrupted, or another file replaced it (a "
+                    f"checkpoint copied in from another run). In {path.parent}: to resume from "
+                    f"the file as it is (if it is a valid checkpoint), delete only {sidecar}; "
+                    f"to resume from an earlier copy, copy it with its digest: cp "
+                    f"checkpointNNNN.pth {path.name} && cp checkpointNNNN.pth{DIGEST_SUFFIX} "
+                    f"{sidecar}; to start over, delete both files or use a new --output_dir."
                 )
             logger.info("%s is a copy of %s (same SHA-256)", path, copy_of.name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # opening or reading it failed: not a fault of its contents
+        raise _read_failure(path, err) from err
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... here
         refused = weights_only_refusal(err)
         if refused:

@@ -175,3 +175,47 @@ def test_saving_never_changes_the_process_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "umask", spy)
     save_checkpoint(state(1), tmp_path / "checkpoint.pth")
     assert calls == []
+
+
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_a_checkpoint_the_system_will_not_read_is_not_called_corrupt(
+    tmp_path, monkeypatch, sidecar
+):
+    """Permission denied (chmod 000, which root does not feel: simulated) is reported as what
+    it is; the file may be fine, so nothing advises deleting it."""
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(state(1), path)
+    if not sidecar:
+        digest_path(path).unlink()  # then torch.load is the first to open it
+    real_open = open
+
+    def denied(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(ckpt_module.CheckpointReadError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert f"cannot read the checkpoint {path} to resume from it (Permission denied)" in message
+    assert "elete" not in message and "corrupt" not in message and "truncated" not in message
+    assert isinstance(info.value, OSError) and not isinstance(info.value, CheckpointCorruptError)
+
+
+def test_a_checkpoint_copied_in_from_another_run_says_how_to_keep_it(tmp_path):
+    """A valid checkpoint copied over checkpoint.pth meets the folder's old sidecar: the
+    mismatch stays fatal (a torn write may load too), and the message says that deleting only
+    the sidecar resumes from the copied file."""
+    other, run = tmp_path / "other", tmp_path / "run"
+    save_checkpoint(state(7), other / "checkpoint.pth")
+    save_checkpoint(state(2), run / "checkpoint.pth")
+    shutil.copyfile(other / "checkpoint.pth", run / "checkpoint.pth")
+    with pytest.raises(CheckpointCorruptError) as info:
+        load_checkpoint(run / "checkpoint.pth")
+    message = str(info.value)
+    assert "does not match its recorded digest" in message
+    assert "cut short or corrupted, or another file replaced it" in message
+    assert "delete only checkpoint.pth.sha256" in message and "\n" not in message
+    digest_path(run / "checkpoint.pth").unlink()  # as the message says
+    assert load_checkpoint(run / "checkpoint.pth")["epoch"] == 7

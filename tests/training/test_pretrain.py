@@ -74,7 +74,7 @@ def test_truncated_checkpoint_is_detected(tmp_path, image_dir, caplog):
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     assert main(tiny_args(image_dir, out)) == 1
-    assert "corrupted or was cut short" in caplog.text
+    assert "does not match its recorded digest" in caplog.text
     # Without the digest sidecar the torch reader still reports a clear error.
     (out / "checkpoint.pth.sha256").unlink()
     try:
