@@ -169,6 +169,42 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:200] if text else type(err).__name__
 
 
+_LOAD_RGB_REFUSALS = ("not a regular file", "empty file (0 bytes)")
+
+
+def _failure(err: BaseException) -> tuple[str, str]:
+    """What is wrong with an unreadable file: a kind in a few words shared by files alike (for
+    a count per kind: ``not an image``, ``too many pixels``, ``permission denied`` ...) and
+    the error's own text where it says more than the kind (else empty)."""
+    if isinstance(err, ImageTooLargeError | Image.DecompressionBombError):
+        return "too many pixels", _reason(err)
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image", _reason(err)
+    if isinstance(err, OSError) and err.strerror:  # its text names the file again
+        return err.strerror.lower(), ""
+    if isinstance(err, ValueError) and str(err) in _LOAD_RGB_REFUSALS:
+        return str(err), ""
+    return "damaged or cut short", _reason(err)
+
+
+def _unreadable_summary(failures: dict[int, tuple[str, str]], paths: Sequence[Path]) -> str:
+    """``3 not an image (e.g. a.jpg: UnidentifiedImageError: ...), 1 permission denied (e.g.
+    b.png)`` from ``failures`` (position -> kind, detail), the most frequent kind first."""
+    by_kind: dict[str, list[int]] = {}
+    for position in sorted(failures):
+        by_kind.setdefault(failures[position][0], []).append(position)
+    ranked = sorted(by_kind.items(), key=lambda item: -len(item[1]))
+    parts = [
+        f"{len(positions)} {kind} (e.g. {paths[positions[0]]}"
+        + (f": {failures[positions[0]][1]})" if failures[positions[0]][1] else ")")
+        for kind, positions in ranked[:3]
+    ]
+    others = sum(len(positions) for _, positions in ranked[3:])
+    if others:
+        parts.append(f"{others} for other reasons")
+    return ", ".join(parts)
+
+
 class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
     """All images under a folder; labels are ignored (self-supervised).
 
@@ -203,6 +239,7 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
         self.max_image_pixels = max_image_pixels
         self._known_bad: set[int] = set()
         self._transient: Counter[int] = Counter()
+        self._failures: dict[int, tuple[str, str]] = {}  # position -> (kind, detail), last
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -223,10 +260,15 @@ class ImageFolderDataset(Dataset[tuple[Any, Skipped]]):
                     self._transient[position] += 1
                 if not transient or self._transient[position] >= _TRANSIENT_TRIES:
                     self._known_bad.add(position)
+                self._failures[position] = _failure(err)
                 bad.append((str(path), _reason(err)))
                 continue
+            self._failures.pop(position, None)  # read now (an error of the moment passed)
             return self.transform(image), tuple(bad)
-        raise DataError(f"none of the {count} images under {self.root} is readable")
+        raise DataError(
+            f"none of the {count} images under {self.root} is readable: "
+            f"{_unreadable_summary(self._failures, self.paths)}"
+        )
 
 
 def _read_idx(path: Path, magic: int, dims: int) -> npt.NDArray[np.uint8]:

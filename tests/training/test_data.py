@@ -241,3 +241,41 @@ def test_canvases_of_thin_images_stay_small():
     assert tuple(canvas.shape) == (3, 224, 224)
     tall = canvas_transform(32)(Image.new("RGB", (3, 900)))
     assert tuple(tall.shape) == (3, 32, 32)
+
+
+def test_a_folder_without_one_readable_image_says_why(tmp_path, monkeypatch):
+    """The error counts the files per reason and names one of each, with its reason."""
+    for i in range(3):
+        (tmp_path / f"text{i}.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "locked.png")
+    real = data_module.load_rgb
+
+    def locked(path, *args):  # chmod 000 does not stop root: the error it gives others
+        if path.name == "locked.png":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(data_module, "load_rgb", locked)
+    dataset = ImageFolderDataset(tmp_path, lambda im: im.size)
+    with pytest.raises(DataError) as first:
+        dataset[0]
+    with pytest.raises(DataError) as again:  # the files are remembered as bad: still named
+        dataset[3]
+    message = str(first.value)
+    assert str(again.value) == message and "\n" not in message
+    assert message == (
+        f"none of the 5 images under {tmp_path} is readable: 3 not an image (e.g. "
+        f"{tmp_path / 'text0.jpg'}: UnidentifiedImageError: not an image, or in a format Pillow "
+        f"cannot read), 1 empty file (0 bytes) (e.g. {tmp_path / 'empty.png'}), 1 permission "
+        f"denied (e.g. {tmp_path / 'locked.png'})"
+    )
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    short = tmp_path / "short.png"
+    Image.new("RGB", (30, 30), (0, 9, 0)).save(short)
+    short.write_bytes(short.read_bytes()[:60])
+    with pytest.raises(DataError) as info:
+        ImageFolderDataset(tmp_path, lambda im: im.size, max_image_pixels=1000)[0]
+    message = str(info.value)
+    assert f"1 too many pixels (e.g. {tmp_path / 'big.png'}: ImageTooLargeError: 300x200" in message
+    assert message.endswith(", 2 for other reasons")  # three kinds named at most

@@ -190,6 +190,7 @@ def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, c
     assert main(argv) == 1
     message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
     assert message.startswith("error: none of the 6 images under")
+    assert f"is readable: 6 not an image (e.g. {data / 'img0.png'}: " in message
     assert "Traceback" not in message
 
 
