@@ -1012,6 +1012,24 @@ def resource_failure(err: BaseException) -> str | None:
     return None  # another signal (a crash in a decoder?) or none: the traceback says more
 
 
+def compiler_failure(err: BaseException) -> str | None:
+    """A one-line account of ``--compile`` failing for want of a working C++ compiler
+    (inductor builds its CPU kernels, and its CUDA kernels' launchers, with one); ``None``
+    for anything else."""
+    for cause in _causes(err):
+        inner = getattr(cause, "inner_exception", None)  # inductor's wrapper of the error
+        for found in (cause, inner) if isinstance(inner, BaseException) else (cause,):
+            text = str(found).strip()
+            if type(found).__name__ == "InvalidCxxCompiler" or "No working C++ compiler" in text:
+                detail = text.splitlines()[0] if text else type(found).__name__
+                return (
+                    f"--compile true needs a working C++ compiler, and torch found none "
+                    f"({detail.removeprefix('InvalidCxxCompiler: ')}); install one (such as g++: "
+                    "apt-get install g++) or run without --compile"
+                )
+    return None
+
+
 _PEER_GONE = re.compile(
     r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted",
     re.IGNORECASE,
@@ -1183,6 +1201,10 @@ def _exit_status(config: PretrainConfig, info: DistInfo, err: BaseException) -> 
         # failed because a rank stopped or was killed after this one was signalled.
         if SIGTERM_SEEN.is_set():
             return _interrupted(config, Terminated())
+        compiler = compiler_failure(err)
+        if compiler is not None:
+            logger.error("error: %s", compiler)
+            return 1
         message = resource_failure(err)
         if message is None and info.distributed:
             message = peer_failure(err)

@@ -242,6 +242,37 @@ def test_other_runtime_errors_keep_their_traceback(tmp_path, image_dir, monkeypa
         main(tiny_args(image_dir, tmp_path / "run"))
 
 
+def _no_cxx_compiler(chained: bool) -> RuntimeError:
+    """What inductor raises at the first compiled step when no C++ compiler works (as with
+    PATH=/path/to/venv/bin): its InductorError wrapping InvalidCxxCompiler."""
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    inner = InvalidCxxCompiler()
+    err = InductorError(inner, None)
+    if chained:
+        err.__context__ = inner
+    return err
+
+
+@pytest.mark.parametrize("chained", [True, False])
+def test_compile_without_a_cxx_compiler_is_one_line(
+    tmp_path, image_dir, monkeypatch, caplog, chained
+):
+    def compile_fails(self, crops, epoch, it):
+        raise _no_cxx_compiler(chained)
+
+    monkeypatch.setattr(Trainer, "train_step", compile_fails)
+    assert main(tiny_args(image_dir, tmp_path / "run", "--compile", "true")) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert errors[0].startswith(
+        "error: --compile true needs a working C++ compiler, and torch found none (No working "
+        "C++ compiler found in torch._inductor.config.cpp.cxx: "
+    )
+    assert errors[0].endswith("install one (such as g++: apt-get install g++) or run without "
+                              "--compile")  # fmt: skip
+
+
 # Operators that copy a device value to the host (or need its value to size a result): each one
 # stalls the CPU until the GPU catches up, so a step must run none of them.
 _HOST_SYNC_OPS = frozenset(
