@@ -138,6 +138,13 @@ class PretrainConfig:
         """
         if not self.data_path:
             raise ConfigError("--data_path is required (an image folder or fashion-mnist:train)")
+        try:  # a name in another encoding reaches Python as surrogates (PEP 383)
+            self.output_dir.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"--output_dir {os.fsencode(self.output_dir)!r} is not a valid UTF-8 path "
+                "(TensorBoard cannot write under it); rename it or choose another folder"
+            ) from None
         if self.arch not in ARCHS:
             raise ConfigError(f"--arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.precision not in PRECISIONS:

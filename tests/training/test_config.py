@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,12 @@ def test_an_empty_export_target_is_refused_and_none_turns_it_off(tmp_path, capsy
     assert off.export_to is None
     path.write_text("export_to: none\n")  # the same spelling in a file: no folder "./none"
     assert parse_config(["--config", str(path), "--data_path", "x"]).export_to is None
+
+
+def test_an_output_dir_that_is_not_utf8_is_refused():
+    """A name in another encoding (sys.argv holds it with surrogates) that TensorBoard cannot
+    write under; a UTF-8 name outside ASCII is fine."""
+    undecodable = os.fsdecode(b"runs/out\xff")
+    with pytest.raises(ConfigError, match=r"--output_dir b'runs/out\\xff' is not a valid UTF-8"):
+        parse_config(["--data_path", "x", "--output_dir", undecodable])
+    assert parse_config(["--data_path", "x", "--output_dir", "runs/ütf"]).output_dir == "runs/ütf"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -738,6 +739,23 @@ def test_an_output_dir_that_cannot_be_a_folder_is_named(tmp_path, image_dir, cap
     reason = "it exists and is not a folder" if where == "a file" else "cannot create it"
     assert f"--output_dir {out}: {reason}" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+def test_an_output_dir_whose_name_is_not_utf8_is_refused_before_anything_is_written(
+    tmp_path, image_dir, capsys
+):
+    """TensorBoard cannot write under such a name (a traceback after config.yaml was written):
+    refused as a bad option, nothing created."""
+    import os
+
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/out\xff")  # as sys.argv holds it
+    assert main(tiny_args(image_dir, Path(out))) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: --output_dir {os.fsencode(out)!r} is not a valid UTF-8 path (TensorBoard "
+        "cannot write under it); rename it or choose another folder\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 
 
 def test_a_signal_while_an_error_is_reported_does_not_cut_the_report_short(
