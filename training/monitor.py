@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ logger = logging.getLogger("training")
 
 EPOCH_LOG = "log.txt"
 STEP_LOG = "log_steps.jsonl"
+DAMAGED_SUFFIX = ".damaged"  # lines of a log that are not JSON records, set aside on a rewind
 
 
 class CollapseWatch:
@@ -100,7 +102,9 @@ class RunLog:
         fresh start (``--resume false``) repeats everything, so their old records would
         otherwise appear twice. Steps are matched by their epoch, not their iteration number,
         which depends on the steps per epoch (a resume with another batch size or world size).
-        A line cut short by a crash is dropped too.
+        A line that is not a JSON record (cut short by a crash, or damaged: bytes that are not
+        UTF-8) leaves the log too, appended as it was to ``log.txt.damaged`` (or
+        ``log_steps.jsonl.damaged``) with a warning.
 
         TensorBoard: step scalars go to ``tensorboard/`` with ``purge_step=iteration`` and epoch
         scalars (whose step is the epoch) to ``tensorboard/epochs/`` with ``purge_step=epoch``,
@@ -127,22 +131,38 @@ class RunLog:
             path = self.output_dir / name
             if not path.is_file():
                 continue
-            lines = path.read_text().splitlines()
-            kept = []
+            lines = path.read_bytes().splitlines()
+            kept, damaged = [], []
             for line in lines:
                 try:
-                    record = json.loads(line)
-                except ValueError:
+                    record = json.loads(line.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError included
+                    if line.strip():
+                        damaged.append(line)
                     continue
                 if not isinstance(record, dict):
+                    damaged.append(line)
                     continue
                 key, first = ("epoch", epoch) if "epoch" in record else ("iteration", iteration)
                 value = record.get(key)
                 if isinstance(value, int) and value < first:
-                    kept.append(line + "\n")
+                    kept.append(line + b"\n")
+            if damaged:  # kept elsewhere before they leave the log: nothing is lost
+                aside = path.with_name(name + DAMAGED_SUFFIX)
+                with open(aside, "ab") as handle:
+                    handle.write(b"".join(line + b"\n" for line in damaged))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                logger.warning(
+                    "%s: moved %d line(s) that are not JSON records (cut short by a crash, or "
+                    "damaged) to %s",
+                    path,
+                    len(damaged),
+                    aside.name,
+                )
             if len(kept) != len(lines):
                 tmp = path.with_name(f".{name}.tmp")
-                tmp.write_text("".join(kept))
+                tmp.write_bytes(b"".join(kept))
                 tmp.replace(path)
 
     def _append(self, name: str, record: dict[str, Any]) -> None:

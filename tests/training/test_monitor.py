@@ -87,6 +87,27 @@ def test_rewind_drops_repeated_epochs_by_epoch_not_by_iteration(tmp_path: Path) 
     resumed.close()
 
 
+def test_rewind_sets_damaged_lines_aside_instead_of_failing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bytes that are not UTF-8 (or not JSON) in a log must not stop a resume, and are kept
+    in a file of their own, as they were."""
+    good = [json.dumps({"train_loss": 1.0, "epoch": e}).encode() + b"\n" for e in range(3)]
+    (tmp_path / EPOCH_LOG).write_bytes(good[0] + b"\xff\xfe x\n" + good[1] + b"[1]\n\n" + good[2])
+    (tmp_path / STEP_LOG).write_bytes(b'{"iteration": 0, "epoch": 0}\n{"iteration": 1, "ep')
+    with caplog.at_level(logging.WARNING, logger="training"):
+        RunLog(tmp_path, enabled=True)._rewind_json(2, 4)
+    assert [e["epoch"] for e in _lines(tmp_path / EPOCH_LOG)] == [0, 1]
+    assert (tmp_path / "log.txt.damaged").read_bytes() == b"\xff\xfe x\n[1]\n"
+    assert [s["iteration"] for s in _lines(tmp_path / STEP_LOG)] == [0]
+    assert (tmp_path / "log_steps.jsonl.damaged").read_bytes() == b'{"iteration": 1, "ep\n'
+    assert "moved 2 line(s) that are not JSON records" in caplog.text
+    (tmp_path / EPOCH_LOG).write_bytes(b"\x80\n")
+    RunLog(tmp_path, enabled=True)._rewind_json(2, 4)  # appended: the earlier ones stay
+    assert (tmp_path / "log.txt.damaged").read_bytes() == b"\xff\xfe x\n[1]\n\x80\n"
+    assert (tmp_path / EPOCH_LOG).read_bytes() == b""
+
+
 def test_rewind_of_old_step_records_without_an_epoch_uses_the_iteration(tmp_path: Path) -> None:
     (tmp_path / STEP_LOG).write_text(
         "".join(json.dumps({"iteration": i, "loss": 1.0}) + "\n" for i in range(5))

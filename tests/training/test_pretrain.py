@@ -158,11 +158,15 @@ def test_logs_are_not_repeated_by_a_resume_or_a_fresh_start(tmp_path, image_dir)
     with open(out / "log_steps.jsonl", "a") as handle:
         handle.write(json.dumps({"iteration": 4, "epoch": 1, "loss": 1.0}) + "\n")
         handle.write('{"iteration": 5, "ep')
+    with open(out / "log.txt", "ab") as binary:  # a damaged line (not UTF-8)
+        binary.write(b"\xff\xfe x\n")
     assert main(tiny_args(image_dir, out)) == 0
     steps = [json.loads(line) for line in (out / "log_steps.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in steps] == list(range(8))
     epochs = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1]
+    assert (out / "log.txt.damaged").read_bytes() == b"\xff\xfe x\n"  # set aside, not lost
+    assert (out / "log_steps.jsonl.damaged").read_bytes() == b'{"iteration": 5, "ep\n'
     assert epochs[0]["ranks_in_sync"] is True and epochs[0]["img_per_s"] > 0
 
     assert main(tiny_args(image_dir, out, "--resume", "false", "--epochs", "1")) == 0
