@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,6 +38,55 @@ class DistInfo:
         return self.world_size > 1
 
 
+_TORCHRUN_HINT = (
+    "start a run of several processes with torchrun, which sets RANK, WORLD_SIZE and "
+    "LOCAL_RANK, or unset them to train in one process"
+)
+
+
+def torchrun_environment(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's variables, checked for consistency.
+
+    Unset, they describe one process (0, 1, 0).
+
+    Raises:
+        ValueError: A value that is not an integer, a rank outside ``[0, WORLD_SIZE)`` (such
+            as ``RANK=1`` without ``WORLD_SIZE``), or a world of several processes without
+            ``RANK`` or ``LOCAL_RANK``.
+    """
+    values: dict[str, int] = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        if name in env:
+            try:
+                values[name] = int(env[name])
+            except ValueError:
+                raise ValueError(
+                    f"{name}={env[name]!r} is not an integer; {_TORCHRUN_HINT}"
+                ) from None
+    world_size = values.get("WORLD_SIZE", 1)
+    if world_size < 1:
+        raise ValueError(f"WORLD_SIZE={world_size} is not a number of processes; {_TORCHRUN_HINT}")
+    if world_size > 1:
+        missing = [name for name in ("RANK", "LOCAL_RANK") if name not in values]
+        if missing:
+            raise ValueError(
+                f"WORLD_SIZE={world_size} but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set; {_TORCHRUN_HINT}"
+            )
+    world = f"WORLD_SIZE={world_size}" if "WORLD_SIZE" in values else "WORLD_SIZE unset (1)"
+    rank, local_rank = values.get("RANK", 0), values.get("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is not in [0, {world_size}) ({world}); {_TORCHRUN_HINT}")
+    local_size = values.get("LOCAL_WORLD_SIZE", world_size)
+    if not 0 <= local_rank < min(local_size, world_size):
+        raise ValueError(
+            f"LOCAL_RANK={local_rank} is not in [0, {min(local_size, world_size)}) ({world}"
+            f"{f', LOCAL_WORLD_SIZE={local_size}' if 'LOCAL_WORLD_SIZE' in values else ''}); "
+            f"{_TORCHRUN_HINT}"
+        )
+    return rank, world_size, local_rank
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group from torchrun's environment, or run as one process.
 
@@ -49,16 +98,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
         device: ``auto`` (CUDA when available), ``cuda`` or ``cpu``.
 
     Raises:
-        ValueError: ``cuda`` requested but not available, or an unknown device name.
+        ValueError: ``cuda`` requested but not available, an unknown device name, or
+            torchrun's variables that do not fit together (see :func:`torchrun_environment`).
     """
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"unknown device {device!r}; choose auto, cuda or cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no CUDA GPU is available")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = torchrun_environment(os.environ)
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         torch_device = torch.device("cuda", torch.cuda.current_device())

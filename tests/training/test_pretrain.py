@@ -92,6 +92,34 @@ def test_user_errors_exit_cleanly(tmp_path, capsys):
     assert "precision" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "1"}, "RANK=1 is not in [0, 1) (WORLD_SIZE unset (1)); start a run of several"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 is not in [0, 2) (WORL"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "WORLD_SIZE=2 but LOCAL_RANK is not set; start"),
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK and LOCAL_RANK are not set"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 is not a number of processes"),
+        ({"RANK": "one"}, "RANK='one' is not an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1 is not in [0, 2)"),
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"},
+         "LOCAL_RANK=3 is not in [0, 2) (WORLD_SIZE=4, LOCAL_WORLD_SIZE=2)"),
+    ],
+)  # fmt: skip
+def test_torchrun_variables_that_do_not_fit_together_are_one_line(
+    tmp_path, image_dir, capsys, monkeypatch, env, expected
+):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(tiny_args(image_dir, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+    assert "unset them to train in one process" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_compile_trains_the_same_weights_as_eager(tmp_path, image_dir):
     """``--compile`` (inductor on the CPU here) changes speed only: same steps, same keys.
 
