@@ -1055,6 +1055,19 @@ def _interrupt_behind(err: BaseException) -> BaseException | None:
     return next((c for c in _causes(err) if isinstance(c, KeyboardInterrupt | Terminated)), None)
 
 
+def _resume_hint(config: PretrainConfig) -> str:
+    """What a rerun does: resume from the checkpoint, or start over when none was written yet
+    (a run stopped in its first epoch)."""
+    ckpt = Path(config.output_dir) / CHECKPOINT_NAME
+    try:
+        written = ckpt.exists()
+    except OSError:  # cannot tell: the usual advice
+        written = True
+    if written:
+        return f"resume later from {ckpt}"
+    return f"no checkpoint was written yet in {config.output_dir}, so a rerun starts over"
+
+
 def _interrupted(config: PretrainConfig, err: BaseException) -> int:
     """Log an interruption in one line; returns the exit status (130 or 143, as the shell)."""
     ckpt = Path(config.output_dir) / CHECKPOINT_NAME
@@ -1063,7 +1076,7 @@ def _interrupted(config: PretrainConfig, err: BaseException) -> int:
     if isinstance(err, Terminated):
         logger.error("terminated (SIGTERM%s); resume later from %s", where, ckpt)
         return 128 + signal.SIGTERM
-    logger.error("interrupted%s; resume later from %s", f" (Ctrl-C{where})" if where else "", ckpt)
+    logger.error("interrupted%s; %s", f" (Ctrl-C{where})" if where else "", _resume_hint(config))
     return 130
 
 
