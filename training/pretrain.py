@@ -1070,11 +1070,10 @@ def _resume_hint(config: PretrainConfig) -> str:
 
 def _interrupted(config: PretrainConfig, err: BaseException) -> int:
     """Log an interruption in one line; returns the exit status (130 or 143, as the shell)."""
-    ckpt = Path(config.output_dir) / CHECKPOINT_NAME
     # ELSEWHERE, in a rank that stops because another rank of its run was signalled
     where = "".join(f" {arg}" for arg in err.args)
     if isinstance(err, Terminated):
-        logger.error("terminated (SIGTERM%s); resume later from %s", where, ckpt)
+        logger.error("terminated (SIGTERM%s); %s", where, _resume_hint(config))
         return 128 + signal.SIGTERM
     logger.error("interrupted%s; %s", f" (Ctrl-C{where})" if where else "", _resume_hint(config))
     return 130
@@ -1128,8 +1127,7 @@ def _stop_now(config: PretrainConfig) -> Callable[[int], None]:
             "(--stop_timeout): another process of this run failed or is stuck (this one waits "
             "for it in a collective), or the work up to the point where the processes stop "
             "together takes longer (the steps to the next log point, a checkpoint save or an "
-            "export, the start-up); stopping it without clean-up; resume later from "
-            f"{Path(config.output_dir) / CHECKPOINT_NAME}"
+            f"export, the start-up); stopping it without clean-up; {_resume_hint(config)}"
         )
         record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (), None)
         # Not through the logging handlers: the blocked main thread may hold their lock.
@@ -1223,9 +1221,7 @@ def _exit_status(config: PretrainConfig, info: DistInfo, err: BaseException) -> 
             message = peer_failure(err)
         if message is None:
             return None
-        logger.error(
-            "error: %s (resume from %s)", message, Path(config.output_dir) / CHECKPOINT_NAME
-        )
+        logger.error("error: %s (%s)", message, _resume_hint(config))
         return 1
     if isinstance(err, KeyboardInterrupt | Terminated):
         return _interrupted(config, err)
