@@ -153,6 +153,32 @@ def _read_failure(path: Path, err: OSError) -> CheckpointReadError:
     )
 
 
+def _sidecar_digests(path: Path) -> list[str]:
+    """The digests recorded for ``path``; a sidecar that exists must be readable.
+
+    Only a missing sidecar (a checkpoint from elsewhere) skips the digest check: one that
+    cannot be read or decoded would otherwise skip it silently.
+
+    Raises:
+        CheckpointReadError: The sidecar cannot be read (permission denied, an I/O error).
+        CheckpointCorruptError: The sidecar is not text.
+    """
+    sidecar = digest_path(path)
+    try:
+        text = sidecar.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise _read_failure(path, err) from err
+    except UnicodeDecodeError:
+        raise CheckpointCorruptError(
+            f"the digest file {sidecar} is damaged (not text). In {path.parent}: to resume "
+            f"from {path.name} as it is (if it is a valid checkpoint), delete only "
+            f"{sidecar.name}; to start over, delete both files or use a new --output_dir."
+        ) from None
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and validate a training checkpoint written by :func:`save_checkpoint`.
 
@@ -164,11 +190,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointCorruptError: The file is truncated, does not match its recorded digest,
             cannot be unpickled safely or lacks the DINO training keys.
-        CheckpointReadError: The file cannot be opened or read (permission denied, an I/O
-            error): the system refuses it, whatever it holds.
+        CheckpointReadError: The file or its digest sidecar cannot be opened or read
+            (permission denied, an I/O error): the system refuses it, whatever it holds.
     """
     path = Path(path)
-    recorded = recorded_digests(path)
+    recorded = _sidecar_digests(path)
     if recorded:
         try:
             actual = file_sha256(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -219,3 +220,31 @@ def test_a_checkpoint_copied_in_from_another_run_says_how_to_keep_it(tmp_path):
     assert "delete only checkpoint.pth.sha256" in message and "\n" not in message
     digest_path(run / "checkpoint.pth").unlink()  # as the message says
     assert load_checkpoint(run / "checkpoint.pth")["epoch"] == 7
+
+
+def test_a_sidecar_that_exists_but_cannot_be_read_never_skips_the_check(tmp_path, monkeypatch):
+    """Only a missing sidecar skips the digest check; an unreadable or damaged one stops the
+    load (before, either one let a torn checkpoint load unchecked)."""
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(state(1), path)
+    with path.open("r+b") as handle:  # one byte changed: no longer the recorded digest
+        handle.seek(-200, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-200, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    sidecar = digest_path(path)
+    real_read_text = pathlib.Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self == sidecar:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    with pytest.raises(ckpt_module.CheckpointReadError, match=f"Permission denied: {sidecar}"):
+        load_checkpoint(path)
+    monkeypatch.undo()
+    good = sidecar.read_bytes()
+    sidecar.write_bytes(b"\xff\xfe" + good)
+    with pytest.raises(CheckpointCorruptError, match="is damaged \\(not text\\)"):
+        load_checkpoint(path)
