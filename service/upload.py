@@ -49,6 +49,7 @@ OPTION_PART_SLACK = 4
 _MAX_TEXT_FIELD = 1024
 MAX_TRANSPORT_PADDING = 64
 """Most spaces and tabs allowed after a boundary delimiter (RFC 2046 transport padding)."""
+_PADDING = re.compile(rb"[ \t]+")
 
 
 @dataclass
@@ -360,7 +361,9 @@ def _check_delimiters(body: bytes, boundary: bytes, max_images: int) -> None:
             "delimiter may not occur inside a part)"
         )
     # The parser also walks the padding after a delimiter byte by byte, however long it is.
-    padded = re.compile(re.escape(delimiter) + rb"[ \t]{%d}" % (MAX_TRANSPORT_PADDING + 1))
+    padded = re.compile(
+        rb"(?:\A|\r\n)" + re.escape(delimiter) + rb"[ \t]{%d}" % (MAX_TRANSPORT_PADDING + 1)
+    )
     if padded.search(body) is not None:
         raise MalformedRequestError(
             "a multipart boundary delimiter is followed by more than "
@@ -377,6 +380,10 @@ def _parse_multipart(body: bytes, boundary: bytes, upload: Upload, max_images: i
         first = body.find(b"\r\n" + delimiter)
         if first >= 0:
             body = body[first + 2 :]
+    # Nor does it take transport padding after the first delimiter (after the others it does).
+    padding = _PADDING.match(body, len(delimiter))
+    if padding is not None and body.startswith(delimiter):
+        body = delimiter + body[padding.end() :]
     collector = _MultipartCollector(upload, max_images)
     try:  # the parser itself refuses some boundaries (longer than 256 bytes, for one)
         parser = MultipartParser(

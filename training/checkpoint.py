@@ -14,6 +14,7 @@ digest in its own sidecar (``checkpoint0010.pth.sha256``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -140,6 +141,9 @@ def _sibling_with_digest(path: Path, digest: str) -> Path | None:
     return None
 
 
+_SYSTEM_READ_ERRORS = frozenset({errno.EIO, errno.EACCES, errno.EPERM})
+
+
 def _read_failure(path: Path, err: OSError) -> CheckpointReadError:
     """The error for a checkpoint the system will not let this process read (its contents
     are not in question: nothing suggests deleting it)."""
@@ -215,11 +219,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                     f"{sidecar}; to start over, delete both files or use a new --output_dir."
                 )
             logger.info("%s is a copy of %s (same SHA-256)", path, copy_of.name)
+    try:  # can it be opened and read at all? (permissions, the storage)
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise _read_failure(path, err) from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:  # opening or reading it failed: not a fault of its contents
-        raise _read_failure(path, err) from err
     except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError/... here
+        # Only errors of the system itself are not about the contents: torch's zip reader
+        # raises OSError(EINVAL) for some files cut short.
+        if isinstance(err, OSError) and err.errno in _SYSTEM_READ_ERRORS:
+            raise _read_failure(path, err) from err
         refused = weights_only_refusal(err)
         if refused:
             raise CheckpointCorruptError(

@@ -110,7 +110,9 @@ class PretrainConfig:
     num_workers: int = _opt(10, "Data-loading processes per GPU.")
     # Tooling.
     device: str = _opt("auto", "auto, cuda or cpu.")
-    compile: bool = _opt(False, "torch.compile the backbones.")
+    compile: bool = _opt(
+        False, "torch.compile the backbones (needs a working C++ compiler, such as g++)."
+    )
     resume: bool = _opt(True, "Resume from output_dir/checkpoint.pth when it exists.")
     max_epochs_this_run: int = _opt(0, "Stop after this many epochs in this invocation (0: no).")
     log_every: int = _opt(10, "Steps between progress/log updates.")

@@ -18,6 +18,7 @@ from service.errors import ImageTooComplexError, ServiceError
 from service.structure import (
     MAX_GIF_BLOCKS_BEFORE_IMAGE,
     MAX_JPEG_MARKERS,
+    MAX_JPEG_SCAN_PIXELS,
     MAX_JPEG_SCANS,
     MAX_PNG_CHUNKS,
     MAX_PNG_CHUNKS_BEFORE_DATA,
@@ -134,6 +135,46 @@ def test_a_jpeg_repeating_its_scans_is_refused_before_decoding() -> None:
     with pytest.raises(ImageTooComplexError) as refused:
         decode_image(bomb, max_pixels=PIXELS, index=2)
     assert refused.value.index == 2 and refused.value.code == "image_too_complex"
+
+
+def test_scans_of_a_large_jpeg_are_bounded_by_their_pixels() -> None:
+    # Each scan is a pass over the whole image: 100 scans of 40 MP are allowed, 101 are not.
+    jpeg = progressive_jpeg()
+    frame = jpeg.index(b"\xff\xc2")  # SOF2: length, precision, height, width
+    large = jpeg[: frame + 5] + struct.pack(">HH", 5000, 8000) + jpeg[frame + 9 :]
+    allowed = MAX_JPEG_SCAN_PIXELS // (5000 * 8000)
+    assert allowed == 100
+    scans = large.count(b"\xff\xda")
+    check_structure(repeat_last_scan(large, allowed - scans))
+    with pytest.raises(ImageTooComplexError, match="more than 100 scans of its 40000000 pixels"):
+        check_structure(repeat_last_scan(large, allowed - scans + 1))
+
+
+def test_junk_between_segments_does_not_end_the_walk() -> None:
+    # Pillow and libjpeg skip bytes that are not a marker (and an escaped 0xFF00) and decode
+    # on; Pillow's GIF reader skips stray bytes between blocks. The walks must not stop there.
+    jpeg = progressive_jpeg()
+    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
+    for junk in (b"\x00", b"\xff\x00", b"junk"):
+        with_junk = jpeg[:app0_end] + junk + jpeg[app0_end:]
+        assert decode_image(with_junk, max_pixels=PIXELS).size == (48, 40)
+        check_structure(with_junk)
+        bomb = repeat_last_scan(with_junk, MAX_JPEG_SCANS)
+        with pytest.raises(ImageTooComplexError, match="scans"):
+            check_structure(bomb)
+        comments = b"\xff\xfe\x00\x02" * MAX_JPEG_MARKERS  # empty COM segments after the junk
+        flood = with_junk[: app0_end + len(junk)] + comments + jpeg[app0_end:]
+        with pytest.raises(ImageTooComplexError, match="markers"):
+            check_structure(flood)
+    stray = b"\x00" * MAX_GIF_BLOCKS_BEFORE_IMAGE
+    gif = gif_with_comment(10)
+    start = gif.index(b"\x21\xfe")
+    assert decode_image(gif[:start] + b"\x00" + gif[start:], max_pixels=PIXELS).size == (8, 8)
+    with pytest.raises(ImageTooComplexError, match="extension blocks"):
+        check_structure(gif[:start] + stray + gif[start:])
+    many = gif_with_comment(MAX_GIF_BLOCKS_BEFORE_IMAGE)
+    with pytest.raises(ImageTooComplexError, match="extension blocks"):
+        check_structure(many[:start] + b"\x00" + many[start:])
 
 
 def test_a_jpeg_of_empty_segments_is_refused_but_fill_bytes_are_not_markers() -> None:

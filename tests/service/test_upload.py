@@ -124,6 +124,13 @@ def test_transport_padding_is_bounded() -> None:
     too_long = field("outputs", b"patch").replace(b"\r\n", padding + b" \r\n", 1)
     with pytest.raises(MalformedRequestError, match=f"more than {MAX_TRANSPORT_PADDING} bytes"):
         parse(field("images", b"one", "a.png") + too_long + END)
+    # After the first delimiter too (python-multipart itself takes none there).
+    first = field("images", b"one", "a.png").replace(b"\r\n", padding + b"\r\n", 1)
+    assert parse(first + END) == ([b"one"], {})
+    assert parse(b"preamble\r\n" + first + END) == ([b"one"], {})
+    # The delimiter's text inside a part's content (not at a line start), then spaces: content.
+    content = b"x--" + BOUNDARY.encode() + b" " * (MAX_TRANSPORT_PADDING + 10)
+    assert parse(field("images", content, "a.png") + END) == ([content], {})
 
 
 def test_a_preamble_before_the_first_delimiter_is_ignored() -> None:

@@ -248,3 +248,17 @@ def test_a_sidecar_that_exists_but_cannot_be_read_never_skips_the_check(tmp_path
     sidecar.write_bytes(b"\xff\xfe" + good)
     with pytest.raises(CheckpointCorruptError, match="is damaged \\(not text\\)"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("cut", [1, 10, 100])
+def test_a_small_checkpoint_cut_short_is_called_corrupt_not_unreadable(tmp_path, cut):
+    """torch's zip reader raises OSError(EINVAL) for some small files cut short near their end:
+    that is about the contents, not about permissions."""
+    path = tmp_path / "checkpoint.pth"
+    saved = state(1)
+    saved["padding"] = torch.zeros(2500)  # a 12 KB file: torch's reader then says EINVAL
+    save_checkpoint(saved, path)
+    digest_path(path).unlink()  # no digest: torch.load is the judge
+    path.write_bytes(path.read_bytes()[:-cut])
+    with pytest.raises(CheckpointCorruptError, match="truncated or corrupted"):
+        load_checkpoint(path)
