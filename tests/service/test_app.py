@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.preprocess import plan_geometry, to_pixels
 from service.runtime import parse_metadata
 from service.schemas import EmbedResponse, ErrorResponse, ModelsResponse
+from service.structure import MAX_JPEG_SCANS
 from tests.conftest import TINY_MODEL_NAME
 from tests.service.conftest import (
     LiveServer,
@@ -274,7 +275,7 @@ def test_image_errors_name_the_bad_image(live: LiveServer) -> None:
         (truncated, 400, "corrupt_image"),
         (bytes(corrupt), 400, "corrupt_image"),
         (encode(Image.fromarray(gradient_rgb(8, 8)), "PPM"), 415, "unsupported_image_format"),
-        (repeat_last_scan(progressive_jpeg(), 200), 422, "image_too_complex"),
+        (repeat_last_scan(progressive_jpeg(), MAX_JPEG_SCANS), 422, "image_too_complex"),
     ]
     for blob, status, code in cases:
         response = post_images(live, [good, blob, good])
