@@ -13,6 +13,7 @@ import functools
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -29,11 +30,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batcher import Batcher, attention_bytes
+from service.batcher import Batcher
 from service.decode import decode_image
 from service.encode import ImageRecord, encode_response, estimated_bytes, output_values
 from service.errors import (
     ClientDisconnectedError,
+    InferenceFailedError,
     NotReadyError,
     ResponseTooLargeError,
     ServiceError,
@@ -45,7 +47,7 @@ from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
 from service.preprocess import plan_geometry, to_pixels
 from service.repository import Loader, ModelManager
-from service.runtime import OnnxModel, load_model
+from service.runtime import OnnxModel, attention_bytes, load_model
 from service.schemas import (
     EmbedResponse,
     HealthResponse,
@@ -363,6 +365,22 @@ async def _embed_admitted(
         check_response_size(model, grids, options, settings)
     submitted = time.perf_counter()
     results = await state.batcher.submit(model, [p.pixels for p in ready], options.outputs)
+    for index, result in enumerate(results):  # JSON cannot carry them; base64 would hide them
+        if not all(np.isfinite(value).all() for value in result.outputs.values()):
+            reference = uuid.uuid4().hex[:12]
+            logger.error(
+                "version %d of %s gave values that are not finite (NaN or inf) for image %d of "
+                "a request (reference %s)",
+                model.version,
+                model.name,
+                index,
+                reference,
+            )
+            raise InferenceFailedError(
+                "the model gave values that are not finite (NaN or inf) for this image "
+                f"(reference {reference}); the details are in the service log",
+                index=index,
+            )
     infer = max(result.infer_s for result in results)
     timer.add("queue", max(time.perf_counter() - submitted - infer, 0.0))
     timer.add("infer", infer)

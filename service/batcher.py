@@ -44,27 +44,11 @@ import numpy as np
 from models.contract import OUTPUT_NAMES
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.runtime import OnnxModel, RunControl
+from service.runtime import OnnxModel, RunControl, attention_bytes
 
 logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
-
-
-def attention_bytes(*, width: int, height: int, patch_size: int, num_heads: int) -> int:
-    """Bytes of one image's float32 attention matrix in one block (``heads x N x N``).
-
-    Args:
-        width: Processed width (a patch multiple).
-        height: Processed height (a patch multiple).
-        patch_size: The model's patch size.
-        num_heads: The model's attention heads.
-
-    Returns:
-        ``num_heads * N**2 * 4`` with ``N`` = patches + 1 (the CLS token).
-    """
-    tokens = (width // patch_size) * (height // patch_size) + 1
-    return num_heads * tokens * tokens * 4
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,13 @@ from models.contract import (
     model_versions,
 )
 from service.metrics import Metrics
-from service.runtime import DeviceUnavailableError, ModelLoadError, OnnxModel, load_model
+from service.runtime import (
+    DeviceUnavailableError,
+    ModelLoadError,
+    OnnxModel,
+    RunControl,
+    load_model,
+)
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -134,6 +140,7 @@ class ModelManager:
         self._settings = settings
         self._metrics = metrics
         self._loader = loader
+        self._load_control: RunControl | None = None
         self._on_fatal = on_fatal
         self._initial_scan: asyncio.Task[None] | None = None
         self._loading: int | None = None  # the version being loaded, if any
@@ -187,7 +194,9 @@ class ModelManager:
             self._poller = asyncio.create_task(self._poll(), name="model-poller")
 
     async def stop(self) -> None:
-        """Stop the first scan if it still runs, and polling."""
+        """Stop the first scan if it still runs, and polling (and a load's checks in flight)."""
+        if self._load_control is not None:  # its thread would otherwise run to the end
+            self._load_control.terminate()
         for task in (self._initial_scan, self._poller):
             if task is not None:
                 task.cancel()
@@ -265,6 +274,7 @@ class ModelManager:
                     self._unsettled[version] = unsettled  # not settled yet (see _settle)
                     continue
                 self._loading = version
+                self._load_control = RunControl()
                 try:
                     model = await asyncio.to_thread(
                         self._loader,
@@ -275,6 +285,9 @@ class ModelManager:
                         intra_op_threads=settings.intra_op_threads,
                         cpu_memory_arena=settings.cpu_memory_arena,
                         warmup_batch_sizes=settings.warmup_batch_sizes,
+                        max_attention_bytes=settings.max_batch_attention_bytes,
+                        timeout_s=settings.load_timeout_s,
+                        control=self._load_control,
                     )
                 except DeviceUnavailableError as err:
                     if fatal_device_errors:
@@ -296,6 +309,7 @@ class ModelManager:
                     return RefreshResult(True, version, tuple(errors))
                 finally:
                     self._loading = None
+                    self._load_control = None
             serving = self._current.version if self._current is not None else None
             return RefreshResult(False, serving, tuple(errors))
 

@@ -14,6 +14,9 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,27 @@ logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+MAX_MODEL_FILE_BYTES = 2**31
+"""Largest model file: protobuf's limit (larger exports keep their weights in external files,
+which the service does not load)."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
+
+
+def attention_bytes(*, width: int, height: int, patch_size: int, num_heads: int) -> int:
+    """Bytes of one image's float32 attention matrix in one block (``heads x N x N``).
+
+    Args:
+        width: Processed width (a patch multiple).
+        height: Processed height (a patch multiple).
+        patch_size: The model's patch size.
+        num_heads: The model's attention heads.
+
+    Returns:
+        ``num_heads * N**2 * 4`` with ``N`` = patches + 1 (the CLS token).
+    """
+    tokens = (width // patch_size) * (height // patch_size) + 1
+    return num_heads * tokens * tokens * 4
 
 
 class ModelLoadError(Exception):
@@ -103,6 +127,21 @@ def parse_metadata(props: dict[str, str]) -> ModelMetadata:
         raise ModelLoadError(f"unknown interpolation {recipe.interpolation!r} in the recipe")
     if reference.get("crop", "center") != "center" or not reference["cases"]:
         raise ModelLoadError("reference outputs must be centre-crop cases")
+    if len(reference["cases"]) > len(contract.REFERENCE_CASES):
+        raise ModelLoadError(
+            f"{len(reference['cases'])} reference cases; the contract has "
+            f"{len(contract.REFERENCE_CASES)}"
+        )
+    if _SHA256.fullmatch(props[key.WEIGHTS_SHA256]) is None:
+        raise ModelLoadError(
+            f"{key.WEIGHTS_SHA256} {props[key.WEIGHTS_SHA256][:80]!r} is not a SHA-256 digest "
+            "(64 lower-case hex digits)"
+        )
+    if props[key.PRECISION] not in contract.REFERENCE_MIN_COSINE:
+        raise ModelLoadError(
+            f"unknown precision {props[key.PRECISION][:40]!r}; one of "
+            f"{', '.join(contract.REFERENCE_MIN_COSINE)}"
+        )
     return ModelMetadata(
         contract_version=props[key.CONTRACT_VERSION],
         arch=props[key.ARCH],
@@ -154,6 +193,10 @@ def check_contract(session: ort.InferenceSession, metadata: ModelMetadata) -> No
             raise ModelLoadError(f"output {name!r} has rank {len(shape)}, contract says {rank}")
         if last_dim is not None and isinstance(shape[-1], int) and shape[-1] != last_dim:
             raise ModelLoadError(f"output {name!r} has width {shape[-1]}, metadata {last_dim}")
+        if outputs[name].type not in _FLOAT_TYPES:
+            raise ModelLoadError(f"output {name!r} is a {outputs[name].type}, not floats")
+    if inputs[0].type not in _FLOAT_TYPES:
+        raise ModelLoadError(f"input {inputs[0].name!r} is a {inputs[0].type}, not floats")
     heads = outputs[contract.ATTENTION_MAPS.name].shape[1]
     if isinstance(heads, int) and heads != metadata.num_heads:
         raise ModelLoadError(f"attention has {heads} heads, metadata says {metadata.num_heads}")
@@ -301,6 +344,8 @@ class OnnxModel:
         self.file_sha256 = file_sha256
         self.provider: str = session.get_providers()[0]
         self.self_check: SelfCheck | None = None
+        self._load_control: RunControl | None = None
+        self._max_attention_bytes: int | None = None
         input_type = session.get_inputs()[0].type
         self._input_dtype = np.float16 if input_type == "tensor(float16)" else np.float32
 
@@ -352,14 +397,23 @@ class OnnxModel:
             )
             batch.append(to_pixels(image, geometry, self.metadata.recipe))
             expected.append(np.asarray(case[contract.CLS_EMBEDDING.name], dtype=np.float64))
-        got = self.run(np.stack(batch), (contract.CLS_EMBEDDING.name,))[contract.CLS_EMBEDDING.name]
+        pixels = np.stack(batch)
+        self._within_budget(pixels.shape, "the reference images")
+        outputs = self.run(pixels, (contract.CLS_EMBEDDING.name,), self._load_control)
+        got = outputs[contract.CLS_EMBEDDING.name]
         if not np.isfinite(got).all():  # max()/min() below would skip NaN without a word
             raise ModelLoadError(
                 "self-check failed: the model's CLS embeddings of the reference images are not "
                 "finite (NaN or inf: broken weights, or values beyond float16's range)"
             )
-        tol_abs = float(reference["max_abs_error"])
-        tol_cos = float(reference["min_cosine"])
+        # The file's tolerances, never looser than the contract's for its precision (a file
+        # must not be able to switch its own self-check off).
+        precision = self.metadata.precision
+        largest = max([1.0, *(float(np.abs(want).max()) for want in expected)])
+        tol_abs = min(
+            float(reference["max_abs_error"]), contract.REFERENCE_MAX_ABS_ERROR[precision] * largest
+        )
+        tol_cos = max(float(reference["min_cosine"]), contract.REFERENCE_MIN_COSINE[precision])
         worst_abs, worst_cos = 0.0, 1.0
         for row, want in zip(got.astype(np.float64), expected, strict=True):
             if row.shape != want.shape:
@@ -390,25 +444,116 @@ class OnnxModel:
         # grid, which the square warm-up at the default resolution does not exercise.
         rows = max(3, (self.metadata.resolution // 2) // patch) | 1
         height, width = rows * patch, (rows + 2) * patch
+        self._within_budget((1, 3, height, width), "the other-size check")
         try:
-            values = self.run(np.zeros((1, 3, height, width), np.float32), contract.OUTPUT_NAMES)
+            values = self.run(
+                np.zeros((1, 3, height, width), np.float32),
+                contract.OUTPUT_NAMES,
+                self._load_control,
+            )
         except Exception as err:
+            if self._load_control is not None and self._load_control.terminated:
+                raise
             raise ModelLoadError(
                 f"the model fails on a {height}x{width} input (other sizes than "
                 f"{self.metadata.resolution} must work): {err}"
             ) from err
         check_output_shapes(values, self.metadata, batch=1, height=height, width=width)
+        _check_finite(values, f"a {height}x{width} input")
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Run zero batches at the default resolution so the first request is not slow.
 
+        A batch size whose attention would exceed the budget is warmed up at the largest batch
+        that fits (the batcher splits such batches the same way).
+
         Raises:
-            ModelLoadError: An output's shape differs from the contract's.
+            ModelLoadError: One image at the default resolution exceeds the attention budget,
+                or an output's shape differs from the contract's or is not finite.
         """
         side = self.metadata.resolution
+        self._within_budget((1, 3, side, side), "the default resolution")
         for size in batch_sizes:
-            values = self.run(np.zeros((size, 3, side, side), np.float32), contract.OUTPUT_NAMES)
+            if self._max_attention_bytes is not None:
+                one = attention_bytes(
+                    width=side,
+                    height=side,
+                    patch_size=self.metadata.patch_size,
+                    num_heads=self.metadata.num_heads,
+                )
+                size = max(1, min(size, self._max_attention_bytes // one))
+            values = self.run(
+                np.zeros((size, 3, side, side), np.float32),
+                contract.OUTPUT_NAMES,
+                self._load_control,
+            )
             check_output_shapes(values, self.metadata, batch=size, height=side, width=side)
+            _check_finite(values, f"the warm-up batch of {size}")
+
+    def _within_budget(self, shape: tuple[int, ...], what: str) -> None:
+        """Refuse a load-time run whose attention would exceed the serving budget.
+
+        A model whose metadata asks for a huge default or reference resolution would otherwise
+        allocate it while it is checked, before any request could be refused.
+        """
+        if self._max_attention_bytes is None:
+            return
+        batch, _, height, width = shape
+        needed = batch * attention_bytes(
+            width=width,
+            height=height,
+            patch_size=self.metadata.patch_size,
+            num_heads=self.metadata.num_heads,
+        )
+        if needed > self._max_attention_bytes:
+            raise ModelLoadError(
+                f"{what} ({batch} x {height}x{width}) needs {needed} bytes of attention, over "
+                f"DINO_MAX_BATCH_ATTENTION_BYTES ({self._max_attention_bytes}): the model "
+                "could not serve it"
+            )
+
+
+def _check_finite(values: dict[str, np.ndarray], what: str) -> None:
+    """Refuse a model whose outputs on a load-time input are not finite.
+
+    Raises:
+        ModelLoadError: An output holds NaN or inf.
+    """
+    for name, value in values.items():
+        if not np.isfinite(value).all():
+            raise ModelLoadError(
+                f"the model's {name} on {what} is not finite (NaN or inf): it could not answer "
+                "requests for it"
+            )
+
+
+def _read_model_file(path: Path) -> bytes:
+    """The bytes of a model file that is a regular file of a loadable size.
+
+    Opened without blocking, so a FIFO in the repository cannot hold the scan forever.
+
+    Raises:
+        ModelLoadError: Unreadable, not a regular file, or over :data:`MAX_MODEL_FILE_BYTES`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelLoadError(f"{path} is not a regular file")
+        if info.st_size > MAX_MODEL_FILE_BYTES:
+            raise ModelLoadError(
+                f"{path} has {info.st_size} bytes, over the {MAX_MODEL_FILE_BYTES} of one ONNX "
+                "file (weights kept as external data are not loaded)"
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read()
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from err
+    finally:
+        os.close(fd)
 
 
 def load_model(
@@ -420,18 +565,32 @@ def load_model(
     intra_op_threads: int = 0,
     cpu_memory_arena: bool = False,
     warmup_batch_sizes: tuple[int, ...] = (1,),
+    max_attention_bytes: int | None = None,
+    timeout_s: float | None = None,
+    control: RunControl | None = None,
 ) -> OnnxModel:
     """Load, check, self-check and warm up one model file.
+
+    Args:
+        path: The ``model.onnx`` file.
+        name: Model name in the repository.
+        version: Version number.
+        device: ``auto``, ``cuda`` or ``cpu``.
+        intra_op_threads: onnxruntime intra-op threads (0: its default).
+        cpu_memory_arena: Keep onnxruntime's CPU memory arena.
+        warmup_batch_sizes: Batch sizes run at the default resolution.
+        max_attention_bytes: The serving attention budget; load-time runs beyond it (a huge
+            default or reference resolution in the metadata) refuse the model. None: no limit.
+        timeout_s: Longest the load-time runs may take together (a graph that never ends is
+            stopped and refused). None: no limit.
+        control: Lets another thread stop the load-time runs (the service shutting down).
 
     Raises:
         DeviceUnavailableError: ``device="cuda"`` and CUDA could not be bound.
         ModelLoadError: Anything else that makes the model unfit to serve.
     """
     providers = requested_providers(device)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ModelLoadError(f"cannot read {path}: {err}") from err
+    data = _read_model_file(Path(path))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -463,12 +622,40 @@ def load_model(
         path=Path(path),
         file_sha256=hashlib.sha256(data).hexdigest(),
     )
+    del data  # the session holds its own copy
+    control = control if control is not None else RunControl()
+    model._load_control = control
+    model._max_attention_bytes = max_attention_bytes
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        control.terminate()
+
+    timer = threading.Timer(timeout_s, expire) if timeout_s is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
     try:
+        if control.terminated:  # stopped before the runs began
+            raise ModelLoadError("the load was stopped (the service is shutting down)")
         model.self_check = model.check_reference()
         model.check_other_sizes()
         model.warm_up(warmup_batch_sizes)
-    except ModelLoadError:
-        raise
     except Exception as err:  # a graph that fails at run time is unfit as well
-        raise ModelLoadError(f"inference failed during the self-check: {err}") from err
+        if expired.is_set():
+            raise ModelLoadError(
+                f"the load-time checks did not finish within {timeout_s:g} s "
+                "(DINO_LOAD_TIMEOUT_S): a graph that does not end, or a far too slow device"
+            ) from err
+        if control.terminated:
+            raise ModelLoadError("the load was stopped (the service is shutting down)") from err
+        if isinstance(err, ModelLoadError):
+            raise
+        reason = str(err) or type(err).__name__  # MemoryError() has no text
+        raise ModelLoadError(f"inference failed during the self-check: {reason}") from err
+    finally:
+        if timer is not None:
+            timer.cancel()
+        model._load_control = None
     return model

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
             ``pinned`` serves exactly ``model_version``.
         model_version: The pinned version (required with ``version_policy=pinned``).
         poll_interval_s: How often the repository is rescanned; 0 disables polling.
+        load_timeout_s: Longest a model's load-time checks (self-check, other size, warm-up)
+            may run; a model beyond it is refused.
         device: ``auto`` (CUDA when it can be bound, else CPU), ``cuda`` (fail unless CUDA is
             really bound) or ``cpu``.
         intra_op_threads: onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
@@ -78,6 +80,7 @@ class Settings(BaseSettings):
     version_policy: VersionPolicy = "latest"
     model_version: int | None = Field(default=None, ge=1)
     poll_interval_s: float = Field(default=10.0, ge=0)
+    load_timeout_s: float = Field(default=300.0, gt=0)
 
     device: Device = "auto"
     intra_op_threads: int = Field(default=0, ge=0)

@@ -158,6 +158,47 @@ def test_failed_inference_spares_batch_mates_and_hides_engine_text(
         assert server.metric("dino_batch_size_count") - calls == 3
 
 
+def test_non_finite_outputs_at_request_time_are_a_clean_500(
+    tiny_model_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A model that passed its load checks but overflows on some image: JSON cannot carry NaN
+    # (it was a 500 with a traceback), base64 would have carried it silently.
+    def loader(*args: Any, **kwargs: Any) -> OnnxModel:
+        model = load_model(*args, **kwargs)
+        run = model.run
+
+        def overflowing(
+            pixels: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+        ) -> dict[str, np.ndarray]:
+            values = run(pixels, outputs, control)
+            for row in range(pixels.shape[0]):
+                if pixels[row].mean() > 1.5:  # a white image
+                    for value in values.values():
+                        value[row] = np.nan
+            return values
+
+        model.run = overflowing  # type: ignore[method-assign]
+        return model
+
+    white = encode(Image.new("RGB", (40, 30), (255, 255, 255)), "PNG")
+    with run_server(tiny_settings(tiny_model_repository), loader=loader) as server:
+        for encoding in ("json", "base64"):
+            response = server.client.post(
+                "/embed",
+                files=[
+                    ("images", ("a.png", png_bytes(), "image/png")),
+                    ("images", ("w.png", white, "image/png")),
+                ],
+                data={"outputs": "cls,patch,attention", "encoding": encoding},
+            )
+            assert response.status_code == 500, response.text
+            error = response.json()["error"]
+            assert error["code"] == "inference_failed" and error["index"] == 1
+            assert "not finite" in error["message"]
+        assert not [r for r in caplog.records if r.exc_info]  # logged without a traceback
+        assert _post(server.url, png_bytes()).status_code == 200
+
+
 @pytest.fixture(scope="module")
 def guarded(tiny_model_repository: Path) -> Iterator[LiveServer]:
     settings = tiny_settings(

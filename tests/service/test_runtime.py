@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,6 +23,7 @@ from service.runtime import (
     DeviceUnavailableError,
     ModelLoadError,
     RunControl,
+    attention_bytes,
     gpu_present,
     load_model,
     requested_providers,
@@ -150,6 +152,155 @@ def test_a_model_whose_outputs_are_nan_is_refused(tiny_path: Path, tmp_path: Pat
     path = _variant(tiny_path, tmp_path / "nan.onnx", nan_cls)
     with pytest.raises(ModelLoadError, match="are not finite"):
         load_model(path, name="tiny", version=1, device="cpu")
+
+
+def _reroute(proto: onnx.ModelProto, output: str, nodes: list[onnx.NodeProto]) -> None:
+    """Make ``output`` the result of ``nodes`` applied to what the graph computed for it."""
+    for node in proto.graph.node:
+        node.output[:] = [f"{output}_raw" if o == output else o for o in node.output]
+    proto.graph.node.extend(nodes)
+
+
+@pytest.mark.parametrize("output", ["patch_features", "attention_maps"])
+def test_a_model_whose_dense_outputs_are_not_finite_is_refused(
+    tiny_path: Path, tmp_path: Path, output: str
+) -> None:
+    # The reference check sees only CLS: such a model was ready, and every request for these
+    # outputs failed with a 500 and a traceback (JSON) or got NaN silently (base64).
+    def nan_output(proto: onnx.ModelProto) -> None:
+        nan = onnx.numpy_helper.from_array(np.array(np.nan, np.float32), "nan")
+        proto.graph.initializer.append(nan)
+        _reroute(proto, output, [onnx.helper.make_node("Mul", [f"{output}_raw", "nan"], [output])])
+
+    path = _variant(tiny_path, tmp_path / "nan.onnx", nan_output)
+    with pytest.raises(ModelLoadError, match=f"{output} on a .* is not finite"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_outputs_that_are_not_floats_are_refused(tiny_path: Path, tmp_path: Path) -> None:
+    def integer_attention(proto: onnx.ModelProto) -> None:
+        cast = onnx.helper.make_node(
+            "Cast", ["attention_maps_raw"], ["attention_maps"], to=onnx.TensorProto.INT64
+        )
+        _reroute(proto, "attention_maps", [cast])
+        for declared in proto.graph.output:
+            if declared.name == "attention_maps":
+                declared.type.tensor_type.elem_type = onnx.TensorProto.INT64
+
+    path = _variant(tiny_path, tmp_path / "int.onnx", integer_attention)
+    with pytest.raises(ModelLoadError, match="'attention_maps' is a tensor\\(int64\\), not floats"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_a_graph_that_never_ends_is_stopped_by_the_load_timeout(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    # A Loop of 10^15 iterations whose result is multiplied by 0 and added to the CLS output:
+    # before, the load (and every later refresh, and the shutdown) waited for it forever.
+    def endless(proto: onnx.ModelProto) -> None:
+        body = onnx.helper.make_graph(
+            [
+                onnx.helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+                onnx.helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+            ],
+            "body",
+            [
+                onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                onnx.helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+                onnx.helper.make_tensor_value_info("acc_in", onnx.TensorProto.FLOAT, []),
+            ],
+            [
+                onnx.helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+                onnx.helper.make_tensor_value_info("acc_out", onnx.TensorProto.FLOAT, []),
+            ],
+            [onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+        )
+        proto.graph.initializer.extend(
+            [
+                onnx.numpy_helper.from_array(np.array(10**15, np.int64), "trips"),
+                onnx.numpy_helper.from_array(np.array(True), "go"),
+                onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+            ]
+        )
+        _reroute(
+            proto,
+            "cls_embedding",
+            [
+                onnx.helper.make_node("Loop", ["trips", "go", "zero"], ["spun"], body=body),
+                onnx.helper.make_node("Mul", ["spun", "zero"], ["nothing"]),
+                onnx.helper.make_node("Add", ["cls_embedding_raw", "nothing"], ["cls_embedding"]),
+            ],
+        )
+
+    path = _variant(tiny_path, tmp_path / "endless.onnx", endless)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="did not finish within 1 s"):
+        load_model(path, name="tiny", version=1, device="cpu", timeout_s=1.0)
+    assert time.monotonic() - started < 30
+    control = RunControl()  # the service shutting down stops it as well
+    threading.Timer(0.5, control.terminate).start()
+    with pytest.raises(ModelLoadError, match="stopped \\(the service is shutting down\\)"):
+        load_model(path, name="tiny", version=1, device="cpu", control=control)
+
+
+def test_load_time_runs_stay_within_the_attention_budget(tiny_path: Path, tmp_path: Path) -> None:
+    # A default resolution the model could not serve (every plain request a 413) was warmed up
+    # anyway, allocating whatever the metadata asked for.
+    model = load_model(tiny_path, name="tiny", version=1, device="cpu", max_attention_bytes=10**9)
+    assert model.self_check is not None
+    one = attention_bytes(width=32, height=32, patch_size=8, num_heads=2)  # tiny: 32 px, 2 heads
+    with pytest.raises(ModelLoadError, match="over DINO_MAX_BATCH_ATTENTION_BYTES"):
+        load_model(tiny_path, name="tiny", version=1, device="cpu", max_attention_bytes=one - 1)
+    # Warm-up batches are cut to what fits, as the batcher cuts request batches.
+    warmed = load_model(
+        tiny_path,
+        name="tiny",
+        version=1,
+        device="cpu",
+        warmup_batch_sizes=(64,),
+        max_attention_bytes=4 * one + 4 * one,  # the reference batch (2 cases) and 8 of warm-up
+    )
+    assert warmed.self_check is not None
+
+
+def test_a_file_cannot_loosen_its_own_self_check(tiny_path: Path, tmp_path: Path) -> None:
+    # Expected outputs negated with min_cosine -1 and a huge max_abs_error: loaded before.
+    def loosen(proto: onnx.ModelProto) -> None:
+        props = {p.key: p.value for p in proto.metadata_props}
+        reference = json.loads(props[MetadataKey.REFERENCE])
+        for case in reference["cases"]:
+            case["cls_embedding"] = [-v for v in case["cls_embedding"]]
+        reference["min_cosine"], reference["max_abs_error"] = -1.0, 100.0
+        _set_meta(proto, MetadataKey.REFERENCE, json.dumps(reference))
+
+    path = _variant(tiny_path, tmp_path / "loose.onnx", loosen)
+    with pytest.raises(ModelLoadError, match="self-check failed"):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        (MetadataKey.WEIGHTS_SHA256, "x" * 100_000, "is not a SHA-256 digest"),
+        (MetadataKey.WEIGHTS_SHA256, "", "is not a SHA-256 digest"),
+        (MetadataKey.PRECISION, "float8", "unknown precision"),
+    ],
+)
+def test_metadata_that_responses_repeat_is_checked(
+    tiny_path: Path, tmp_path: Path, key: str, value: str, fragment: str
+) -> None:
+    path = _variant(tiny_path, tmp_path / "meta.onnx", lambda p: _set_meta(p, key, value))
+    with pytest.raises(ModelLoadError, match=fragment):
+        load_model(path, name="tiny", version=1, device="cpu")
+
+
+def test_a_fifo_or_a_device_is_not_read(tmp_path: Path) -> None:
+    # A FIFO as model.onnx blocked the scan forever (no writer), and /dev/zero never ends.
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ModelLoadError, match="is not a regular file"):
+            load_model(path, name="tiny", version=1, device="cpu")
 
 
 def test_a_fixed_input_size_is_refused(tiny_path: Path, tmp_path: Path) -> None:
