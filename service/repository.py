@@ -305,6 +305,13 @@ class ModelManager:
                         )
                     )
                 else:
+                    if not path.is_file():  # removed while it loaded: the disk decides
+                        logger.warning(
+                            "version %d of %s was removed while it loaded; not swapped in",
+                            version,
+                            settings.model_name,
+                        )
+                        continue
                     self._swap(model, fingerprint)
                     return RefreshResult(True, version, tuple(errors))
                 finally:

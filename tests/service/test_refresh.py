@@ -420,6 +420,31 @@ def test_a_refused_version_is_retried_when_its_file_changes(
         assert _models(server)["last_error"] is None
 
 
+def test_a_version_removed_while_it_loads_is_not_swapped_in(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    # Before, it served until the next poll noticed, then rolled back: two swaps for nothing.
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    good = model_path(repository, TINY_MODEL_NAME, 1).read_bytes()
+    calls: Counter[int] = Counter()
+
+    def loader(path: Path, **kwargs: Any) -> Any:
+        calls[kwargs["version"]] += 1
+        model = load_model(path, **kwargs)
+        if kwargs["version"] == 2:
+            shutil.rmtree(path.parent)  # deleted while its checks ran
+        return model
+
+    settings = tiny_settings(repository, poll_interval_s=0.05)
+    with run_server(settings, loader=loader) as server:
+        swaps = server.metric("dino_model_loads_total", {"outcome": "loaded"})
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 2), good)
+        wait_for(lambda: calls[2] == 1)
+        time.sleep(0.3)  # several more scans
+        assert server.client.get("/readyz").json()["version"] == 1
+        assert server.metric("dino_model_loads_total", {"outcome": "loaded"}) == swaps
+
+
 def test_folders_that_are_not_version_numbers_are_named_in_the_log(
     tiny_model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
