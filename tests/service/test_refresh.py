@@ -445,6 +445,26 @@ def test_a_version_removed_while_it_loads_is_not_swapped_in(
         assert server.metric("dino_model_loads_total", {"outcome": "loaded"}) == swaps
 
 
+def test_shutdown_stops_a_load_in_progress(tiny_model_repository: Path) -> None:
+    # A load's checks run in a worker thread that cancelling the scan does not stop: the
+    # process waited for a graph that never ends (SIGTERM then needed SIGKILL).
+    started = threading.Event()
+
+    def endless_loader(path: Path, **kwargs: Any) -> Any:
+        control = kwargs["control"]
+        started.set()
+        deadline = time.monotonic() + 120
+        while not control.terminated and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise ModelLoadError("the load was stopped")
+
+    settings = tiny_settings(tiny_model_repository)
+    with run_server(settings, loader=endless_loader, wait_for_first_scan=False):
+        assert started.wait(30)
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 10
+
+
 def test_folders_that_are_not_version_numbers_are_named_in_the_log(
     tiny_model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
