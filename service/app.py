@@ -170,7 +170,7 @@ async def readyz(request: Request) -> JSONResponse:
         if state.settings.api_keys:  # public route: the details (paths, errors) need a key
             reason = "no model serves yet; /v1/models (with an API key) says why"
         else:
-            reason = state.manager.not_ready_reason()
+            reason = await state.manager.not_ready_reason()
         body = ReadyResponse(ready=False, reason=reason)
         return JSONResponse(body.model_dump(), status_code=503)
     body = ReadyResponse(
@@ -183,7 +183,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def list_models(request: Request) -> ModelsResponse:
     """The serving model, every version's state, the policy and the last load error."""
     manager = _state(request).manager
-    data = manager.describe()
+    data = await manager.describe()
     model = manager.current
     data["loaded"] = _loaded_model(model) if model is not None else None
     return ModelsResponse.model_validate(data)

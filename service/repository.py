@@ -25,6 +25,10 @@ file has stayed as it is for :data:`SETTLE_S` seconds of this process's clock (w
 mtime says), the failure is recorded without loading the same bytes again; a file that keeps
 changing is recorded anyway after :data:`SETTLE_CAP_S`. The first scan and
 ``POST /admin/reload`` report every failure at once.
+
+Everything that touches the disk (listing the versions, the fingerprints) runs in a worker
+thread, so a repository of thousands of versions, or a slow network file system, never holds up
+the event loop that answers requests; the state it feeds is only changed on the loop.
 """
 
 from __future__ import annotations
@@ -96,6 +100,30 @@ class RefreshResult:
     def error(self) -> str | None:
         """The scan's failures joined by "; " (None when there were none)."""
         return "; ".join(self.errors) or None
+
+
+@dataclass(frozen=True)
+class _DiskScan:
+    """What one scan read from the disk, in a worker thread."""
+
+    versions: list[int] | None  # None: the model folder could not be listed
+    ignored: dict[str, str]  # version-like folder names that are not read, and why
+    list_error: OSError | None
+    fingerprints: dict[int, Fingerprint | None]  # of the versions the scan looks at
+
+
+def _read_disk(repository: Path, name: str, watched: Callable[[list[int]], set[int]]) -> _DiskScan:
+    """List the versions of ``name`` and fingerprint those ``watched`` picks from the list."""
+    try:
+        versions = model_versions(repository, name)
+        ignored = ignored_version_folders(repository, name)
+    except OSError as err:
+        return _DiskScan(None, {}, err, {})
+    fingerprints = {
+        version: _fingerprint(model_path(repository, name, version))
+        for version in sorted(watched(versions))
+    }
+    return _DiskScan(versions, ignored, None, fingerprints)
 
 
 def _fingerprint(path: Path) -> Fingerprint | None:
@@ -189,7 +217,7 @@ class ModelManager:
         except Exception:  # a bug: logged, and the polls below may still recover
             logger.exception("the first repository scan failed")
         if self._current is None:
-            logger.warning("no servable model yet; not ready (%s)", self.not_ready_reason())
+            logger.warning("no servable model yet; not ready (%s)", await self.not_ready_reason())
         if self._settings.poll_interval_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="model-poller")
 
@@ -241,20 +269,26 @@ class ModelManager:
         settings = self._settings
         async with self._lock:
             self._last_refresh = time.time()
-            versions = self._list_versions()
+            watched = set(self._failures) | set(self._unsettled)  # the loop's state, read here
+            scan = await asyncio.to_thread(
+                _read_disk,
+                settings.model_repository,
+                settings.model_name,
+                lambda versions: watched | set(self._candidates(versions)),
+            )
+            versions = self._apply_listing(scan)
             if versions is None:
                 serving = self._current.version if self._current is not None else None
                 listing = (self._scan_error,) if self._scan_error else ()
                 return RefreshResult(False, serving, listing)
-            self._forget_stale_failures(versions)
+            self._forget_stale_failures(versions, scan.fingerprints)
             self._note_serving_version(versions)
             errors: list[str] = []  # this scan's failures, newest version first
             candidates = self._candidates(versions)
             if settle:
-                errors += self._settle(candidates)
+                errors += self._settle(candidates, scan.fingerprints)
             for version in candidates:
-                path = model_path(settings.model_repository, settings.model_name, version)
-                fingerprint = _fingerprint(path)
+                fingerprint = scan.fingerprints[version]
                 if (
                     self._current is not None
                     and version == self._current.version
@@ -273,6 +307,7 @@ class ModelManager:
                 ):
                     self._unsettled[version] = unsettled  # not settled yet (see _settle)
                     continue
+                path = model_path(settings.model_repository, settings.model_name, version)
                 self._loading = version
                 self._load_control = RunControl()
                 try:
@@ -294,8 +329,10 @@ class ModelManager:
                         raise
                     errors.append(self._record_failure(version, fingerprint, err))
                 except ModelLoadError as err:
-                    if settle and self._hold_back(version, path, fingerprint, err, unsettled):
-                        continue
+                    if settle:
+                        after = await asyncio.to_thread(_fingerprint, path)
+                        if self._hold_back(version, fingerprint, after, err, unsettled):
+                            continue
                     errors.append(self._record_failure(version, fingerprint, err))
                 except Exception as err:  # a file that breaks the loader is still just refused
                     logger.exception("unexpected error loading version %d of %s", version, path)
@@ -305,7 +342,7 @@ class ModelManager:
                         )
                     )
                 else:
-                    if not path.is_file():  # removed while it loaded: the disk decides
+                    if not await asyncio.to_thread(path.is_file):  # removed while it loaded
                         logger.warning(
                             "version %d of %s was removed while it loaded; not swapped in",
                             version,
@@ -323,15 +360,14 @@ class ModelManager:
     def _hold_back(
         self,
         version: int,
-        path: Path,
         before: Fingerprint | None,
+        after: Fingerprint | None,
         err: ModelLoadError,
         previous: _Unsettled | None,
     ) -> bool:
-        """Whether the failed load of ``path`` is held back: its file changed during the load
-        or less than SETTLE_S seconds before it (a copy may still run), and the series of
-        such failures is younger than SETTLE_CAP_S."""
-        after = _fingerprint(path)
+        """Whether the failed load of ``version`` is held back: its file (``before`` and
+        ``after`` the load) changed during the load or less than SETTLE_S seconds before it (a
+        copy may still run), and the series of such failures is younger than SETTLE_CAP_S."""
         if after is None:
             return False
         changed = after != before
@@ -357,16 +393,16 @@ class ModelManager:
         )
         return True
 
-    def _settle(self, candidates: list[int]) -> list[str]:
+    def _settle(
+        self, candidates: list[int], fingerprints: dict[int, Fingerprint | None]
+    ) -> list[str]:
         """Record the held-back failures whose file has stayed as it was tried for SETTLE_S
         seconds (no second load of the same bytes); drop those of a file that changed since,
         unless it is a candidate (the scan loads it again). Returns the recorded errors."""
-        settings = self._settings
         errors: list[str] = []
         now = time.monotonic()
         for version, unsettled in sorted(self._unsettled.items(), reverse=True):
-            path = model_path(settings.model_repository, settings.model_name, version)
-            fingerprint = _fingerprint(path)
+            fingerprint = fingerprints.get(version)
             if fingerprint is None or fingerprint != unsettled.fingerprint:
                 if version not in candidates:
                     del self._unsettled[version]
@@ -376,13 +412,12 @@ class ModelManager:
                 errors.append(self._record_failure(version, fingerprint, err))
         return errors
 
-    def _list_versions(self) -> list[int] | None:
-        """The repository's versions, or None (and ``_scan_error`` set) if it cannot be listed."""
+    def _apply_listing(self, scan: _DiskScan) -> list[int] | None:
+        """The scan's versions, or None (and ``_scan_error`` set) if the folder was unlisted."""
         settings = self._settings
-        try:
-            versions = model_versions(settings.model_repository, settings.model_name)
-            ignored = ignored_version_folders(settings.model_repository, settings.model_name)
-        except OSError as err:
+        versions, ignored, err = scan.versions, scan.ignored, scan.list_error
+        if versions is None:
+            assert err is not None
             folder = Path(settings.model_repository) / settings.model_name
             message = f"cannot list {folder}: {err.strerror or err}"
             if message != self._scan_error:  # logged once, not at every poll
@@ -408,7 +443,19 @@ class ModelManager:
     def _serving_label(self) -> str:
         return str(self._current.version) if self._current is not None else "none"
 
-    def not_ready_reason(self) -> str:
+    def _versions_on_disk(self) -> tuple[list[int] | OSError, bool]:
+        """The model folder's versions (or why it cannot be listed), and whether it exists."""
+        settings = self._settings
+        folder = Path(settings.model_repository) / settings.model_name
+        try:
+            versions: list[int] | OSError = model_versions(
+                settings.model_repository, settings.model_name
+            )
+        except OSError as err:
+            versions = err
+        return versions, folder.is_dir()
+
+    async def not_ready_reason(self) -> str:
         """Why no model serves: a version loading, the last error, a missing pinned version, or
         an empty folder."""
         settings = self._settings
@@ -418,12 +465,11 @@ class ModelManager:
             return f"{loading} (after: {self._last_error})" if self._last_error else loading
         if self._last_error is not None:
             return self._last_error
-        try:
-            versions = model_versions(settings.model_repository, settings.model_name)
-        except OSError as err:
-            return f"cannot list {folder}: {err.strerror or err}"
+        versions, folder_exists = await asyncio.to_thread(self._versions_on_disk)
+        if isinstance(versions, OSError):
+            return f"cannot list {folder}: {versions.strerror or versions}"
         if not versions:
-            if not folder.is_dir():
+            if not folder_exists:
                 return (
                     f"the model folder {folder} does not exist (DINO_MODEL_REPOSITORY / "
                     "DINO_MODEL_NAME)"
@@ -444,14 +490,14 @@ class ModelManager:
             "scan or POST /admin/reload loads it"
         )
 
-    def _forget_stale_failures(self, versions: list[int]) -> None:
+    def _forget_stale_failures(
+        self, versions: list[int], fingerprints: dict[int, Fingerprint | None]
+    ) -> None:
         """Drop failures of versions that are gone (not news) or whose file has changed since
         (the error no longer applies; a candidate is tried again)."""
-        settings = self._settings
         present = set(versions)
         for version, failure in list(self._failures.items()):
-            path = model_path(settings.model_repository, settings.model_name, version)
-            if version not in present or _fingerprint(path) != failure.fingerprint:
+            if version not in present or fingerprints.get(version) != failure.fingerprint:
                 del self._failures[version]
         for version in list(self._unsettled):
             if version not in present:
@@ -528,13 +574,12 @@ class ModelManager:
             previous.version if previous is not None else "none",
         )
 
-    def describe(self) -> dict[str, object]:
+    async def describe(self) -> dict[str, object]:
         """State for ``/v1/models``: policy, loaded model, every version's state, errors."""
         settings = self._settings
-        try:
-            versions = set(model_versions(settings.model_repository, settings.model_name))
-        except OSError:  # reported as last_error by the scans
-            versions = set(self._failures)
+        listed, _ = await asyncio.to_thread(self._versions_on_disk)
+        # A folder that cannot be listed is reported as last_error by the scans.
+        versions = set(self._failures) if isinstance(listed, OSError) else set(listed)
         current = self._current
         rows: list[dict[str, object]] = []
         on_disk = set(versions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -725,3 +726,41 @@ def test_a_held_back_version_below_the_serving_one_is_still_refused_once_settled
         wait_for(lambda: _states(server).get(3) == "serving")
         wait_for(lambda: _states(server)[2] == "failed", timeout=10)
         assert calls[2] == 1
+
+
+def test_the_repository_is_read_off_the_event_loop(
+    tiny_model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing and fingerprinting run in worker threads: a repository of thousands of
+    versions (or a slow network file system) never stalls the loop that answers requests."""
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    for version in (2, 3):  # failed versions are fingerprinted at every scan
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, version), b"junk")
+    on_loop: list[str] = []
+
+    def off_loop(name: str, real: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # a worker thread
+            else:
+                on_loop.append(name)
+            return real(*args)
+
+        return wrapper
+
+    for name in ("model_versions", "ignored_version_folders", "_fingerprint"):
+        monkeypatch.setattr(
+            repository_module, name, off_loop(name, getattr(repository_module, name))
+        )
+    with run_server(tiny_settings(repository, poll_interval_s=0.05)) as server:
+        wait_for(lambda: _states(server) == {1: "serving", 2: "failed", 3: "failed"})
+        # A new file that fails: held back by the polls until it settles.
+        _write_atomically(model_path(repository, TINY_MODEL_NAME, 4), b"junk")
+        wait_for(lambda: _states(server).get(4) == "failed", timeout=15)
+        assert server.client.post("/admin/reload").json()["serving_version"] == 1
+        assert server.client.get("/readyz").status_code == 200
+    with run_server(tiny_settings(tmp_path / "empty")) as server:  # not ready: says why
+        assert "does not exist" in server.client.get("/readyz").json()["reason"]
+    assert on_loop == []
