@@ -891,6 +891,13 @@ class Trainer:
                 self.gpu_input, ""
             ),
         )
+        if config.freeze_last_layer >= config.epochs:
+            logger.warning(
+                "--freeze_last_layer %d >= --epochs %d: the head's last layer is never trained "
+                "(the reference freezes it for 1 epoch)",
+                config.freeze_last_layer,
+                config.epochs,
+            )
         # One process: SIGTERM and Ctrl-C are raised at once before the epochs, at each step's
         # start during them (see training.interrupts), and one that arrives while the epoch is
         # saved is raised once it is saved and logged. Several (torchrun): from here on, with

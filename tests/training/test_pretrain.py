@@ -19,10 +19,11 @@ from training.distributed import cleanup_distributed, init_distributed
 from training.pretrain import Trainer, main
 
 
-def test_full_run_resume_is_exact_and_exports(tmp_path, image_dir):
+def test_full_run_resume_is_exact_and_exports(tmp_path, image_dir, caplog):
     (image_dir / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(tiny_args(image_dir, full)) == 0
+    assert "--freeze_last_layer" not in caplog.text  # 1 of 2 epochs: no warning
     assert main(tiny_args(image_dir, split, "--max_epochs_this_run", "1")) == 0
     assert load_checkpoint(split / "checkpoint.pth")["epoch"] == 1
     repo = tmp_path / "repo"
@@ -206,6 +207,9 @@ def test_logs_are_not_repeated_by_a_resume_or_a_fresh_start(tmp_path, image_dir)
 def test_a_finished_run_says_how_to_export_it(tmp_path, image_dir, caplog):
     out = tmp_path / "run"
     assert main(tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    assert "--freeze_last_layer 1 >= --epochs 1: the head's last layer is never trained" in (
+        caplog.text
+    )
     caplog.clear()
     repo = tmp_path / "repo"
     argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
