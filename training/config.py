@@ -74,7 +74,11 @@ class PretrainConfig:
     clip_grad: float = _opt(3.0, "Per-tensor gradient norm clip; 0 disables.")
     batch_size_per_gpu: int = _opt(64, "Images per process and step.")
     epochs: int = _opt(100, "Training epochs.")
-    freeze_last_layer: int = _opt(1, "Epochs during which the head's last layer is not trained.")
+    freeze_last_layer: int = _opt(
+        1,
+        "Epochs during which the head's last layer is not trained (a warning when it covers "
+        "every epoch).",
+    )
     lr: float = _opt(0.0005, "Peak learning rate for a total batch of 256 (scaled linearly).")
     warmup_epochs: int = _opt(10, "Epochs of linear learning-rate warm-up.")
     min_lr: float = _opt(1e-6, "Final learning rate.")
