@@ -518,13 +518,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_pretrained(name: str, cache_dir: Path | None) -> LoadedBackbone:
+def _load_pretrained(
+    name: str, cache_dir: Path | None, output: Path | None = None
+) -> LoadedBackbone:
     """Fetch (or reuse) the checked download of ``name`` and load it.
 
     The source recorded for the metadata names the URL the file was really downloaded from:
     ``official`` only for the release server, else the mirror, else that it is not recorded.
+    An ``output`` that is the cached download itself is refused (the export would replace it).
     """
     path = pretrained.fetch_pretrained(name, cache_dir=cache_dir or pretrained.default_cache_dir())
+    if output is not None and same_file(output, path):
+        raise pretrained.PretrainedError(
+            f"--output {output} is the download cache's copy of {name} ({path}): the export "
+            "would replace it; write the model to another file"
+        )
     spec = pretrained.PRETRAINED[name]
     try:
         loaded = load_backbone(path, arch=spec.arch, patch_size=spec.patch_size)
@@ -625,7 +633,7 @@ def _export(args: argparse.Namespace, repository: Path, name: str) -> int:
     """Load, export and report; returns the exit status."""
     try:
         if args.pretrained:
-            loaded = _load_pretrained(args.pretrained, args.cache_dir)
+            loaded = _load_pretrained(args.pretrained, args.cache_dir, args.output)
         else:
             loaded = load_backbone(
                 args.weights,

@@ -720,3 +720,20 @@ def test_an_export_is_called_official_only_from_the_release_url(
     mirror.routes[VITS16_PATH] = ("ok", _release_bytes("vit_small", 16))
     loaded = export._load_pretrained("dino_vits16", tmp_path)
     assert loaded.source == f"official dino_vits16 ({release_url})"
+
+
+def test_an_output_that_is_the_cached_download_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cached = tmp_path / VITS16_FILE
+    cached.write_bytes(_release_bytes("vit_small", 16))
+    before = cached.read_bytes()
+    link = tmp_path / "model.onnx"
+    link.symlink_to(cached)
+    for output in (cached, link):
+        argv = ["--pretrained", "dino_vits16", "--cache-dir", str(tmp_path), "--output"]
+        assert export.main([*argv, str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"is the download cache's copy of dino_vits16 ({cached})" in err
+        assert "Traceback" not in err
+    assert cached.read_bytes() == before
