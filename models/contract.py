@@ -328,8 +328,9 @@ def model_versions(repository: Path, name: str) -> list[int]:
 
     Only directories whose name is a positive integer count, and only when
     ``<version>/model.onnx`` exists (writers create it by an atomic rename, so its presence
-    means the file is complete). A version folder that cannot be looked into (permissions)
-    counts too, so that whoever loads it reports why it cannot be read.
+    means the file is complete). A version folder that cannot be looked into (permissions), and
+    a ``model.onnx`` that is a broken symbolic link, count too, so that whoever loads it reports
+    why it cannot be read.
 
     Raises:
         OSError: The model's folder cannot be looked into or listed (permissions).
@@ -390,9 +391,11 @@ def _version_name_problem(folder_name: str) -> str | None:
 
 
 def _holds_model(version_dir: Path) -> bool:
-    """Whether ``version_dir/model.onnx`` is a file, or cannot be checked (no permission)."""
+    """Whether ``version_dir/model.onnx`` is a file, a symbolic link that does not lead to one
+    (dangling, or a loop: whoever loads it says so), or cannot be checked (no permission)."""
+    candidate = version_dir / MODEL_FILENAME
     try:
-        return (version_dir / MODEL_FILENAME).is_file()
+        return candidate.is_file() or (candidate.is_symlink() and not candidate.exists())
     except PermissionError:
         return True
     except OSError:

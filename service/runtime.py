@@ -10,6 +10,8 @@ output's shape, and (6) run warm-up batches (their output shapes checked too).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -538,7 +540,11 @@ def _read_model_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
-        raise ModelLoadError(f"cannot read {path}: {err.strerror or err}") from err
+        reason = err.strerror or str(err)
+        with contextlib.suppress(OSError):
+            if err.errno in (errno.ENOENT, errno.ELOOP) and path.is_symlink():
+                reason = f"a symbolic link to {os.readlink(path)} that leads to no file ({reason})"
+        raise ModelLoadError(f"cannot read {path}: {reason}") from err
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

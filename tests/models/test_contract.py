@@ -66,6 +66,17 @@ def test_model_versions_only_count_complete_numeric_dirs(tmp_path: Path) -> None
     assert contract.model_path(tmp_path, "m", 10) == root / "10" / "model.onnx"
 
 
+def test_model_versions_count_broken_links_so_their_load_says_why(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    for version in (1, 2, 3):
+        (root / str(version)).mkdir(parents=True)
+    (root / "1" / contract.MODEL_FILENAME).symlink_to(tmp_path / "gone.onnx")  # dangling
+    loop = root / "2" / contract.MODEL_FILENAME
+    loop.symlink_to(loop)
+    (root / "3" / contract.MODEL_FILENAME).symlink_to(root / "3")  # a folder: not a model
+    assert contract.model_versions(tmp_path, "m") == [1, 2]
+
+
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "-x", "dino\n"])
 def test_model_names_are_single_safe_components(name: str) -> None:
     with pytest.raises(ValueError, match="invalid model name"):

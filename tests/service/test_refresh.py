@@ -764,3 +764,25 @@ def test_the_repository_is_read_off_the_event_loop(
     with run_server(tiny_settings(tmp_path / "empty")) as server:  # not ready: says why
         assert "does not exist" in server.client.get("/readyz").json()["reason"]
     assert on_loop == []
+
+
+def test_versions_whose_file_is_a_broken_link_are_refused_with_the_reason(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    dangling = model_path(repository, TINY_MODEL_NAME, 2)
+    dangling.parent.mkdir()
+    dangling.symlink_to(tmp_path / "elsewhere" / MODEL_FILENAME)
+    loop = model_path(repository, TINY_MODEL_NAME, 3)
+    loop.parent.mkdir()
+    loop.symlink_to(loop)
+    with run_server(tiny_settings(repository)) as server:
+        rows = {row["version"]: row for row in _models(server)["versions"]}
+        assert rows[1]["state"] == "serving"
+        assert rows[2]["state"] == "failed" and rows[2]["error"] == (
+            f"cannot read {dangling}: a symbolic link to {tmp_path / 'elsewhere' / MODEL_FILENAME}"
+            " that leads to no file (No such file or directory)"
+        )
+        assert rows[3]["state"] == "failed"
+        assert "a symbolic link to" in rows[3]["error"]
+        assert "Too many levels of symbolic links" in rows[3]["error"]
