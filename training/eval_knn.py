@@ -325,6 +325,17 @@ _MIXED_SIZES = (
 MAX_RESOLUTION = 2048
 
 
+def _is_stdout(path: Path) -> bool:
+    """Whether ``path`` is this process's standard output (``/dev/stdout`` redirected to a
+    file, or that file by its name)."""
+    try:
+        mine = os.fstat(sys.stdout.fileno())
+        theirs = os.stat(path)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured, closed)
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
 def _overwritten_input(output: Path, args: argparse.Namespace) -> str | None:
     """The input that writing ``output`` would destroy, in words; None when there is none.
 
@@ -690,7 +701,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(json.dumps(result))
     if args.output is not None:
         try:
-            args.output.write_text(json.dumps(results, indent=2))
+            if _is_stdout(args.output):  # opening it anew would truncate the lines printed
+                sys.stdout.write(json.dumps(results, indent=2) + "\n")
+                sys.stdout.flush()
+            else:
+                args.output.write_text(json.dumps(results, indent=2))
         except OSError as err:
             print(
                 f"error: cannot write --output {args.output}: {err.strerror or err}",

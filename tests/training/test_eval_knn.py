@@ -559,6 +559,16 @@ def test_pipes_are_outputs(tmp_path):
     assert result.returncode == 0, result.stderr
     line, array = result.stdout.split("\n", 1)
     assert json.loads(array) == [json.loads(line)]
+    # Standard output redirected to a file, named as /dev/stdout or by its name: the lines
+    # printed before were truncated away when the output was opened anew.
+    log = tmp_path / "log.txt"
+    for output in ("/dev/stdout", str(log)):
+        with open(log, "w") as stdout:
+            subprocess.run(
+                [*argv, "--output", output], env=env, stdout=stdout, timeout=120, check=True
+            )
+        line, array = log.read_text().split("\n", 1)
+        assert json.loads(array) == [json.loads(line)]
 
 
 def test_an_onnx_model_with_a_fixed_batch_size_is_refused_up_front(
