@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 from pydantic import ValidationError
@@ -34,6 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     )
 
 
+@contextlib.contextmanager
+def _sigterm_is_a_normal_stop() -> Iterator[None]:
+    """After its graceful shutdown uvicorn raises the SIGTERM it caught again, for the handler
+    that was there before it; with the default one the process died of it (status 143). Here
+    that handler takes note instead, so a stop exits with the documented 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are the main thread's (uvicorn installs none either)
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; returns a process exit status.
 
@@ -44,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         0 after a normal shutdown (SIGTERM), 2 for invalid settings, 3 when the server cannot
         start (``DINO_DEVICE=cuda`` and CUDA cannot be bound, or the port is taken: uvicorn's
         startup-failure status), 130 after Ctrl-C.
+
+    A SIGTERM stops accepting connections, lets the requests in flight finish for at most
+    ``DINO_SHUTDOWN_TIMEOUT_S`` (a client that never reads its answer would hold the stop
+    forever otherwise), then stops the model's work and exits.
     """
     _parser().parse_args(argv)
     for message in misspelt_settings(os.environ):
@@ -74,10 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     server = uvicorn.Server(config)
     try:
-        server.run()
+        with _sigterm_is_a_normal_stop():
+            server.run()
     except KeyboardInterrupt:
         # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again, which asyncio
         # turns into KeyboardInterrupt: the conventional status, without a traceback.

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
             byte read until the answer (429 beyond); bounds memory before admission.
         body_timeout_s: Longest a request body may take to arrive (408 beyond).
         keep_alive_s: uvicorn's idle keep-alive timeout between requests on one connection.
+        shutdown_timeout_s: Longest a stop (SIGTERM) waits for requests in flight and answers
+            being sent; the connections still open then are closed. Keep it below the
+            orchestrator's grace period (``docker stop`` waits 10 s unless told otherwise).
         max_images_per_request: Most images in one request (422 beyond).
         max_image_pixels: Largest width*height accepted, checked before pixels are decoded.
         max_resolution: Largest processed side in pixels (``resolution`` and ``crop=none``);
@@ -92,6 +95,7 @@ class Settings(BaseSettings):
     max_body_bytes_in_flight: int = Field(default=256 * 1024 * 1024, ge=1024)
     body_timeout_s: float = Field(default=60.0, gt=0)
     keep_alive_s: int = Field(default=5, ge=1)
+    shutdown_timeout_s: int = Field(default=25, ge=1)
     max_images_per_request: int = Field(default=32, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     max_resolution: int = Field(default=1024, ge=8)
