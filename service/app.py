@@ -118,7 +118,7 @@ def _state(request: Request) -> ServiceState:
     return state
 
 
-def require_key(
+async def require_key(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008
 ) -> None:
@@ -353,7 +353,8 @@ async def _embed_admitted(
         )
         for index, data in enumerate(images)
     ]
-    prepared = await asyncio.gather(*jobs, return_exceptions=True)
+    with state.batcher.preparing(len(images)):
+        prepared = await asyncio.gather(*jobs, return_exceptions=True)
     for outcome in prepared:  # in request order: the first bad image is reported
         if isinstance(outcome, BaseException):
             raise outcome
@@ -752,6 +753,7 @@ def create_app(
             capacity=settings.max_queue_images,
             retry_after_s=settings.retry_after_s,
             metrics=metrics,
+            flush_when_idle=not settings.wait_when_idle,
         )
         manager = ModelManager(settings, metrics, loader, on_fatal)
         bodies = BodyBudget(

@@ -86,6 +86,8 @@ class Batcher:
         capacity: Most images admitted at once (429 beyond).
         retry_after_s: ``Retry-After`` sent with a 429.
         metrics: Where to record queue depth, waits, batch sizes and inference time.
+        flush_when_idle: Run a group at once, without ``max_queue_delay``, when no image of an
+            admitted request is being decoded (see :meth:`preparing`): none could join it.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Batcher:
         capacity: int,
         retry_after_s: int,
         metrics: Metrics,
+        flush_when_idle: bool = False,
     ) -> None:
         self._max_batch_size = max_batch_size
         self._delay = max_queue_delay_s
@@ -111,6 +114,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._running: tuple[RunControl, list[_Item]] | None = None  # the call in progress
+        self._preparing = 0  # images of admitted requests still being decoded
+        self._flush_when_idle = flush_when_idle  # callers then report them with preparing()
 
     async def start(self) -> None:
         """Start the scheduler task (inside the running loop)."""
@@ -156,6 +161,17 @@ class Batcher:
         finally:
             self._admitted -= count
             self._metrics.in_flight.set(self._admitted)
+
+    @contextlib.contextmanager
+    def preparing(self, count: int) -> Iterator[None]:
+        """Mark ``count`` images as being decoded: they may soon join a forming batch."""
+        self._preparing += count
+        try:
+            yield
+        finally:
+            self._preparing -= count
+            if self._preparing == 0:
+                self._wake.set()  # a group waiting only for them need not wait longer
 
     def batch_limit(self, model: OnnxModel, height: int, width: int) -> int:
         """Most images of this size per inference call (at least one)."""
@@ -235,6 +251,8 @@ class Batcher:
             limit = self.batch_limit(*key)
             deadline = group[0].enqueued + self._delay
             while 0 < len(group) < limit:
+                if self._flush_when_idle and self._preparing == 0:
+                    break  # no admitted image is on its way: waiting cannot fill the batch
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break

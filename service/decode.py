@@ -9,6 +9,7 @@ is applied, and every mode ends as 8-bit RGB (alpha is dropped like torchvision'
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 
@@ -148,11 +149,11 @@ def _looks_like_supported(data: bytes) -> bool:
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip per the EXIF orientation tag; a broken EXIF block is ignored."""
-    try:
-        transposed = ImageOps.exif_transpose(image)
-    except Exception:  # unreadable EXIF: keep the stored orientation
-        return image
-    return transposed if transposed is not None else image
+    # In place: otherwise Pillow returns a full copy even when nothing is rotated. Unreadable
+    # EXIF keeps the stored orientation; an orientation read but not written back is applied.
+    with contextlib.suppress(Exception):
+        ImageOps.exif_transpose(image, in_place=True)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from models.contract import ATTENTION_MAPS, CLS_EMBEDDING, PATCH_FEATURES
 from service.options import EmbedOptions
@@ -121,6 +121,8 @@ def encode_response(
             "grid": {"rows": record.grid[0], "cols": record.grid[1]},
         }
         for name, value in shape_outputs(record, normalize=options.normalize).items():
+            if not np.isfinite(value).all():  # orjson would write them as null
+                raise ValueError(f"{name} of image {record.index} holds NaN or infinity")
             item[name] = encode_array(value, encoding=options.encoding, dtype=options.dtype)
         results.append(item)
     body = {
@@ -135,7 +137,7 @@ def encode_response(
         },
         "results": results,
     }
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    return orjson.dumps(body)  # about 20 times faster than json.dumps on float lists
 
 
 def _size(size: tuple[int, int]) -> dict[str, int]:

@@ -133,8 +133,11 @@ def to_pixels(image: Image.Image, geometry: Geometry, recipe: PreprocessingRecip
             image = image.resize(geometry.resized, resample)
         if geometry.crop_box is not None:
             image = image.crop(geometry.crop_box)
-    rgb = np.asarray(image, dtype=np.float32)  # (H, W, 3)
-    std = np.asarray(recipe.std, dtype=np.float32)
-    mean = np.asarray(recipe.mean, dtype=np.float32)
-    scaled = (rgb / np.float32(255.0) - mean) / std  # (H, W, 3)
-    return np.ascontiguousarray(scaled.transpose(2, 0, 1))  # (3, H, W)
+    # Channel-first while still uint8, then the same float32 operations in place (bit-identical
+    # to normalising (H, W, 3) and transposing, with one float pass fewer and no temporaries).
+    pixels = np.empty((3, image.height, image.width), dtype=np.float32)
+    pixels[...] = np.asarray(image).transpose(2, 0, 1)
+    pixels /= np.float32(255.0)
+    pixels -= np.asarray(recipe.mean, dtype=np.float32)[:, None, None]
+    pixels /= np.asarray(recipe.std, dtype=np.float32)[:, None, None]
+    return pixels  # (3, H, W)

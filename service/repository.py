@@ -319,6 +319,7 @@ class ModelManager:
                         device=settings.device,
                         intra_op_threads=settings.intra_op_threads,
                         cpu_memory_arena=settings.cpu_memory_arena,
+                        intra_op_spinning=settings.intra_op_spinning,
                         warmup_batch_sizes=settings.warmup_batch_sizes,
                         max_attention_bytes=settings.max_batch_attention_bytes,
                         timeout_s=settings.load_timeout_s,

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
         device: ``auto`` (CUDA when it can be bound, else CPU), ``cuda`` (fail unless CUDA is
             really bound) or ``cpu``.
         intra_op_threads: onnxruntime intra-op threads per session; 0 lets onnxruntime decide.
+        intra_op_spinning: Let those threads spin while they wait for work (onnxruntime's own
+            default): only for cores that do nothing but inference.
         cpu_memory_arena: Let onnxruntime's CPU provider keep the memory of its largest batch
             for reuse (a few percent faster; otherwise memory goes back after each batch).
         max_response_bytes: Largest answer (its arrays estimated before they are computed or
@@ -65,6 +67,8 @@ class Settings(BaseSettings):
             within it, and an image that alone exceeds it is refused with 413.
         max_batch_size: Most images in one inference call.
         max_queue_delay_ms: Longest an image waits for companions before its batch runs.
+        wait_when_idle: Let a batch wait ``max_queue_delay_ms`` even when no admitted image is
+            being decoded (none could join it soon); off, such a batch runs at once.
         max_queue_images: Images admitted (decoding, queued or running) before 429.
         retry_after_s: ``Retry-After`` seconds sent with a 429.
         api_keys: Accepted bearer keys, comma-separated; empty disables authentication. Keys
@@ -87,6 +91,7 @@ class Settings(BaseSettings):
 
     device: Device = "auto"
     intra_op_threads: int = Field(default=0, ge=0)
+    intra_op_spinning: bool = False
     cpu_memory_arena: bool = False
     max_response_bytes: int = Field(default=64 * 2**20, ge=2**16)
     decode_workers: int = Field(default=0, ge=0)
@@ -103,6 +108,7 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    wait_when_idle: bool = False
     max_queue_images: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
 

@@ -318,7 +318,7 @@ class _MultipartCollector:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.part
-        part.data += data[start:end]
+        part.data += memoryview(data)[start:end]  # no intermediate copy of the slice
         if not part.is_image and len(part.data) > _MAX_TEXT_FIELD:
             raise InvalidOptionError(
                 f"option field {part.name!r} is longer than {_MAX_TEXT_FIELD} bytes"
@@ -361,14 +361,32 @@ def _check_delimiters(body: bytes, boundary: bytes, max_images: int) -> None:
             "delimiter may not occur inside a part)"
         )
     # The parser also walks the padding after a delimiter byte by byte, however long it is.
-    padded = re.compile(
-        rb"(?:\A|\r\n)" + re.escape(delimiter) + rb"[ \t]{%d}" % (MAX_TRANSPORT_PADDING + 1)
-    )
-    if padded.search(body) is not None:
+    # The delimiters are found with bytes.find (at most ``limit + 1``, counted above): a regex
+    # with a leading alternation would try every byte of the body in Python's re engine.
+    if _padded_delimiter(body, delimiter):
         raise MalformedRequestError(
             "a multipart boundary delimiter is followed by more than "
             f"{MAX_TRANSPORT_PADDING} bytes of padding (spaces or tabs)"
         )
+
+
+def _padded_delimiter(body: bytes, delimiter: bytes) -> bool:
+    """Whether a delimiter (at the start or after CRLF) is followed by too much padding."""
+    run = MAX_TRANSPORT_PADDING + 1
+
+    def padded(at: int) -> bool:
+        tail = body[at : at + run]
+        return len(tail) == run and not tail.strip(b" \t")
+
+    if body.startswith(delimiter) and padded(len(delimiter)):
+        return True
+    marker = b"\r\n" + delimiter
+    found = body.find(marker)
+    while found >= 0:
+        if padded(found + len(marker)):
+            return True
+        found = body.find(marker, found + 1)
+    return False
 
 
 def _parse_multipart(body: bytes, boundary: bytes, upload: Upload, max_images: int) -> None:

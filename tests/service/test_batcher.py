@@ -329,3 +329,46 @@ def test_stopping_the_batcher_ends_the_running_call_and_fails_its_requests() -> 
             await asyncio.wait_for(waiting, 5)
 
     asyncio.run(scenario())
+
+
+def test_with_no_image_on_its_way_a_batch_runs_without_waiting_for_companions() -> None:
+    """flush_when_idle: a group waits its queue delay only while an admitted request still
+    decodes images (they may join it); with none on its way it runs at once."""
+
+    async def scenario() -> None:
+        model = _FakeModel()
+        model.gate.set()
+        metrics = Metrics()
+        batcher = Batcher(
+            max_batch_size=8,
+            max_queue_delay_s=60.0,  # never reached by this test
+            max_attention_bytes=1 << 30,
+            capacity=64,
+            retry_after_s=1,
+            metrics=metrics,
+            flush_when_idle=True,
+        )
+        await batcher.start()
+        try:
+            # Alone: runs at once.
+            (result,) = await asyncio.wait_for(
+                batcher.submit(model, _images(1.0), ("cls_embedding",)), 5
+            )
+            assert result.outputs["cls_embedding"].tolist() == [16 * 16 * 3 * 1.0]
+            assert model.calls == [1]
+            # While two images of another request decode, the queued one waits for them ...
+            with batcher.preparing(2):
+                first = asyncio.create_task(batcher.submit(model, _images(2.0), ("cls_embedding",)))
+                await asyncio.sleep(0.2)
+                assert not first.done() and _sample(metrics, "dino_queue_depth") == 1
+                second = asyncio.create_task(
+                    batcher.submit(model, _images(3.0, 4.0), ("cls_embedding",))
+                )
+                await asyncio.sleep(0)  # submitted (as a request does right after decoding)
+            # ... and all three run together once none is on its way.
+            await asyncio.wait_for(asyncio.gather(first, second), 5)
+            assert model.calls == [1, 3]
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())

@@ -20,7 +20,9 @@ def _post(url: str, blob: bytes, params: dict[str, str], barrier: threading.Barr
 
 
 def test_concurrent_requests_share_inference_calls(tiny_model_repository: Path) -> None:
-    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=1500, max_batch_size=16)
+    settings = tiny_settings(
+        tiny_model_repository, max_queue_delay_ms=1500, wait_when_idle=True, max_batch_size=16
+    )
     with run_server(settings) as server:
         batches = server.metric("dino_batch_size_count")  # warm-up runs outside the batcher
         images = server.metric("dino_batch_size_sum")
@@ -48,6 +50,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_model_repository: Path) ->
         max_queue_images=4,
         max_images_per_request=4,
         max_queue_delay_ms=1500,
+        wait_when_idle=True,  # the first request's images wait in the queue
         max_batch_size=64,
         retry_after_s=7,
     )
@@ -91,7 +94,9 @@ def test_disconnected_client_is_withdrawn_from_the_queue(tiny_model_repository: 
     # involved. The client that leaves has its image taken out of the queue (no inference for
     # it, capacity freed at once); the batch that runs holds the kept image and a later
     # request's two.
-    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=60_000, max_batch_size=3)
+    settings = tiny_settings(
+        tiny_model_repository, max_queue_delay_ms=60_000, wait_when_idle=True, max_batch_size=3
+    )
     with run_server(settings) as server:
         batches = server.metric("dino_batch_size_count")
         images = server.metric("dino_batch_size_sum")

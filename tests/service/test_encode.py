@@ -6,6 +6,7 @@ import base64
 import json
 
 import numpy as np
+import pytest
 
 from service.encode import FLOAT16_MAX, ImageRecord, encode_array, encode_response
 from service.options import EmbedOptions
@@ -45,3 +46,41 @@ def test_a_response_with_huge_values_encodes_as_float16() -> None:
         records=[record],
     )
     assert json.loads(body)["results"][0]["cls_embedding"] == [FLOAT16_MAX] * 4
+
+
+def test_non_finite_values_are_refused_not_written_as_null() -> None:
+    """orjson writes NaN and infinities as null: the encoder refuses them in every encoding."""
+    for bad in (np.nan, np.inf):
+        record = ImageRecord(
+            index=3,
+            original_size=(8, 8),
+            processed_size=(8, 8),
+            grid=(1, 1),
+            outputs={"cls_embedding": np.array([1.0, bad], dtype=np.float32)},
+        )
+        for encoding in ("json", "base64"):
+            with pytest.raises(ValueError, match="cls_embedding of image 3 holds NaN or infinity"):
+                encode_response(
+                    model={"name": "m"},
+                    options=EmbedOptions(encoding=encoding),
+                    resolution=8,
+                    records=[record],
+                )
+
+
+def test_json_floats_read_back_bit_identical() -> None:
+    """The compact encoder writes each float32 value so that it parses back exactly."""
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(4096) * 10.0 ** rng.integers(-30, 30, 4096)).astype(np.float32)
+    record = ImageRecord(
+        index=0,
+        original_size=(8, 8),
+        processed_size=(8, 8),
+        grid=(1, 1),
+        outputs={"cls_embedding": values},
+    )
+    body = encode_response(
+        model={"name": "m"}, options=EmbedOptions(), resolution=8, records=[record]
+    )
+    parsed = np.array(json.loads(body)["results"][0]["cls_embedding"], dtype=np.float32)
+    np.testing.assert_array_equal(parsed.view(np.uint32), values.view(np.uint32))

@@ -141,7 +141,7 @@ def test_failed_inference_spares_batch_mates_and_hides_engine_text(
 
     white = encode(Image.new("RGB", (40, 30), (255, 255, 255)), "PNG")
     normal = png_bytes(seed=3)
-    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=2000)
+    settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=2000, wait_when_idle=True)
     with run_server(settings, loader=loader) as server:
         calls = server.metric("dino_batch_size_count")
         barrier = threading.Barrier(2)

@@ -177,7 +177,9 @@ def test_in_flight_requests_finish_on_the_old_model(
     tiny_model_repository: Path, tmp_path: Path
 ) -> None:
     repository = copy_repository(tiny_model_repository, tmp_path / "repo")
-    settings = tiny_settings(repository, max_queue_delay_ms=1500, max_batch_size=64)
+    settings = tiny_settings(
+        repository, max_queue_delay_ms=1500, wait_when_idle=True, max_batch_size=64
+    )
     with run_server(settings) as server:
         result: dict[str, Any] = {}
 

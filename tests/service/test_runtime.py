@@ -89,6 +89,14 @@ def test_cpu_memory_arena_is_off_unless_asked_for(tiny_path: Path) -> None:
     assert kept.session.get_session_options().enable_cpu_mem_arena is True
 
 
+def test_intra_op_threads_do_not_spin_unless_asked_to(tiny_path: Path) -> None:
+    key = "session.intra_op.allow_spinning"
+    default = load_model(tiny_path, name="tiny", version=1, device="cpu")
+    assert default.session.get_session_options().get_session_config_entry(key) == "0"
+    spinning = load_model(tiny_path, name="tiny", version=1, device="cpu", intra_op_spinning=True)
+    assert spinning.session.get_session_options().get_session_config_entry(key) == "1"
+
+
 def test_tampered_reference_outputs_are_refused(tiny_path: Path, tmp_path: Path) -> None:
     def tamper(proto: onnx.ModelProto) -> None:
         reference = json.loads(
