@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from models.files import ABANDONED_AFTER_S, owner_tag, pid_alive
+
 ORIGIN_SUFFIX = ".origin.json"
 # The most one read asks for; a read returns as soon as any bytes have arrived, so progress moves
 # on a slow link too.
@@ -36,7 +38,6 @@ _CHUNK_BYTES = 1 << 20
 _MIB = float(1 << 20)
 # A partial download of another host (or of an older version, whose names carry no process id)
 # is removed once nobody has written to it for this long; a live download writes far more often.
-_ABANDONED_AFTER_S = 3600.0
 _REDRAW_EVERY_S = 0.2  # on a terminal
 _LOG_EVERY_S = 30.0  # elsewhere, besides a line every 10 %
 
@@ -192,17 +193,6 @@ def _write_failure(
     )
 
 
-def _owner_tag() -> str:
-    """This host and PID namespace, as a file-name part (containers share host names rarely, and
-    PID namespaces never)."""
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-    try:
-        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        namespace = ""
-    return f"{host}-{namespace}" if namespace else host
-
-
 def _partial_pattern(target: Path) -> re.Pattern[str]:
     """Names of partial downloads of ``target``: ``.<name>.<owner>.<pid>.<token>.part``."""
     return re.compile(
@@ -216,28 +206,11 @@ def _create_partial(target: Path) -> tuple[Path, IO[bytes]]:
     It is created with mode 0666 less the umask, like any file the user writes (a temporary
     file would be 0600, and the cache entry unreadable to others sharing the cache).
     """
-    name = f".{target.name}.{_owner_tag()}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    name = f".{target.name}.{owner_tag()}.{os.getpid()}.{secrets.token_hex(4)}.part"
     partial = target.parent / name
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(partial, flags, 0o666)
     return partial, os.fdopen(fd, "wb")
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this PID namespace exists (``True`` when that cannot be told)."""
-    if os.name != "posix" or pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # PermissionError: it exists, as another user's process
-        return True
-    try:  # a zombie (killed, not yet reaped) writes nothing any more
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1]
-    except OSError:
-        return True
-    return state != ["Z"]
 
 
 def remove_abandoned_partials(target: Path) -> None:
@@ -249,7 +222,7 @@ def remove_abandoned_partials(target: Path) -> None:
     """
     pattern = _partial_pattern(target)
     prefix = f".{target.name}."
-    owner = _owner_tag()
+    owner = owner_tag()
     try:
         entries = [entry for entry in target.parent.iterdir() if entry.name.startswith(prefix)]
     except OSError:
@@ -260,11 +233,11 @@ def remove_abandoned_partials(target: Path) -> None:
             continue
         match = pattern.fullmatch(entry.name)
         if match is not None and match["owner"] == owner:
-            if _pid_alive(int(match["pid"])):
+            if pid_alive(int(match["pid"])):
                 continue
         else:  # another host's, or an older version's: only its age tells
             try:
-                if now - entry.stat().st_mtime < _ABANDONED_AFTER_S:
+                if now - entry.stat().st_mtime < ABANDONED_AFTER_S:
                     continue
             except OSError:
                 continue

@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,15 @@ from torchvision import transforms
 
 from models import contract, pretrained
 from models.checkpoint import CheckpointError, LoadedBackbone, load_backbone
-from models.files import fsync_file, fsync_folder, new_temp_file, same_file
+from models.files import (
+    ABANDONED_AFTER_S,
+    fsync_file,
+    fsync_folder,
+    new_temp_file,
+    owner_tag,
+    pid_alive,
+    same_file,
+)
 from models.vit import VisionTransformer
 
 PRECISIONS = ("float32", "float16")
@@ -44,6 +54,8 @@ FP32_MAX_ABS = {
     contract.PATCH_FEATURES.name: 1e-4,
     contract.ATTENTION_MAPS.name: 1e-6,
 }
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(Exception):
@@ -340,7 +352,9 @@ def export_model(
         source=source,
     )
     # mode 0666 less the umask: readable by the service's user (0644 by default)
-    tmp = new_temp_file(target.parent, ".export-", ".onnx.tmp")
+    # Named after this host and process, so that a later export can tell a temporary file
+    # a killed export left (see remove_abandoned_versions) from one being written.
+    tmp = new_temp_file(target.parent, f".export.{owner_tag()}.{os.getpid()}.", ".onnx.tmp")
     try:
         say(f"tracing ({precision}, resolution {resolution})")
         if precision == "float16":
@@ -402,10 +416,74 @@ def check_repository_target(repository: Path, name: str) -> Path:
     return root
 
 
-def next_version_dir(repository: Path, name: str) -> Path:
-    """Create and return ``repository/name/<max existing + 1>`` (race-free with ``mkdir``)."""
+_EXPORT_TEMP = re.compile(r"\.export\.(?P<owner>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+\.onnx\.tmp")
+_OLD_EXPORT_TEMP = re.compile(r"\.export-[0-9a-f]+\.onnx\.tmp")  # before the owner was named
+
+
+def _abandoned(entry: os.DirEntry[str], owner: str, now: float) -> bool:
+    """Whether ``entry`` is an export's temporary file whose writer is gone: its process, if it
+    ran on this host, is dead; else (another host's, or unnamed) it is unwritten for an hour."""
+    match = _EXPORT_TEMP.fullmatch(entry.name)
+    if match is None and _OLD_EXPORT_TEMP.fullmatch(entry.name) is None:
+        return False
+    if match is not None and match["owner"] == owner:
+        return not pid_alive(int(match["pid"]))
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime >= ABANDONED_AFTER_S
+    except OSError:
+        return False
+
+
+def remove_abandoned_versions(root: Path) -> list[str]:
+    """Remove the version folders of ``root`` that exports killed before their rename left
+    (SIGKILL, a power cut): no ``model.onnx``, only temporary files whose writer is gone (see
+    :func:`_abandoned`), or empty for an hour. Returns the names of the folders removed.
+
+    Without this, every killed export leaves a model-sized temporary file that nothing reads,
+    in a folder that no later export reuses.
+    """
+    owner, now = owner_tag(), time.time()
+    removed: list[str] = []
+    try:
+        with os.scandir(root) as listing:
+            children = [c for c in listing if c.name.isascii() and c.name.isdigit()]
+    except OSError:
+        return removed
+    for child in children:
+        folder = Path(child.path)
+        try:
+            if not child.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+            if any(entry.name == contract.MODEL_FILENAME for entry in entries):
+                continue  # a version (or one being published)
+            if entries:
+                if not all(_abandoned(entry, owner, now) for entry in entries):
+                    continue
+            elif now - child.stat(follow_symlinks=False).st_mtime < ABANDONED_AFTER_S:
+                continue  # an export may have just created it
+            for entry in entries:
+                os.unlink(entry.path)
+            folder.rmdir()
+        except OSError:  # another process got there first, or no permission: left as it is
+            continue
+        removed.append(child.name)
+    return removed
+
+
+def next_version_dir(
+    repository: Path, name: str, report: Callable[[str], None] = logger.info
+) -> Path:
+    """Create and return ``repository/name/<max existing + 1>`` (race-free with ``mkdir``),
+    after removing the folders that killed exports left (:func:`remove_abandoned_versions`;
+    ``report`` says which)."""
     root = Path(repository) / contract.validate_model_name(name)
     root.mkdir(parents=True, exist_ok=True)
+    abandoned = remove_abandoned_versions(root)
+    if abandoned:
+        folders = ", ".join(sorted(abandoned, key=int))
+        report(f"removed the version folder(s) {folders} that interrupted exports left in {root}")
     numbers = [int(p.name) for p in root.iterdir() if p.name.isascii() and p.name.isdigit()]
     # "02" counts as 2 (never reuse a number someone meant), numbers the service ignores do not.
     version = max((n for n in numbers if n <= contract.MAX_VERSION), default=0) + 1
@@ -436,7 +514,12 @@ def export_to_repository(
     The version directory is created first; the model file appears in it by an atomic rename
     once it is complete and checked, so a watching service never reads half a file.
     """
-    version_dir = next_version_dir(repository, name)
+    if log:
+        version_dir = next_version_dir(
+            repository, name, lambda message: print(f"[export] {message}", file=sys.stderr)
+        )
+    else:
+        version_dir = next_version_dir(repository, name)
     try:
         return export_model(
             model,

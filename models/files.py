@@ -3,13 +3,17 @@
 A file published by rename must be readable like any other file the user writes (``mkstemp``
 creates 0600, which would hide a model from a service running as another user), and it must
 be on disk before the rename makes it visible, or a power loss can leave an empty file under
-the final name.
+the final name. Temporary files named after their host and process (:func:`owner_tag`,
+:func:`pid_alive`) let a later run remove what a killed one left behind, never what a live one
+is writing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 
 
@@ -67,3 +71,36 @@ def same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+# A temporary file of another host (or of a process that cannot be told) is abandoned once
+# unwritten this long.
+ABANDONED_AFTER_S = 3600.0
+
+
+def owner_tag() -> str:
+    """This host and PID namespace, as a file-name part (containers share host names rarely, and
+    PID namespaces never)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = ""
+    return f"{host}-{namespace}" if namespace else host
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this PID namespace exists (``True`` when that cannot be told)."""
+    if os.name != "posix" or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it exists, as another user's process
+        return True
+    try:  # a zombie (killed, not yet reaped) writes nothing any more
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1]
+    except OSError:
+        return True
+    return state != ["Z"]

@@ -90,7 +90,15 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with tmp.open("wb") as handle:
-            torch.save(state, handle)
+            try:
+                torch.save(state, handle)
+            except RuntimeError as err:
+                # torch turns a failed write (a full disk) into "[enforce fail at
+                # inline_container.cc] unexpected pos": the OSError is its context.
+                failure = err.__context__
+                if isinstance(failure, OSError):
+                    raise OSError(failure.errno, failure.strerror, str(tmp)) from err
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         digest = file_sha256(tmp)

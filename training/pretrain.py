@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from models.checkpoint import file_sha256
 from models.files import new_temp_file
 from models.vit import VisionTransformer, ViTConfig, arch_name, vit_config
 from training.augment import DataAugmentationDINO, MultiCropGeometry
@@ -510,6 +511,7 @@ class Trainer:
             scaler=self.scaler,
             path=path,
         )
+        self.last_digest = file_sha256(path)  # what an export of it records as its weights
         logger.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     @torch.no_grad()
@@ -791,8 +793,16 @@ class Trainer:
             error is raised here.
         """
         try:
+            # The log line first: a crash before the checkpoint is replaced leaves a line for
+            # an epoch that the resume runs again (its rewind drops the line); the other order
+            # lost the epoch's line for good. A log that cannot be written still lets the
+            # epoch's checkpoint be saved before the error stops the run.
+            try:
+                self.log.epoch(epoch, stats)
+            except OSError:
+                self.save(epoch)
+                raise
             self.save(epoch)
-            self.log.epoch(epoch, stats)
         except Exception as err:
             if not self.info.distributed:
                 raise
@@ -851,6 +861,31 @@ class Trainer:
                 f"--repository {target.parent} --name {target.name}"
             ) from err
 
+    def _final_export_missing(self) -> str | None:
+        """Why ``--export_to`` lacks the finished checkpoint's teacher (no version records its
+        digest), or None when it holds it or there is no ``--export_to`` (or not rank 0)."""
+        config = self.config
+        if not (self.info.is_main and config.export_to):
+            return None
+        from models.contract import MetadataKey, model_path, model_versions
+        from models.export import read_metadata
+
+        target = Path(config.export_to)
+        try:
+            versions = model_versions(target.parent, target.name)
+        except (OSError, ValueError):
+            return "its folder cannot be listed"  # the export then says why, in one line
+        for version in reversed(versions):
+            try:
+                recorded = read_metadata(model_path(target.parent, target.name, version))
+            except Exception:  # a version that cannot be read is not this checkpoint's export
+                continue
+            if recorded.get(MetadataKey.WEIGHTS_SHA256) == self.last_digest:
+                return None
+        if not versions:
+            return "no version at all"
+        return f"none of its {len(versions)} version(s) records the checkpoint's digest"
+
     def _say_nothing_to_do(self) -> None:
         """Log why a run whose checkpoint has all its epochs trains nothing."""
         config = self.config
@@ -863,6 +898,9 @@ class Trainer:
             )
         else:
             logger.info("nothing to do: the checkpoint already finished %d epochs", config.epochs)
+            if config.export_to:
+                logger.info("its teacher is already exported to %s", config.export_to)
+                return
         if config.export_to:
             target = Path(config.export_to)
             logger.info(
@@ -915,6 +953,18 @@ class Trainer:
                         self.output_dir,
                     )
             self.resume()
+            if self.start_epoch == config.epochs and (missing := self._final_export_missing()):
+                # An earlier run was stopped during its final export (or exported nowhere):
+                # the rerun of its command completes it instead of saying there is nothing to do.
+                logger.info(
+                    "the run has finished its %d epochs, but %s holds no export of its "
+                    "checkpoint (%s): exporting it now",
+                    config.epochs,
+                    config.export_to,
+                    missing,
+                )
+                self.export(final=True)
+                return 0
             if self.start_epoch >= config.epochs:
                 self._say_nothing_to_do()
                 return 0

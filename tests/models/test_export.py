@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from models import contract, export
+from models import contract, export, files
 from models.export import ExportError, export_model, export_to_repository, read_metadata
 from models.vit import VisionTransformer, ViTConfig, vit_config
 from tests.conftest import TINY_MODEL_NAME
@@ -108,7 +110,7 @@ def test_repository_versions_increase_and_are_atomic(
     assert first.path == tmp_path / "m" / "1" / "model.onnx"
     assert second.path == tmp_path / "m" / "2" / "model.onnx"
     assert contract.model_versions(tmp_path, "m") == [1, 2]
-    leftovers = [p.name for p in (tmp_path / "m").rglob("*") if p.name.startswith(".export-")]
+    leftovers = [p.name for p in (tmp_path / "m").rglob("*") if p.name.startswith(".export")]
     assert leftovers == []
 
 
@@ -120,6 +122,45 @@ def test_next_version_skips_numbers_the_service_ignores(tmp_path: Path) -> None:
     (root / str(contract.MAX_VERSION)).mkdir()
     with pytest.raises(ExportError, match="no free version number"):
         export.next_version_dir(tmp_path, "m")
+
+
+def test_version_folders_that_killed_exports_left_are_removed(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    owner = files.owner_tag()
+    gone = subprocess.Popen(["true"])  # a process id that no process has any more
+    gone.wait()
+    hour_ago = time.time() - 2 * files.ABANDONED_AFTER_S
+
+    def folder(version: int, *names: str, old: bool = False) -> Path:
+        path = root / str(version)
+        path.mkdir(parents=True)
+        for name in names:
+            (path / name).write_bytes(b"partial onnx")
+            if old:
+                os.utime(path / name, (hour_ago, hour_ago))
+        if old:
+            os.utime(path, (hour_ago, hour_ago))
+        return path
+
+    folder(1, "model.onnx")
+    folder(2, f".export.{owner}.{gone.pid}.0a1b2c3d4e5f.onnx.tmp")  # its process is gone
+    folder(3, f".export.{owner}.{os.getpid()}.0a1b2c3d4e5f.onnx.tmp")  # being written
+    folder(4, ".export.otherhost-1.12.0a1b2c3d4e5f.onnx.tmp")  # another host's, fresh
+    folder(5, ".export.otherhost-1.12.0a1b2c3d4e5f.onnx.tmp", old=True)  # unwritten for hours
+    folder(6, ".export-0a1b2c3d4e5f.onnx.tmp", old=True)  # an older version's name, old
+    folder(7)  # empty, fresh: an export may just have created it
+    folder(8, old=True)  # empty for hours
+    folder(9, "model.onnx", f".export.{owner}.{gone.pid}.0a1b2c3d4e5f.onnx.tmp")  # a version
+    folder(10, f".export.{owner}.{gone.pid}.0a1b2c3d4e5f.onnx.tmp", "notes.txt")  # someone's
+    (root / "\u00b2").mkdir()  # a digit, but not a version number: not looked at
+    said: list[str] = []
+    assert export.next_version_dir(tmp_path, "m", said.append) == root / "11"
+    kept = {p.name for p in root.iterdir()}
+    assert kept == {"1", "3", "4", "7", "9", "10", "11", "\u00b2"}
+    assert said == [
+        f"removed the version folder(s) 2, 5, 6, 8 that interrupted exports left in {root}"
+    ]
+    assert export.remove_abandoned_versions(root) == []
 
 
 def test_failed_parity_publishes_nothing(
@@ -453,7 +494,7 @@ def test_an_engine_failure_is_one_line(
         == "error: the export failed: DefaultCPUAllocator: can't allocate memory: you tried 8 GB"
     )
     assert not any("Traceback" in line for line in err)
-    assert list(tmp_path.glob(".export-*")) == []
+    assert list(tmp_path.glob(".export*")) == []
 
 
 def test_a_checkpoint_for_other_than_rgb_input_is_refused(

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from models import download, export
+from models import download, export, files
 from models.download import ORIGIN_SUFFIX
 from models.pretrained import (
     BASE_URL_ENV,
@@ -497,7 +497,7 @@ def test_a_bad_cached_file_and_a_failed_download_say_both(
 
 
 def test_partial_downloads_of_dead_processes_are_removed(mirror: Mirror, tmp_path: Path) -> None:
-    owner = download._owner_tag()
+    owner = files.owner_tag()
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     dead = finished.pid
@@ -569,7 +569,7 @@ def test_a_slow_download_shows_progress_as_bytes_arrive(
     assert len(seen) == 3 and len(seen[-1]) == 1  # seen[0] may come before the file exists
     match = download._partial_pattern(tmp_path / VITS16_FILE).fullmatch(seen[-1][0])
     assert match is not None
-    assert (match["owner"], int(match["pid"])) == (download._owner_tag(), os.getpid())
+    assert (match["owner"], int(match["pid"])) == (files.owner_tag(), os.getpid())
     assert _cache_entries(tmp_path) == _cached(tmp_path)
 
 

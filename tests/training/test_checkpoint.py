@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pathlib
 import shutil
@@ -262,3 +264,38 @@ def test_a_small_checkpoint_cut_short_is_called_corrupt_not_unreadable(tmp_path,
     path.write_bytes(path.read_bytes()[:-cut])
     with pytest.raises(CheckpointCorruptError, match="truncated or corrupted"):
         load_checkpoint(path)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file whose writes fail with ENOSPC after ``room`` bytes, as on a full disk."""
+
+    def __init__(self, handle, room):
+        self.handle, self.room = handle, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.handle.write(data)
+
+
+def full_disk(monkeypatch, room=1000):
+    """Make ``torch.save`` write through :class:`_FullDisk` (torch wraps its OSError)."""
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, handle: real(obj, _FullDisk(handle, room)))
+
+
+def test_a_full_disk_is_an_os_error_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    # torch reported it as RuntimeError("[enforce fail at inline_container.cc:672] . unexpected
+    # pos ..."), which the trainer did not recognise: a two-exception traceback.
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(state(1), path)
+    full_disk(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint({**state(2), "big": torch.zeros(10_000)}, path)
+    assert raised.value.errno == errno.ENOSPC
+    assert load_checkpoint(path)["epoch"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.contract import model_versions
+from models.checkpoint import file_sha256
+from models.contract import MetadataKey, model_path, model_versions
+from models.export import read_metadata
 from tests.training.conftest import default_signals, tiny_args
 from training.checkpoint import CheckpointCorruptError, load_checkpoint
 from training.config import parse_config
@@ -204,19 +206,90 @@ def test_logs_are_not_repeated_by_a_resume_or_a_fresh_start(tmp_path, image_dir)
     assert [e["epoch"] for e in epochs] == [0]
 
 
-def test_a_finished_run_says_how_to_export_it(tmp_path, image_dir, caplog):
+def test_a_finished_run_exports_what_its_export_to_lacks_once(
+    tmp_path, image_dir, caplog, monkeypatch
+):
     out = tmp_path / "run"
-    assert main(tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
+    assert main(argv) == 0
     assert "--freeze_last_layer 1 >= --epochs 1: the head's last layer is never trained" in (
         caplog.text
     )
+    # Asked again with --export-to: the finished checkpoint's teacher is exported.
     caplog.clear()
     repo = tmp_path / "repo"
-    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
     assert main([*argv, "--export-to", str(repo / "m")]) == 0
-    assert "nothing to do" in caplog.text
-    assert f"python -m models.export --weights {out / 'checkpoint.pth'}" in caplog.text
-    assert f"--repository {repo} --name m" in caplog.text
+    assert "holds no export of its checkpoint (no version at all): exporting it now" in (
+        caplog.text
+    )
+    assert model_versions(repo, "m") == [1]
+    digest = file_sha256(out / "checkpoint.pth")
+    recorded = read_metadata(model_path(repo, "m", 1))[MetadataKey.WEIGHTS_SHA256]
+    assert recorded == digest
+    # Once it is there, nothing to do.
+    caplog.clear()
+    assert main([*argv, "--export-to", str(repo / "m")]) == 0
+    assert "nothing to do" in caplog.text and f"already exported to {repo / 'm'}" in caplog.text
+    assert model_versions(repo, "m") == [1]
+    # Without --export-to: nothing to do.
+    caplog.clear()
+    assert main(argv) == 0
+    assert "nothing to do" in caplog.text and "exporting" not in caplog.text
+
+
+def test_a_final_export_cut_short_is_completed_by_running_the_command_again(
+    tmp_path, image_dir, caplog, monkeypatch
+):
+    # The rerun of a run stopped during its final export said "nothing to do" and exited 0:
+    # the export was lost for good, and the repository kept serving an older version.
+    import models.export as export_module
+
+    out, repo = tmp_path / "run", tmp_path / "repo"
+    argv = tiny_args(image_dir, out, "--export_every", "1", "--export-to", str(repo / "m"))
+    real = export_module.check_parity
+    calls = []
+
+    def stopped_in_the_second_export(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the final export (the first is epoch 0's periodic one)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "check_parity", stopped_in_the_second_export)
+    assert main(argv) == 130
+    assert model_versions(repo, "m") == [1]  # epoch 0's teacher only
+    monkeypatch.setattr(export_module, "check_parity", real)
+    caplog.clear()
+    assert main(argv) == 0
+    assert "exporting it now" in caplog.text
+    assert model_versions(repo, "m") == [1, 2]
+    digest = file_sha256(out / "checkpoint.pth")
+    assert read_metadata(model_path(repo, "m", 2))[MetadataKey.WEIGHTS_SHA256] == digest
+
+
+def test_a_crash_between_the_checkpoint_and_its_copy_keeps_the_epochs_log_line(
+    tmp_path, image_dir, monkeypatch
+):
+    # checkpoint.pth was replaced before the epoch's log.txt line was written: a crash in
+    # between (here while the checkpoint0001.pth copy is published) lost the line for good.
+    from training import checkpoint as checkpoint_module
+
+    out = tmp_path / "run"
+    argv = tiny_args(image_dir, out, "--saveckp_freq", "1")
+    real = checkpoint_module._publish
+
+    def crash_at_the_copy(tmp, target):
+        if target.name == "checkpoint0001.pth":
+            raise KeyboardInterrupt
+        real(tmp, target)
+
+    monkeypatch.setattr(checkpoint_module, "_publish", crash_at_the_copy)
+    assert main(argv) == 130
+    monkeypatch.setattr(checkpoint_module, "_publish", real)
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2
+    assert main(argv) == 0  # finished: nothing to do
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1]
 
 
 def test_a_dataloader_worker_error_is_reported_without_its_traceback(tmp_path, caplog):
@@ -850,3 +923,60 @@ def test_a_signal_while_an_error_is_reported_does_not_cut_the_report_short(
     assert main(tiny_args(image_dir, tmp_path / "afile")) == 1
     assert "--output_dir" in caplog.text and "it exists and is not a folder" in caplog.text
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_log_that_cannot_be_written_still_saves_the_epochs_checkpoint(
+    tmp_path, image_dir, monkeypatch, capsys
+):
+    import errno
+
+    from training.monitor import RunLog
+
+    out = tmp_path / "run"
+    real = RunLog.epoch
+
+    def full_at_epoch_one(self, epoch, record):
+        if epoch == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "log.txt"))
+        real(self, epoch, record)
+
+    monkeypatch.setattr(RunLog, "epoch", full_at_epoch_one)
+    assert main(tiny_args(image_dir, out)) == 1
+    assert load_checkpoint(out / "checkpoint.pth")["epoch"] == 2  # the epoch's work is kept
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+
+
+def test_a_full_disk_during_the_checkpoint_write_is_one_line(
+    tmp_path, image_dir, monkeypatch, caplog
+):
+    # torch reports the failed write as "RuntimeError: [enforce fail at inline_container.cc]
+    # unexpected pos": the run ended in a two-exception traceback.
+    import errno
+    import io
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, handle):
+            self.handle, self.room = handle, 2000
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.room -= len(data)
+            if self.room < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+    out = tmp_path / "run"
+    assert main(tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    before = (out / "checkpoint.pth").read_bytes()
+    real = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, handle: real(obj, FullDisk(handle)))
+    caplog.clear()
+    assert main(tiny_args(image_dir, out, "--resume", "false", "--epochs", "1")) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "cannot write the checkpoint of epoch 0" in errors[0]
+    assert "No space left on device" in errors[0]
+    assert not any(r.exc_info for r in caplog.records)
+    assert (out / "checkpoint.pth").read_bytes() == before
