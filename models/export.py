@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -536,10 +537,75 @@ def export_to_repository(
         raise
 
 
+# ModelProto's metadata_props, and the key and value of a StringStringEntryProto (onnx.proto).
+_METADATA_PROPS_FIELD, _KEY_FIELD, _VALUE_FIELD = 14, 1, 2
+
+
 def read_metadata(path: Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return {entry.key: entry.value for entry in proto.metadata_props}
+    """The ``metadata_props`` of an ONNX file, without parsing its graph.
+
+    The file's top-level protobuf fields are walked and the graph (the weights) is skipped by
+    seeking: ``onnx.load`` parsed all of it, about 0.5 s and 1.3 GiB of memory for a ViT-B.
+
+    Raises:
+        OSError: The file cannot be read.
+        ValueError: It is not a protobuf message (cut short, or another kind of file).
+    """
+    props: dict[str, str] = {}
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        while handle.tell() < size:
+            field, wire = _read_tag(handle)
+            if wire == 2:  # length-delimited: a string, bytes or a message
+                length = _read_varint(handle)
+                if handle.tell() + length > size:
+                    raise ValueError(f"{path}: field {field} runs past the end of the file")
+                if field == _METADATA_PROPS_FIELD:
+                    key, value = _string_entry(handle.read(length), path)
+                    props[key] = value
+                else:
+                    handle.seek(length, os.SEEK_CUR)
+            elif wire == 0:
+                _read_varint(handle)
+            elif wire in (1, 5):  # fixed 64 and 32 bits
+                handle.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+            else:
+                raise ValueError(f"{path} is not an ONNX model (protobuf wire type {wire})")
+    return props
+
+
+def _read_varint(handle: IO[bytes]) -> int:
+    value = 0
+    for shift in range(0, 70, 7):
+        byte = handle.read(1)
+        if not byte:
+            raise ValueError("a protobuf varint runs past the end of the file")
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+    raise ValueError("a protobuf varint is longer than 10 bytes")
+
+
+def _read_tag(handle: IO[bytes]) -> tuple[int, int]:
+    tag = _read_varint(handle)
+    return tag >> 3, tag & 7
+
+
+def _string_entry(data: bytes, path: Path) -> tuple[str, str]:
+    """The key and value of one serialised StringStringEntryProto."""
+    stream = io.BytesIO(data)
+    found = {_KEY_FIELD: "", _VALUE_FIELD: ""}
+    while stream.tell() < len(data):
+        field, wire = _read_tag(stream)
+        if wire != 2:
+            raise ValueError(f"{path}: a metadata entry holds a field of wire type {wire}")
+        length = _read_varint(stream)
+        text = stream.read(length)
+        if len(text) != length:
+            raise ValueError(f"{path}: a metadata entry is cut short")
+        if field in found:
+            found[field] = text.decode("utf-8")
+    return found[_KEY_FIELD], found[_VALUE_FIELD]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ is writing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -79,14 +80,23 @@ ABANDONED_AFTER_S = 3600.0
 
 
 def owner_tag() -> str:
-    """This host and PID namespace, as a file-name part (containers share host names rarely, and
-    PID namespaces never)."""
+    """This host's kernel boot and PID namespace, as a file-name part: the space in which a
+    process id names one process.
+
+    The host name alone does not tell two machines apart (clones share it), nor does the PID
+    namespace's inode (every machine's first namespace has the same one); the kernel's random
+    boot id does. Without it (no ``/proc``), only the host name and namespace are used.
+    """
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+    parts = [host]
     try:
-        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text()
+        parts.append(re.sub(r"[^0-9a-f]", "", boot.lower())[:12])
     except OSError:
-        namespace = ""
-    return f"{host}-{namespace}" if namespace else host
+        pass
+    with contextlib.suppress(OSError):
+        parts.append(re.sub(r"\D", "", os.readlink("/proc/self/ns/pid")))
+    return "-".join(part for part in parts if part)
 
 
 def pid_alive(pid: int) -> bool:

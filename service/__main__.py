@@ -11,6 +11,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
@@ -37,19 +38,46 @@ def _parser() -> argparse.ArgumentParser:
     )
 
 
-@contextlib.contextmanager
-def _sigterm_is_a_normal_stop() -> Iterator[None]:
-    """After its graceful shutdown uvicorn raises the SIGTERM it caught again, for the handler
-    that was there before it; with the default one the process died of it (status 143). Here
-    that handler takes note instead, so a stop exits with the documented 0."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals are the main thread's (uvicorn installs none either)
-        return
-    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose stop by SIGTERM ends the process with status 0 at once.
+
+    After its graceful shutdown uvicorn raises the SIGTERM it caught again, for the handler that
+    was there before it; with the default one the process died of it (status 143, where 0 is
+    documented). Here a handler of ours receives it, and the process exits 0 right after the
+    shutdown (requests answered, the app's lifespan closed), instead of waiting for threads that
+    cannot be stopped, such as a model load in progress, which a second SIGTERM could not end.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():  # signals are the main thread's
+                yield
+            return
+
+        def before_uvicorn(_signum: int, _frame: FrameType | None) -> None:
+            self.should_exit = True  # a SIGTERM before uvicorn's handler still stops it
+
+        previous = signal.signal(signal.SIGTERM, before_uvicorn)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if self.stopped_by == signal.SIGTERM:
+            logging.shutdown()  # flush the log before leaving without the interpreter's exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,10 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     try:
-        with _sigterm_is_a_normal_stop():
-            server.run()
+        server.run()
     except KeyboardInterrupt:
         # uvicorn shuts down gracefully on Ctrl-C, then raises the signal again, which asyncio
         # turns into KeyboardInterrupt: the conventional status, without a traceback.

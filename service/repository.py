@@ -308,6 +308,10 @@ class ModelManager:
                     self._unsettled[version] = unsettled  # not settled yet (see _settle)
                     continue
                 path = model_path(settings.model_repository, settings.model_name, version)
+                # Taken again just before its load: the scan's may be older than the loads of
+                # newer candidates, and a file replaced meanwhile would be recorded under the
+                # old one (a second load, and a false "changed on disk" warning, next time).
+                fingerprint = await asyncio.to_thread(_fingerprint, path)
                 self._loading = version
                 self._load_control = RunControl()
                 try:

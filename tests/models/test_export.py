@@ -632,3 +632,27 @@ def test_an_unreadable_checkpoint_is_said_to_be_unreadable(
     argv = ["--weights", str(weights), "--num-heads", "2", "--output", str(tmp_path / "x.onnx")]
     assert export.main(argv) == 2
     assert capsys.readouterr().err == f"error: cannot read {weights}: permission denied\n"
+
+
+def test_read_metadata_walks_the_file_instead_of_parsing_the_graph(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    path = contract.model_path(tiny_model_repository, TINY_MODEL_NAME, 1)
+    proto = onnx.load(str(path))
+    expected = {entry.key: entry.value for entry in proto.metadata_props}
+    assert read_metadata(path) == expected and contract.MetadataKey.WEIGHTS_SHA256 in expected
+    # Non-ASCII values, an empty one, and a repeated key (the last one counts, as in onnx).
+    proto.metadata_props.add(key="note", value="caf\u00e9 \u2713")
+    proto.metadata_props.add(key="empty", value="")
+    proto.metadata_props.add(key="note", value="last")
+    edited = tmp_path / "edited.onnx"
+    onnx.save(proto, str(edited))
+    assert read_metadata(edited) == {**expected, "note": "last", "empty": ""}
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="past the end"):
+        read_metadata(cut)
+    text = tmp_path / "notes.onnx"
+    text.write_bytes(b"\x0f" * 64)  # wire type 7: not protobuf
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        read_metadata(text)

@@ -788,3 +788,32 @@ def test_versions_whose_file_is_a_broken_link_are_refused_with_the_reason(
         assert rows[3]["state"] == "failed"
         assert "a symbolic link to" in rows[3]["error"]
         assert "Too many levels of symbolic links" in rows[3]["error"]
+
+
+def test_a_file_replaced_while_another_version_loads_is_recorded_as_loaded(
+    tiny_model_repository: Path, tmp_path: Path
+) -> None:
+    """Each load takes its file's fingerprint just before it: with the scan's (older) one, a
+    file replaced during a newer candidate's load was loaded again at the next scan, with a
+    false "changed on disk" warning."""
+    from service.metrics import Metrics
+    from service.repository import ModelManager
+
+    repository = copy_repository(tiny_model_repository, tmp_path / "repo")
+    first = model_path(repository, TINY_MODEL_NAME, 1)
+    _write_atomically(model_path(repository, TINY_MODEL_NAME, 2), b"junk")
+    loads: list[int] = []
+
+    def loader(path: Path, **kwargs: Any) -> Any:
+        loads.append(kwargs["version"])
+        if kwargs["version"] == 2:  # meanwhile, version 1 is published again (same bytes)
+            _write_atomically(first, first.read_bytes())
+            raise ModelLoadError("junk")
+        return load_model(path, **kwargs)
+
+    async def scans() -> list[bool]:
+        manager = ModelManager(tiny_settings(repository), Metrics(), loader)
+        return [(await manager.refresh()).changed for _ in range(2)]
+
+    assert asyncio.run(scans()) == [True, False]
+    assert loads == [2, 1]

@@ -581,3 +581,50 @@ def test_a_client_that_never_reads_its_answer_cannot_hold_a_stop(
     assert process.returncode == 0, stderr[-2000:]
     assert took < 20, took  # the 2 s limit and the lifespan's own stop; not without end
     assert "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_a_stop_does_not_wait_for_a_model_load_in_progress(tiny_model_repository: Path) -> None:
+    """A load cannot be interrupted (reading the file, building the session): the stopping
+    process waited for it, and a second SIGTERM could not end that wait."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "DINO_DEVICE": "cpu",
+        "DINO_PORT": str(port),
+        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
+        "DINO_MODEL_NAME": TINY_MODEL_NAME,
+    }
+    script = (
+        "import sys, time\n"
+        "import service.__main__ as entry\n"
+        "from service.app import create_app\n"
+        "def slow_loader(*args, **kwargs):\n"
+        "    print('loading', flush=True)\n"
+        "    time.sleep(60)\n"
+        "entry.create_app = lambda settings, on_fatal=None: create_app(\n"
+        "    settings, on_fatal=on_fatal, loader=slow_loader)\n"
+        "sys.exit(entry.main([]))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "loading"  # the load thread is busy
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        took = time.monotonic() - stopped_at
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr[-2000:]
+    assert took < 20, took
+    assert "Finished server process" in stderr
