@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from models.files import fsync_folder
+
 logger = logging.getLogger("training")
 
 EPOCH_LOG = "log.txt"
@@ -160,10 +162,14 @@ class RunLog:
                     len(damaged),
                     aside.name,
                 )
-            if len(kept) != len(lines):
-                tmp = path.with_name(f".{name}.tmp")
-                tmp.write_bytes(b"".join(kept))
+            if len(kept) != len(lines):  # on disk before the rename: a power loss after it
+                tmp = path.with_name(f".{name}.tmp")  # must not leave an empty log
+                with open(tmp, "wb") as handle:
+                    handle.write(b"".join(kept))
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 tmp.replace(path)
+                fsync_folder(path.parent)
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with open(self.output_dir / name, "a") as handle:

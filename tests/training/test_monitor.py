@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -166,3 +167,33 @@ def test_tensorboard_hides_the_steps_a_resume_repeats(tmp_path: Path) -> None:
     fresh.close()
     assert _tensorboard_steps(folder, "step/loss") == [0]
     assert _tensorboard_steps(folder / "epochs", "epoch/train_loss") == [0]
+
+
+def test_a_rewritten_log_is_on_disk_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shortened log was renamed over the old one without an fsync: a power loss after the
+    rename could leave an empty log.txt."""
+    log = RunLog(tmp_path, enabled=True)
+    log.epoch(0, {"train_loss": 1.0})
+    log.epoch(1, {"train_loss": 1.0})
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(f"replace {Path(src).name}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    RunLog(tmp_path, enabled=True)._rewind_json(1, 2)
+    assert events[:3] == [
+        f"fsync .{EPOCH_LOG}.tmp",
+        f"replace .{EPOCH_LOG}.tmp",
+        f"fsync {tmp_path.name}",
+    ]
+    assert [e["epoch"] for e in _lines(tmp_path / EPOCH_LOG)] == [0]
