@@ -469,10 +469,8 @@ def test_invalid_settings_exit_with_a_message() -> None:
     assert "DINO_MODEL_VERSION" in result.stderr
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_stop_the_server_without_a_traceback(
-    tiny_model_repository: Path, signal_number: int
-) -> None:
+def _service_env(repository: Path, **settings: str) -> tuple[dict[str, str], int]:
+    """Environment for ``python -m service`` on a free loopback port (and that port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -481,9 +479,29 @@ def test_ctrl_c_and_sigterm_stop_the_server_without_a_traceback(
         "DINO_DEVICE": "cpu",
         "DINO_HOST": "127.0.0.1",
         "DINO_PORT": str(port),
-        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
+        "DINO_MODEL_REPOSITORY": str(repository),
         "DINO_MODEL_NAME": TINY_MODEL_NAME,
+        **settings,
     }
+    return env, port
+
+
+def _wait_until_ready(process: subprocess.Popen[str], port: int) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail("the service did not become ready")
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_the_server_without_a_traceback(
+    tiny_model_repository: Path, signal_number: int
+) -> None:
+    env, port = _service_env(tiny_model_repository)
     process = subprocess.Popen(
         [sys.executable, "-m", "service"],
         env=env,
@@ -492,15 +510,7 @@ def test_ctrl_c_and_sigterm_stop_the_server_without_a_traceback(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the service did not become ready")
+        _wait_until_ready(process, port)
         process.send_signal(signal_number)
         _, stderr = process.communicate(timeout=30)
     finally:
@@ -520,17 +530,7 @@ def test_a_client_that_never_reads_its_answer_cannot_hold_a_stop(
 ) -> None:
     """uvicorn waited without limit for a connection to finish sending a large answer that its
     client never read: SIGTERM never ended the process (a container was SIGKILLed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "DINO_DEVICE": "cpu",
-        "DINO_PORT": str(port),
-        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
-        "DINO_MODEL_NAME": TINY_MODEL_NAME,
-        "DINO_SHUTDOWN_TIMEOUT_S": "2",
-    }
+    env, port = _service_env(tiny_model_repository, DINO_SHUTDOWN_TIMEOUT_S="2")
     process = subprocess.Popen(
         [sys.executable, "-m", "service"],
         env=env,
@@ -557,15 +557,7 @@ def test_a_client_that_never_reads_its_answer_cannot_hold_a_stop(
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the service did not become ready")
+        _wait_until_ready(process, port)
         client.connect(("127.0.0.1", port))
         client.sendall(request + body)  # and never read the answer
         time.sleep(3)  # answered and stuck in sending
@@ -586,16 +578,7 @@ def test_a_client_that_never_reads_its_answer_cannot_hold_a_stop(
 def test_a_stop_does_not_wait_for_a_model_load_in_progress(tiny_model_repository: Path) -> None:
     """A load cannot be interrupted (reading the file, building the session): the stopping
     process waited for it, and a second SIGTERM could not end that wait."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "DINO_DEVICE": "cpu",
-        "DINO_PORT": str(port),
-        "DINO_MODEL_REPOSITORY": str(tiny_model_repository),
-        "DINO_MODEL_NAME": TINY_MODEL_NAME,
-    }
+    env, _ = _service_env(tiny_model_repository)
     script = (
         "import sys, time\n"
         "import service.__main__ as entry\n"
