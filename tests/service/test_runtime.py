@@ -486,6 +486,17 @@ def _service_env(repository: Path, **settings: str) -> tuple[dict[str, str], int
     return env, port
 
 
+def _start_service(env: dict[str, str]) -> subprocess.Popen[str]:
+    """``python -m service`` with ``env``; its stderr is piped, its stdout dropped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _wait_until_ready(process: subprocess.Popen[str], port: int) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -502,13 +513,7 @@ def test_ctrl_c_and_sigterm_stop_the_server_without_a_traceback(
     tiny_model_repository: Path, signal_number: int
 ) -> None:
     env, port = _service_env(tiny_model_repository)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start_service(env)
     try:
         _wait_until_ready(process, port)
         process.send_signal(signal_number)
@@ -531,13 +536,7 @@ def test_a_client_that_never_reads_its_answer_cannot_hold_a_stop(
     """uvicorn waited without limit for a connection to finish sending a large answer that its
     client never read: SIGTERM never ended the process (a container was SIGKILLed)."""
     env, port = _service_env(tiny_model_repository, DINO_SHUTDOWN_TIMEOUT_S="2")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start_service(env)
     image = png_bytes(300, 200)
     boundary = "b0undary"
     parts = [
