@@ -131,7 +131,7 @@ if want serve; then
     tar -xJf "$archive" -C "$ORT.part" || { echo "bad archive"; exit 1; }
     touch "$ORT.part/.complete" && mv "$ORT.part" "$ORT"
   fi
-  if ! python3 -c "import fastapi, uvicorn, pydantic_settings, multipart, prometheus_client, httpx" 2>/dev/null; then
+  if ! python3 -c "import fastapi, uvicorn, pydantic_settings, multipart, prometheus_client, httpx, orjson" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/svcdeps .device/wheels/*.whl
   fi
   # every nvidia/*/lib folder torch's CUDA wheels installed (cuDNN, cuBLAS, ...), wherever they are
