@@ -613,6 +613,10 @@ def load_model(
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if intra_op_spinning else "0"
     )
+    # onnxruntime's process-wide logger, not the session's, prints a warning at every CUDA
+    # session (1.31: no *plugin* CUDA device is registered) before it binds its built-in CUDA
+    # provider, which reads like a failure in the service's log. Its errors still print.
+    ort.set_default_logger_severity(3)
     try:
         session = ort.InferenceSession(data, options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types for bad graphs
