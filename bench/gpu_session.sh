@@ -18,6 +18,9 @@
 #   fmnist  train the bundled Fashion-MNIST model for $TRAIN_BUDGET_S seconds (at most
 #           $MAX_EPOCHS epochs; extra flags in $FMNIST_EXTRA), export it, k-NN unless
 #           SKIP_KNN=1. IDX files in $DINO_FASHION_MNIST_ROOT (carry .device/fmnist).
+#           Longer than one call: FMNIST_EPOCHS=100 fixes the schedule (the call's limit stops
+#           the run cleanly after a checkpoint and exports it), then FMNIST_RESUME=1 with the
+#           same FMNIST_EPOCHS, issued right after on the warm machine, continues it.
 #   serve   the service on onnxruntime-gpu: /readyz must report CUDAExecutionProvider, then
 #           bench/serve_throughput.py --device cuda. The wheel is too large for one call: run
 #           `PART=stage bash bench/gpu_session.sh` once per part, carrying
@@ -71,14 +74,29 @@ if want fmnist; then
   # FMNIST_EXTRA: more pretrain flags, for example "--compile true" (measured by the probe too).
   read -r -a EXTRA <<< "${FMNIST_EXTRA:-}"
   FMNIST_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false "${EXTRA[@]}")
-  rm -rf /tmp/probe
-  timeout -k 10 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir /tmp/probe \
-    > /tmp/probe.log 2>&1
-  EPOCH_S=$(python3 -c "import json;r=[json.loads(l) for l in open('/tmp/probe/log_steps.jsonl')];rr=r[1:] or r;print(round(1.2*60000/(sum(x['img_per_s'] for x in rr)/len(rr)),2))" 2>/dev/null || echo 8)
-  EPOCHS=$(python3 -c "print(max(1, min(${MAX_EPOCHS:-60}, int(${TRAIN_BUDGET_S:-180} / max(float('$EPOCH_S'), 0.5)))))")
-  WARMUP=$(( EPOCHS > 3 ? 3 : EPOCHS - 1 ))  # the recipe's 3 warm-up epochs, fewer in a short run
-  step "epoch took ${EPOCH_S}s -> training ${EPOCHS} epochs (${WARMUP} of warm-up)"
-  rm -rf /tmp/run /tmp/repo
+  if [ "${FMNIST_RESUME:-0}" = 1 ]; then
+    # A run longer than one call: the previous call (same warm machine, at most about 30 s
+    # before) left /tmp/run; the checkpoint there carries the epoch count of the schedule.
+    [ -f /tmp/run/checkpoint.pth ] || { echo "FMNIST_RESUME=1 but no /tmp/run/checkpoint.pth (machine released?)"; exit 1; }
+    EPOCHS=${FMNIST_EPOCHS:?FMNIST_RESUME=1 needs the FMNIST_EPOCHS of the first call}
+    WARMUP=$(( EPOCHS > 3 ? 3 : EPOCHS - 1 ))
+    step "resuming /tmp/run towards ${EPOCHS} epochs (${WARMUP} of warm-up)"
+  else
+    if [ -n "${FMNIST_EPOCHS:-}" ]; then  # a fixed schedule, perhaps longer than this call
+      EPOCHS=$FMNIST_EPOCHS
+      WHY="FMNIST_EPOCHS; the call's limit may stop it, FMNIST_RESUME=1 continues"
+    else
+      rm -rf /tmp/probe
+      timeout -k 10 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir /tmp/probe \
+        > /tmp/probe.log 2>&1
+      EPOCH_S=$(python3 -c "import json;r=[json.loads(l) for l in open('/tmp/probe/log_steps.jsonl')];rr=r[1:] or r;print(round(1.2*60000/(sum(x['img_per_s'] for x in rr)/len(rr)),2))" 2>/dev/null || echo 8)
+      EPOCHS=$(python3 -c "print(max(1, min(${MAX_EPOCHS:-60}, int(${TRAIN_BUDGET_S:-180} / max(float('$EPOCH_S'), 0.5)))))")
+      WHY="an epoch took ${EPOCH_S}s"
+    fi
+    WARMUP=$(( EPOCHS > 3 ? 3 : EPOCHS - 1 ))  # the recipe's 3 warm-up epochs, fewer in a short run
+    step "training ${EPOCHS} epochs (${WARMUP} of warm-up; ${WHY})"
+    rm -rf /tmp/run /tmp/repo
+  fi
   # At the limit SIGTERM stops the run cleanly after its last checkpoint (timeout exits 124).
   # The limit also leaves 120 s of the 600 s call for a fallback export and the copies.
   LIMIT=$(( ${TRAIN_BUDGET_S:-180} + 90 ))
@@ -89,12 +107,16 @@ if want fmnist; then
   timeout -k 20 "$LIMIT" python3 -m training.pretrain "${FMNIST_ARGS[@]}" \
     --epochs "$EPOCHS" --warmup_epochs "$WARMUP" --output_dir /tmp/run --export_to /tmp/repo/dino_default \
     > /tmp/train_fmnist.log 2>&1
-  echo "exit $?"
+  TRAIN_RC=$?
+  echo "exit $TRAIN_RC"
   tail -5 /tmp/train_fmnist.log
   tail -c 20000 /tmp/train_fmnist.log > "$OUT/train_fmnist.tail"  # saved before anything else
   cp /tmp/run/log.txt "$OUT/fmnist_log.txt" 2>/dev/null
   cp /tmp/run/config.yaml "$OUT/fmnist_config.yaml" 2>/dev/null
-  if ! ls /tmp/repo/dino_default/*/model.onnx >/dev/null 2>&1 && [ -f /tmp/run/checkpoint.pth ]; then
+  # A finished run exported itself; one cut short (or resumed and cut short again) exports its
+  # last checkpoint as a new version, so the newest version is always this call's.
+  if { [ "$TRAIN_RC" -ne 0 ] || ! ls /tmp/repo/dino_default/*/model.onnx >/dev/null 2>&1; } \
+    && [ -f /tmp/run/checkpoint.pth ]; then
     step "training was cut short: exporting its last checkpoint"
     timeout -k 10 90 python3 -m models.export --weights /tmp/run/checkpoint.pth \
       --repository /tmp/repo --name dino_default --resolution 32 2>&1 | tail -3
