@@ -8,10 +8,24 @@ histogram) on the same preprocessed pixels, and prints the ratio service / raw. 
 report also holds, per level, the mean of each ``Server-Timing`` stage the service reported
 (read, decode, queue, infer, encode, total).
 
+The load comes from several client processes, since one Python process of httpx clients tops out
+at a few hundred requests/s (about 6.5 ms of its CPU per request) and would measure itself
+rather than a fast service. ``--client-processes auto`` (the default) runs
+``min(concurrency, max(1, os.cpu_count() // 4))`` processes per level: one on a machine with
+fewer than 8 CPUs, 4 on 16. A level's workers (one connection each) and its ``--requests``
+are split as evenly as possible over the processes. One process is the bench's own; more are
+spawned, create their connections and then start together, so their start-up is not measured.
+Their latencies, stage times, failures and counts are merged, and images/s is all successful
+images over the level's wall time. Each request uploads ``--images-per-request`` images
+(default 1; images/s counts images). The report gives, per level, the client processes, the
+client's CPU time per request and how busy it kept its cores (near 1: the client is the
+limit, not the service).
+
 Examples:
     python bench/serve_throughput.py --tiny                 # seconds, for a smoke run
     python bench/serve_throughput.py                        # vit_small/16, random weights
     python bench/serve_throughput.py --model-repository model_repository --model-name dino_default
+    python bench/serve_throughput.py --device cuda --client-processes 8 --images-per-request 4
 """
 
 from __future__ import annotations
@@ -22,6 +36,8 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.connection as mp_connection
 import os
 import platform
 import socket
@@ -30,6 +46,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +65,21 @@ from service.preprocess import plan_geometry, to_pixels
 from service.runtime import parse_metadata, requested_providers
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _processes_option(text: str) -> int | None:
+    """``auto`` (None: the rule of :func:`_auto_processes`) or a count of at least 1."""
+    return None if text == "auto" else _positive_int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-repository", type=Path, help="existing repository to serve")
@@ -56,9 +92,31 @@ def _parser() -> argparse.ArgumentParser:
         "--requests",
         type=int,
         default=None,
-        help="most requests per level (default: as many as --seconds allows)",
+        help="most requests per level, over all client processes (default: as many as "
+        "--seconds allows)",
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="time per level")
+    parser.add_argument(
+        "--client-processes",
+        type=_processes_option,
+        default=None,
+        metavar="N|auto",
+        help="client processes per level, each with its share of the level's workers "
+        "(default auto: min(concurrency, max(1, cpu_count // 4)), so 1 below 8 CPUs)",
+    )
+    parser.add_argument(
+        "--images-per-request",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="images uploaded by each request (default 1); images/s counts images",
+    )
+    parser.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=3.0,
+        help="time of the raw session after each level (default 3)",
+    )
     parser.add_argument("--image-size", default="400x300", help="JPEG upload size WxH")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--max-batch-size", type=int, default=32)
@@ -135,79 +193,359 @@ def _server_timing(header: str, totals: dict[str, float]) -> None:
             totals[name] = totals.get(name, 0.0) + float(duration)
 
 
-async def _level(
-    url: str,
-    blobs: list[bytes],
-    *,
-    concurrency: int,
-    requests: int | None,
-    seconds: float,
-    params: dict[str, str],
-) -> dict[str, Any]:
-    latencies: list[float] = []
-    stage_totals: dict[str, float] = {}
-    failures = 0
-    statuses: dict[str, int] = {}  # of the failures: HTTP status, or the transport error
+@dataclass(frozen=True)
+class _ClientJob:
+    """What one client process does during a level (pickled into a spawned process)."""
+
+    url: str
+    blobs: list[bytes]
+    params: dict[str, str]
+    workers: int  # concurrent requests, one connection each
+    requests: int | None  # most requests this process starts; None: until the deadline
+    seconds: float
+    images_per_request: int
+    first_blob: int  # where this process starts in the blob pool
+
+
+@dataclass
+class _ClientResult:
+    """The raw figures of one client process, merged by :func:`_merge`."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds, successful requests
+    stage_totals: dict[str, float] = field(default_factory=dict)  # Server-Timing ms, summed
+    failures: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)  # HTTP status or transport error
     first_failure: str | None = None
+    attempted: int = 0  # requests started, successful or not
+    started: float = 0.0  # time.time() when the workers started
+    finished: float = 0.0  # time.time() when the last answer arrived
+    cpu_s: float = 0.0  # time.process_time() of this process while its workers ran
+
+
+async def _client_level(job: _ClientJob, wait_for_start: Callable[[], float]) -> _ClientResult:
+    """Run ``job.workers`` concurrent upload loops from a common start until the deadline.
+
+    Args:
+        job: The level's share of this process.
+        wait_for_start: Called once the clients exist; returns the ``time.time()`` at which
+            every process starts (blocking until then is fine: no request is in flight).
+
+    Returns:
+        The raw latencies, stage totals, failures and timings of this process.
+    """
+    result = _ClientResult()
+    limit = job.requests if job.requests is not None else math.inf
+    per_request = job.images_per_request
     next_index = 0
-    limit = requests if requests is not None else math.inf
-    deadline = time.perf_counter() + seconds
     # One client (one connection) per worker: a pool shared by 64 workers cost the client
-    # 9-10 ms of CPU per request against 6.5 ms, and the bench then measured itself.
+    # 9-10 ms of CPU per request against 6.5 ms, and the bench then measured itself. Even so
+    # one process tops out at a few hundred requests/s, hence several client processes.
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with contextlib.AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(
-                httpx.AsyncClient(base_url=url, timeout=120, limits=limits)
+                httpx.AsyncClient(base_url=job.url, timeout=120, limits=limits)
             )
-            for _ in range(concurrency)
+            for _ in range(job.workers)
         ]
+        start_at = wait_for_start()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        deadline = time.perf_counter() + job.seconds - max(0.0, time.time() - start_at)
 
         async def worker(client: httpx.AsyncClient) -> None:
-            nonlocal next_index, failures, first_failure
+            nonlocal next_index
             while next_index < limit and time.perf_counter() < deadline:
-                blob = blobs[next_index % len(blobs)]
+                first = job.first_blob + next_index * per_request
+                files = [
+                    ("images", ("i.jpg", job.blobs[(first + i) % len(job.blobs)], "image/jpeg"))
+                    for i in range(per_request)
+                ]
                 next_index += 1
                 started = time.perf_counter()
                 try:
-                    response = await client.post(
-                        "/embed", files=[("images", ("i.jpg", blob, "image/jpeg"))], params=params
-                    )
+                    response = await client.post("/embed", files=files, params=job.params)
                     await response.aread()
                 except httpx.TransportError as err:  # a failure of this request, not the run
-                    failures += 1
                     key = type(err).__name__
-                    statuses[key] = statuses.get(key, 0) + 1
-                    first_failure = first_failure or f"{key}: {err}"[:300]
+                    _count_failure(result, key, f"{key}: {err}"[:300])
                     continue
                 if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                    _server_timing(response.headers.get("server-timing", ""), stage_totals)
+                    result.latencies.append(time.perf_counter() - started)
+                    _server_timing(response.headers.get("server-timing", ""), result.stage_totals)
                 else:
-                    failures += 1
                     key = str(response.status_code)
-                    statuses[key] = statuses.get(key, 0) + 1
-                    first_failure = first_failure or f"{key}: {response.text[:300]}"
+                    _count_failure(result, key, f"{key}: {response.text[:300]}")
 
-        started = time.perf_counter()
+        result.started = time.time()
+        cpu_before = time.process_time()
         await asyncio.gather(*(worker(client) for client in clients))
-        wall = time.perf_counter() - started
-    latencies.sort()
+        result.cpu_s = time.process_time() - cpu_before
+        result.finished = time.time()
+    result.attempted = next_index
+    return result
+
+
+def _count_failure(result: _ClientResult, key: str, message: str) -> None:
+    result.failures += 1
+    result.statuses[key] = result.statuses.get(key, 0) + 1
+    result.first_failure = result.first_failure or message
+
+
+def _client_process(conn: Connection, job: _ClientJob) -> None:
+    """Entry point of a spawned client process: the handshake, the level, the result.
+
+    Sends ``("ready", None)`` once its clients exist, receives the common start time, runs
+    the level and sends ``("result", _ClientResult)``, or ``("error", traceback)`` and exits
+    with status 1 when anything raised.
+
+    Args:
+        conn: This process's end of the pipe to the parent.
+        job: The level's share of this process.
+    """
+
+    def wait_for_start() -> float:
+        conn.send(("ready", None))
+        start_at: float = conn.recv()
+        return start_at
+
+    try:
+        result = asyncio.run(_client_level(job, wait_for_start))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+        sys.exit(1)
+    conn.send(("result", result))
+
+
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` shares as even as possible, the larger ones first.
+
+    Args:
+        total: What is shared (workers or requests), at least 0.
+        parts: How many shares, at least 1.
+
+    Returns:
+        ``parts`` integers summing to ``total``, differing by at most one (64, 3 -> 22, 21, 21).
+    """
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def _split_workers(concurrency: int, processes: int) -> list[int]:
+    """The workers of each client process: never a process without one.
+
+    Args:
+        concurrency: Concurrent requests of the level, at least 1.
+        processes: Client processes asked for, at least 1.
+
+    Returns:
+        ``min(processes, concurrency)`` worker counts summing to ``concurrency``.
+    """
+    return _split(concurrency, min(processes, concurrency))
+
+
+def _auto_processes(concurrency: int, cpu_count: int | None = None) -> int:
+    """The ``--client-processes auto`` rule: ``min(concurrency, max(1, cpus // 4))``.
+
+    Args:
+        concurrency: Concurrent requests of the level.
+        cpu_count: CPUs of the machine (default ``os.cpu_count()``).
+
+    Returns:
+        Client processes for the level: a quarter of the CPUs (the service keeps the rest),
+        at least one, and no more than workers.
+    """
+    cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    return min(concurrency, max(1, cpus // 4))
+
+
+def _receive(
+    processes: list[BaseProcess], conns: list[Connection], what: str, timeout: float
+) -> list[Any]:
+    """One ``what`` message from each client process, in process order.
+
+    Raises:
+        SystemExit: A process sent an error, died without sending, or sent nothing within
+            ``timeout`` seconds (the others are then stopped by the caller).
+    """
+    pending = dict(enumerate(conns))
+    received: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SystemExit(f"client process(es) {sorted(pending)} sent no {what} in {timeout} s")
+        mp_connection.wait(
+            [*pending.values(), *(processes[i].sentinel for i in pending)], timeout=left
+        )
+        for index, conn in list(pending.items()):
+            message: tuple[str, Any] | None = None
+            if conn.poll():
+                with contextlib.suppress(EOFError):
+                    message = conn.recv()
+            elif processes[index].is_alive():
+                continue
+            if message is None:  # the pipe closed, or the process ended, without a message
+                processes[index].join(timeout=5)
+                raise SystemExit(
+                    f"client process {index} exited with status {processes[index].exitcode} "
+                    f"before sending its {what}"
+                )
+            kind, payload = message
+            if kind == "error":
+                raise SystemExit(f"client process {index} failed:\n{payload}")
+            if kind != what:
+                raise SystemExit(f"client process {index} sent {kind!r}, expected {what!r}")
+            received[index] = payload
+            del pending[index]
+    return [received[i] for i in range(len(conns))]
+
+
+def _run_clients(jobs: list[_ClientJob]) -> list[_ClientResult]:
+    """Run one level's jobs: in this process for one job, else one spawned process each.
+
+    Spawned processes (not forked: this process holds onnxruntime and httpx threads) first
+    create their clients and report ready; then they all get a start time a moment ahead, so
+    their start-up is not measured.
+
+    Args:
+        jobs: One per client process.
+
+    Returns:
+        Each process's raw result, in job order.
+
+    Raises:
+        SystemExit: A client process failed, crashed or hung (it is stopped, not waited for).
+    """
+    if len(jobs) == 1:
+        return [asyncio.run(_client_level(jobs[0], time.time))]
+    context = multiprocessing.get_context("spawn")
+    processes: list[BaseProcess] = []
+    conns: list[Connection] = []
+    try:
+        for job in jobs:
+            parent_end, child_end = context.Pipe()
+            child = context.Process(target=_client_process, args=(child_end, job), daemon=True)
+            child.start()
+            child_end.close()  # so that a dead child reads as EOF here
+            processes.append(child)
+            conns.append(parent_end)
+        _receive(processes, conns, "ready", timeout=120)
+        start_at = time.time() + 0.2
+        for conn in conns:
+            with contextlib.suppress(OSError):  # a process gone since: _receive names it
+                conn.send(start_at)
+        # requests time out after 120 s on the client; the deadline only stops new ones
+        results: list[_ClientResult] = _receive(
+            processes, conns, "result", timeout=jobs[0].seconds + 180
+        )
+        for process in processes:
+            process.join(timeout=30)
+        return results
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        for conn in conns:
+            conn.close()
+
+
+def _merge(results: list[_ClientResult], images_per_request: int) -> dict[str, Any]:
+    """Merge the client processes' raw results into one level's figures.
+
+    Args:
+        results: One per client process.
+        images_per_request: Images each request uploaded.
+
+    Returns:
+        The level's requests, failures, images/s over the whole level's wall time (first start
+        to last answer), p50/p99 over all latencies, mean Server-Timing stages per successful
+        request and the client's CPU time per request.
+    """
+    latencies = sorted(value for result in results for value in result.latencies)
+    stage_totals: dict[str, float] = {}
+    statuses: dict[str, int] = {}
+    for result in results:
+        for name, total in result.stage_totals.items():
+            stage_totals[name] = stage_totals.get(name, 0.0) + total
+        for key, count in result.statuses.items():
+            statuses[key] = statuses.get(key, 0) + count
+    wall = max(r.finished for r in results) - min(r.started for r in results)
+    attempted = sum(r.attempted for r in results)
+    cpu_s = sum(r.cpu_s for r in results)
     done = max(len(latencies), 1)
     return {
         "requests": len(latencies),
+        "images_per_request": images_per_request,
+        "client_processes": len(results),
+        "client_requests": [len(r.latencies) for r in results],  # successful, per process
         # mean per request of each Server-Timing stage (read, decode, queue, infer, encode)
         "server_stages_ms": {name: total / done for name, total in stage_totals.items()},
-        "failures": failures,
+        "failures": sum(r.failures for r in results),
         "failure_statuses": statuses,
-        "first_failure": first_failure,
-        "images_per_s": len(latencies) / wall if wall > 0 else 0.0,
+        "first_failure": next((r.first_failure for r in results if r.first_failure), None),
+        "wall_s": wall,  # first process's start to the last answer
+        "images_per_s": len(latencies) * images_per_request / wall if wall > 0 else 0.0,
         # None, not NaN (which strict JSON readers refuse), when no request succeeded
         "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         if latencies
         else None,
+        # CPU of the client processes per request sent, and the share of their cores they
+        # kept busy (near 1: the client, not the service, limits the level)
+        "client_cpu_ms_per_request": 1000 * cpu_s / attempted if attempted else None,
+        "client_cpu_busy": cpu_s / (wall * len(results)) if wall > 0 else None,
     }
+
+
+def _level(
+    url: str,
+    blobs: list[bytes],
+    *,
+    concurrency: int,
+    processes: int,
+    requests: int | None,
+    seconds: float,
+    params: dict[str, str],
+    images_per_request: int,
+) -> dict[str, Any]:
+    """One level: ``concurrency`` workers over ``min(processes, concurrency)`` client processes.
+
+    Args:
+        url: The service's base URL.
+        blobs: JPEGs to upload, in turn.
+        concurrency: Concurrent requests in all.
+        processes: Client processes asked for.
+        requests: Most requests in all (shared over the processes); None: until the deadline.
+        seconds: Time of the level.
+        params: Query parameters of each request.
+        images_per_request: Images each request uploads (distinct blobs of the pool).
+
+    Returns:
+        The merged figures of :func:`_merge`.
+    """
+    workers = _split_workers(concurrency, processes)
+    shares: list[int | None] = [None] * len(workers)
+    if requests is not None:
+        shares = [*_split(requests, len(workers))]
+    jobs = [
+        _ClientJob(
+            url=url,
+            blobs=blobs,
+            params=params,
+            workers=count,
+            requests=share,
+            seconds=seconds,
+            images_per_request=images_per_request,
+            first_blob=index * images_per_request,
+        )
+        for index, (count, share) in enumerate(zip(workers, shares, strict=True))
+    ]
+    return _merge(_run_clients(jobs), images_per_request)
 
 
 class RawSession:
@@ -251,7 +589,8 @@ class RawSession:
 
 _HEADER = (
     f"{'outputs':>20} {'enc':>6} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-    f"{'batch':>6} {'raw img/s':>10} {'ratio':>6} {'fail':>4}"
+    f"{'batch':>6} {'raw img/s':>10} {'ratio':>6} {'fail':>4} {'procs':>5} {'cli ms':>6} "
+    f"{'busy':>4}"
 )
 
 
@@ -265,7 +604,8 @@ def _format_row(row: dict[str, Any]) -> str:
         f"{row['images_per_s']:8.1f} {_number(row['p50_ms'], 8, 1)} "
         f"{_number(row['p99_ms'], 8, 1)} {row['mean_batch']:6.1f} "
         f"{_number(row['raw_images_per_s'], 10, 1)} {_number(row['ratio'], 6, 2)} "
-        f"{row['failures']:>4}"
+        f"{row['failures']:>4} {row['client_processes']:>5} "
+        f"{_number(row['client_cpu_ms_per_request'], 6, 2)} {_number(row['client_cpu_busy'], 4, 2)}"
     )
 
 
@@ -304,8 +644,15 @@ def _hardware(provider: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        levels = [int(v) for v in args.concurrency.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"argument --concurrency: not comma-separated integers: {args.concurrency!r}")
+    if not levels or min(levels) < 1:
+        parser.error(f"argument --concurrency: levels must be at least 1: {args.concurrency!r}")
+    per_request = args.images_per_request
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     with tempfile.TemporaryDirectory(prefix="dino-bench-") as tmp:
         if args.model_repository is None:
@@ -328,10 +675,12 @@ def main(argv: list[str] | None = None) -> int:
             "DINO_DEVICE": args.device,
             "DINO_MAX_BATCH_SIZE": str(args.max_batch_size),
             "DINO_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
-            "DINO_MAX_QUEUE_IMAGES": str(max(256, 2 * max(levels))),
+            "DINO_MAX_QUEUE_IMAGES": str(max(256, 2 * max(levels) * per_request)),
             "DINO_POLL_INTERVAL_S": "0",
             "DINO_LOG_LEVEL": "warning",
         }
+        if per_request > int(os.environ.get("DINO_MAX_IMAGES_PER_REQUEST", "32")):
+            env["DINO_MAX_IMAGES_PER_REQUEST"] = str(per_request)
         server = subprocess.Popen([sys.executable, "-m", "service"], env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -387,7 +736,7 @@ def _run(
                 raise SystemExit("the service did not become ready in 300 s")
             time.sleep(0.2)
         provider = ready.json()["execution_provider"]
-        blobs = _jpegs(size, 16)
+        blobs = _jpegs(size, max(16, args.images_per_request))  # distinct within a request
         raw = RawSession(model_path(repository, name, version), blobs, args.device)
         scenarios = [
             ("cls", "cls", "json", (CLS_EMBEDDING.name,)),
@@ -410,21 +759,24 @@ def _run(
             for concurrency in levels:
                 before = _histogram(client.get("/metrics").text)
                 params = {"outputs": outputs, "encoding": encoding}
-                result = asyncio.run(
-                    _level(
-                        url,
-                        blobs,
-                        concurrency=concurrency,
-                        requests=args.requests,
-                        seconds=args.seconds,
-                        params=params,
-                    )
+                processes = args.client_processes or _auto_processes(concurrency)
+                result = _level(
+                    url,
+                    blobs,
+                    concurrency=concurrency,
+                    processes=processes,
+                    requests=args.requests,
+                    seconds=args.seconds,
+                    params=params,
+                    images_per_request=args.images_per_request,
                 )
                 after = _histogram(client.get("/metrics").text)
                 calls = after[1] - before[1]
+                # images per session call, whatever the images per request: the raw session
+                # is timed on batches of that size
                 mean_batch = (after[0] - before[0]) / calls if calls else 1.0
                 raw_rate = (  # nothing to compare a level without one success with
-                    raw.images_per_s(max(1, round(mean_batch)), names)
+                    raw.images_per_s(max(1, round(mean_batch)), names, args.raw_seconds)
                     if result["requests"]
                     else None
                 )
@@ -433,6 +785,7 @@ def _run(
                     "encoding": encoding,
                     "concurrency": concurrency,
                     **result,
+                    "server_images": round(after[0] - before[0]),  # inferred in this level
                     "mean_batch": mean_batch,
                     "raw_images_per_s": raw_rate,
                     "ratio": result["images_per_s"] / raw_rate if raw_rate else None,
@@ -446,6 +799,9 @@ def _run(
         "settings": {
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": args.max_queue_delay_ms,
+            # None: auto, min(concurrency, max(1, cpu_count // 4)) per level
+            "client_processes": args.client_processes,
+            "images_per_request": args.images_per_request,
         },
         "results": rows,
         "note": "client, server and raw session share this machine; raw excludes JPEG decode",

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
     out = tmp_path / "serve.json"
     result = _run(
         "bench/serve_throughput.py", "--tiny", "--concurrency", "1,4", "--requests", "8",
-        "--seconds", "2", "--json-out", str(out),
+        "--seconds", "2", "--raw-seconds", "0.5", "--json-out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -223,3 +224,78 @@ def test_gpu_session_fmnist_stage_trains_exports_and_evaluates(tmp_path: Path) -
     ], result.stdout[-3000:]
     assert "of warm-up" in (out / "steps.log").read_text()
     assert [r["k"] for r in json.loads((out / "knn.json").read_text())] == [10, 20, 100, 200]
+
+
+@pytest.fixture
+def serve_bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """bench/serve_throughput.py imported by its own name, so that the client processes it
+    spawns (which get this sys.path) can import their entry point too."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module("serve_throughput")
+
+
+def test_serve_throughput_splits_workers_and_requests_evenly(serve_bench: Any) -> None:
+    assert serve_bench._split_workers(64, 3) == [22, 21, 21]
+    assert serve_bench._split_workers(2, 4) == [1, 1]  # never a process without a worker
+    assert serve_bench._split_workers(5, 1) == [5]
+    assert serve_bench._split(1, 2) == [1, 0]  # --requests below the processes
+    assert serve_bench._split(12, 2) == [6, 6]
+    assert serve_bench._auto_processes(64, cpu_count=16) == 4
+    assert serve_bench._auto_processes(2, cpu_count=16) == 2
+    assert serve_bench._auto_processes(64, cpu_count=2) == 1  # this 2-core machine: unchanged
+    assert serve_bench._auto_processes(64, cpu_count=None) >= 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--client-processes", "0"],
+        ["--client-processes", "two"],
+        ["--images-per-request", "0"],
+        ["--concurrency", "4,0"],
+    ],
+)
+def test_serve_throughput_refuses_a_wrong_value_before_starting(
+    serve_bench: Any, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        serve_bench.main(["--tiny", *args])
+    assert exit_info.value.code == 2
+    assert args[0] in capsys.readouterr().err
+
+
+def test_serve_throughput_reports_a_failing_client_process(serve_bench: Any) -> None:
+    """A client process that raises ends the run with its traceback, without a hang."""
+    job = serve_bench._ClientJob(
+        url="http://127.0.0.1:9", blobs=[], params={}, workers=1, requests=None, seconds=60,
+        images_per_request=1, first_blob=0,
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="ZeroDivisionError"):  # no blob to upload
+        serve_bench._run_clients([job, job])
+
+
+def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    result = _run(
+        "bench/serve_throughput.py", "--tiny", "--device", "cpu", "--concurrency", "1,3",
+        "--client-processes", "2", "--images-per-request", "2", "--requests", "12",
+        "--seconds", "60", "--raw-seconds", "0.2", "--json-out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["client_processes"] == 2
+    assert report["settings"]["images_per_request"] == 2
+    assert len(report["results"]) == 8  # 2 outputs x 2 encodings x 2 concurrencies
+    for level in report["results"]:
+        processes = min(2, level["concurrency"])
+        assert level["failures"] == 0 and level["client_processes"] == processes
+        assert level["images_per_request"] == 2
+        # --requests is a cap over all processes, shared evenly; the merge keeps every one
+        assert level["client_requests"] == [12 // processes] * processes
+        assert level["requests"] == sum(level["client_requests"]) == 12
+        assert level["server_images"] == 2 * level["requests"]  # what the service inferred
+        assert level["images_per_s"] == pytest.approx(2 * 12 / level["wall_s"])
+        assert level["p50_ms"] > 0 and level["raw_images_per_s"] > 0
+        assert level["client_cpu_ms_per_request"] > 0 and level["client_cpu_busy"] > 0
