@@ -70,32 +70,34 @@ if want bench; then
 fi
 
 if want fmnist; then
+  RUN=${FMNIST_RUN_DIR:-/tmp/run}     # the training run (kept by the warm machine between calls)
+  REPO=${FMNIST_REPO_DIR:-/tmp/repo}  # the model repository it exports to
   step "bundled model: measure one epoch, then train to fit the budget"
   # FMNIST_EXTRA: more pretrain flags, for example "--compile true" (measured by the probe too).
   read -r -a EXTRA <<< "${FMNIST_EXTRA:-}"
   FMNIST_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false "${EXTRA[@]}")
   if [ "${FMNIST_RESUME:-0}" = 1 ]; then
     # A run longer than one call: the previous call (same warm machine, at most about 30 s
-    # before) left /tmp/run; the checkpoint there carries the epoch count of the schedule.
-    [ -f /tmp/run/checkpoint.pth ] || { echo "FMNIST_RESUME=1 but no /tmp/run/checkpoint.pth (machine released?)"; exit 1; }
+    # before) left $RUN; the checkpoint there carries the epoch count of the schedule.
+    [ -f "$RUN/checkpoint.pth" ] || { echo "FMNIST_RESUME=1 but no $RUN/checkpoint.pth (machine released?)"; exit 1; }
     EPOCHS=${FMNIST_EPOCHS:?FMNIST_RESUME=1 needs the FMNIST_EPOCHS of the first call}
     WARMUP=$(( EPOCHS > 3 ? 3 : EPOCHS - 1 ))
-    step "resuming /tmp/run towards ${EPOCHS} epochs (${WARMUP} of warm-up)"
+    step "resuming $RUN towards ${EPOCHS} epochs (${WARMUP} of warm-up)"
   else
     if [ -n "${FMNIST_EPOCHS:-}" ]; then  # a fixed schedule, perhaps longer than this call
       EPOCHS=$FMNIST_EPOCHS
       WHY="FMNIST_EPOCHS; the call's limit may stop it, FMNIST_RESUME=1 continues"
     else
-      rm -rf /tmp/probe
-      timeout -k 10 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir /tmp/probe \
-        > /tmp/probe.log 2>&1
-      EPOCH_S=$(python3 -c "import json;r=[json.loads(l) for l in open('/tmp/probe/log_steps.jsonl')];rr=r[1:] or r;print(round(1.2*60000/(sum(x['img_per_s'] for x in rr)/len(rr)),2))" 2>/dev/null || echo 8)
+      rm -rf "$RUN.probe"
+      timeout -k 10 60 python3 -m training.pretrain "${FMNIST_ARGS[@]}" --epochs 1 --warmup_epochs 0 --output_dir "$RUN.probe" \
+        > "$RUN.probe.log" 2>&1
+      EPOCH_S=$(python3 -c "import json;r=[json.loads(l) for l in open('$RUN.probe/log_steps.jsonl')];rr=r[1:] or r;print(round(1.2*60000/(sum(x['img_per_s'] for x in rr)/len(rr)),2))" 2>/dev/null || echo 8)
       EPOCHS=$(python3 -c "print(max(1, min(${MAX_EPOCHS:-60}, int(${TRAIN_BUDGET_S:-180} / max(float('$EPOCH_S'), 0.5)))))")
       WHY="an epoch took ${EPOCH_S}s"
     fi
     WARMUP=$(( EPOCHS > 3 ? 3 : EPOCHS - 1 ))  # the recipe's 3 warm-up epochs, fewer in a short run
     step "training ${EPOCHS} epochs (${WARMUP} of warm-up; ${WHY})"
-    rm -rf /tmp/run /tmp/repo
+    rm -rf "$RUN" "$REPO"
   fi
   # At the limit SIGTERM stops the run cleanly after its last checkpoint (timeout exits 124).
   # The limit also leaves 120 s of the 600 s call for a fallback export and the copies.
@@ -105,23 +107,23 @@ if want fmnist; then
   [ "$LIMIT" -lt 30 ] && LIMIT=30  # too little left (another stage ran first): a short run
   step "training for at most ${LIMIT}s"
   timeout -k 20 "$LIMIT" python3 -m training.pretrain "${FMNIST_ARGS[@]}" \
-    --epochs "$EPOCHS" --warmup_epochs "$WARMUP" --output_dir /tmp/run --export_to /tmp/repo/dino_default \
+    --epochs "$EPOCHS" --warmup_epochs "$WARMUP" --output_dir "$RUN" --export_to "$REPO/dino_default" \
     > /tmp/train_fmnist.log 2>&1
   TRAIN_RC=$?
   echo "exit $TRAIN_RC"
   tail -5 /tmp/train_fmnist.log
   tail -c 20000 /tmp/train_fmnist.log > "$OUT/train_fmnist.tail"  # saved before anything else
-  cp /tmp/run/log.txt "$OUT/fmnist_log.txt" 2>/dev/null
-  cp /tmp/run/config.yaml "$OUT/fmnist_config.yaml" 2>/dev/null
+  cp "$RUN/log.txt" "$OUT/fmnist_log.txt" 2>/dev/null
+  cp "$RUN/config.yaml" "$OUT/fmnist_config.yaml" 2>/dev/null
   # A finished run exported itself; one cut short (or resumed and cut short again) exports its
   # last checkpoint as a new version, so the newest version is always this call's.
-  if { [ "$TRAIN_RC" -ne 0 ] || ! ls /tmp/repo/dino_default/*/model.onnx >/dev/null 2>&1; } \
-    && [ -f /tmp/run/checkpoint.pth ]; then
+  if { [ "$TRAIN_RC" -ne 0 ] || ! ls "$REPO"/dino_default/*/model.onnx >/dev/null 2>&1; } \
+    && [ -f "$RUN/checkpoint.pth" ]; then
     step "training was cut short: exporting its last checkpoint"
-    timeout -k 10 90 python3 -m models.export --weights /tmp/run/checkpoint.pth \
-      --repository /tmp/repo --name dino_default --resolution 32 2>&1 | tail -3
+    timeout -k 10 90 python3 -m models.export --weights "$RUN/checkpoint.pth" \
+      --repository "$REPO" --name dino_default --resolution 32 2>&1 | tail -3
   fi
-  MODEL=$(ls /tmp/repo/dino_default/*/model.onnx 2>/dev/null | sort -V | tail -1)
+  MODEL=$(ls "$REPO"/dino_default/*/model.onnx 2>/dev/null | sort -V | tail -1)
   [ -n "$MODEL" ] && cp "$MODEL" "$OUT/model.onnx"
   if [ "${SKIP_KNN:-0}" != 1 ] && [ -n "$MODEL" ]; then
     step "k-NN of the exported model on Fashion-MNIST (ONNX Runtime, CPU)"
@@ -163,8 +165,11 @@ if want serve; then
   python3 -c "import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())" \
     | tee -a "$OUT/env.txt"
   step "service on CUDA: readiness, provider, throughput vs the raw session"
+  # SERVE_EXTRA: more serve_throughput flags, for example "--images-per-request 8".
+  read -r -a SERVE_ARGS <<< "${SERVE_EXTRA:-}"
   timeout -k 20 "${SERVE_TIMEOUT_S:-300}" python3 bench/serve_throughput.py --device cuda \
-    --concurrency 1,16,64 --seconds 6 --json-out "$OUT/serve_cuda.json" > /tmp/serve.log 2>&1
+    --concurrency 1,16,64 --seconds 6 --json-out "$OUT/serve_cuda.json" "${SERVE_ARGS[@]}" \
+    > /tmp/serve.log 2>&1
   echo "exit $?"
   tail -c 60000 /tmp/serve.log > "$OUT/serve.log.tail"  # the table and any error, whole
   grep -v '^[{ ]' /tmp/serve.log | tail -40

@@ -6,6 +6,7 @@ The figures are not checked (speed is measured, never asserted); the structure i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,8 @@ def _gpu_session(work: Path, part: str, **env: str) -> subprocess.CompletedProce
         "STAGE_DIR": str(work / "stage"),
         "ORT_DIR": str(work / "ortgpu"),
         "SERVE_TIMEOUT_S": "1",  # the service bench itself needs a GPU: stop it at once
+        "FMNIST_RUN_DIR": str(work / "run"),  # not the device's /tmp/run, shared by tests
+        "FMNIST_REPO_DIR": str(work / "model_repository"),
         # the script's python3 is this interpreter, as on the device it is the one with torch
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **env,
@@ -299,3 +302,49 @@ def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> Non
         assert level["images_per_s"] == pytest.approx(2 * 12 / level["wall_s"])
         assert level["p50_ms"] > 0 and level["raw_images_per_s"] > 0
         assert level["client_cpu_ms_per_request"] > 0 and level["client_cpu_busy"] > 0
+
+
+def test_gpu_session_fmnist_stage_resumes_a_run_longer_than_one_call(tmp_path: Path) -> None:
+    """FMNIST_EPOCHS fixes the schedule; a call that stops early exports its last checkpoint,
+    and FMNIST_RESUME=1 in the next call continues the same run to the end."""
+    from models.export import read_metadata
+    from tests.training.conftest import write_fashion_mnist
+    from training.checkpoint import load_checkpoint
+
+    (tmp_path / "repo").mkdir()
+    for name in ("configs", "models", "training", "service", "pyproject.toml"):
+        (tmp_path / "repo" / name).symlink_to(ROOT / name)
+    data = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
+    common = {
+        "TRAIN_BUDGET_S": "20",
+        "SKIP_KNN": "1",
+        "FMNIST_EPOCHS": "2",
+        "DINO_FASHION_MNIST_ROOT": str(data),
+    }
+    flags = "--batch_size_per_gpu 16 --num_workers 0 --device cpu"
+    # The first call stops after one of the two epochs, as the call's time limit would.
+    first = _gpu_session(
+        tmp_path, "fmnist", **common, FMNIST_EXTRA=f"{flags} --max_epochs_this_run 1"
+    )
+    steps = (tmp_path / "out" / "steps.log").read_text()
+    assert "training 2 epochs (1 of warm-up; FMNIST_EPOCHS" in steps, first.stdout[-3000:]
+    assert "exporting its last checkpoint" in steps  # the stop left no export of its own
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+    shutil.rmtree(tmp_path / "out")
+    second = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EXTRA=flags)
+    steps = (tmp_path / "out" / "steps.log").read_text()
+    assert "run towards 2 epochs (1 of warm-up)" in steps, second.stdout[-3000:]
+    assert "exporting its last checkpoint" not in steps  # the finished run exported itself
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 2
+    model_dir = tmp_path / "model_repository" / "dino_default"
+    versions = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
+    assert versions == ["1", "2"]  # the stopped call's export, then the finished run's
+    newest = (model_dir / "2" / "model.onnx").read_bytes()
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == newest
+    assert read_metadata(tmp_path / "out" / "model.onnx")  # a whole exported model
+
+    shutil.rmtree(tmp_path / "run")
+    lost = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EXTRA=flags)
+    assert lost.returncode == 1 and "/run/checkpoint.pth (machine released?)" in lost.stdout
