@@ -18,15 +18,19 @@
 #   fmnist  train the bundled Fashion-MNIST model for $TRAIN_BUDGET_S seconds (at most
 #           $MAX_EPOCHS epochs; extra flags in $FMNIST_EXTRA), export it, k-NN unless
 #           SKIP_KNN=1. IDX files in $DINO_FASHION_MNIST_ROOT (carry .device/fmnist).
-#           Longer than one call: FMNIST_EPOCHS=100 fixes the schedule (the call's limit stops
-#           the run cleanly after a checkpoint and exports it), then FMNIST_RESUME=1 with the
-#           same FMNIST_EPOCHS, issued right after on the warm machine, continues it.
+#           Longer than one call: FMNIST_EPOCHS=100 TRAIN_BUDGET_S=390 fixes the schedule and
+#           trains for at most 480 s (an H200 did an epoch in about 5 s), the limit stopping
+#           the run cleanly after a checkpoint, which is exported; then
+#           FMNIST_RESUME=1 (same TRAIN_BUDGET_S; the schedule's length is read from the run),
+#           issued right after on the warm machine, continues it. The run and the repository
+#           live in $FMNIST_RUN_DIR and $FMNIST_REPO_DIR (default /tmp/run, /tmp/repo).
 #   serve   the service on onnxruntime-gpu: /readyz must report CUDAExecutionProvider, then
 #           bench/serve_throughput.py --device cuda. The wheel is too large for one call: run
 #           `PART=stage bash bench/gpu_session.sh` once per part, carrying
 #           .device/ort/part-0N (N = 0..3), then the serve stage carrying .device/wheels
 #           (the serve extra's pure-Python and small binary wheels, used when the machine
-#           lacks them) and .device/ort/ort-gpu.tar.xz.sha256. Stage files live in
+#           lacks them) and .device/ort/ort-gpu.tar.xz.sha256; $SERVE_EXTRA adds flags (for
+#           example "--images-per-request 8"). Stage files live in
 #           /tmp/ort-parts between calls: the machine keeps them only while it stays warm (about
 #           30 s between calls), so issue the stage calls back to back.
 # Only 8 files come back from $OUT: every stage keeps to its share (bench 4, fmnist 7, serve 4,
@@ -72,15 +76,19 @@ fi
 if want fmnist; then
   RUN=${FMNIST_RUN_DIR:-/tmp/run}     # the training run (kept by the warm machine between calls)
   REPO=${FMNIST_REPO_DIR:-/tmp/repo}  # the model repository it exports to
-  step "bundled model: measure one epoch, then train to fit the budget"
+  step "bundled model: train, export, evaluate"
   # FMNIST_EXTRA: more pretrain flags, for example "--compile true" (measured by the probe too).
   read -r -a EXTRA <<< "${FMNIST_EXTRA:-}"
   FMNIST_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false "${EXTRA[@]}")
   if [ "${FMNIST_RESUME:-0}" = 1 ]; then
     # A run longer than one call: the previous call (same warm machine, at most about 30 s
-    # before) left $RUN; the checkpoint there carries the epoch count of the schedule.
+    # before) left $RUN, whose saved config holds the schedule's length.
     [ -f "$RUN/checkpoint.pth" ] || { echo "FMNIST_RESUME=1 but no $RUN/checkpoint.pth (machine released?)"; exit 1; }
-    EPOCHS=${FMNIST_EPOCHS:?FMNIST_RESUME=1 needs the FMNIST_EPOCHS of the first call}
+    EPOCHS=$(sed -n 's/^epochs: *\([0-9][0-9]*\) *$/\1/p' "$RUN/config.yaml" 2>/dev/null)
+    [ -n "$EPOCHS" ] || { echo "FMNIST_RESUME=1 but $RUN/config.yaml names no epochs"; exit 1; }
+    if [ -n "${FMNIST_EPOCHS:-}" ] && [ "$FMNIST_EPOCHS" != "$EPOCHS" ]; then
+      echo "FMNIST_EPOCHS=$FMNIST_EPOCHS but the run in $RUN has a schedule of $EPOCHS epochs"; exit 1
+    fi
     WARMUP=$(( EPOCHS > 3 ? 3 : EPOCHS - 1 ))
     step "resuming $RUN towards ${EPOCHS} epochs (${WARMUP} of warm-up)"
   else
@@ -99,6 +107,12 @@ if want fmnist; then
     step "training ${EPOCHS} epochs (${WARMUP} of warm-up; ${WHY})"
     rm -rf "$RUN" "$REPO"
   fi
+  # What this call starts from: a finished run exports itself as a new version; otherwise the
+  # checkpoint is exported below if this call changed it.
+  newest() { ls -d "$REPO"/dino_default/[0-9]* 2>/dev/null | sed 's|.*/||' | sort -n | tail -1; }
+  checkpoint_sum() { sha256sum "$RUN/checkpoint.pth" 2>/dev/null | cut -d' ' -f1; }
+  VERSION_BEFORE=$(newest)
+  CHECKPOINT_BEFORE=$(checkpoint_sum)
   # At the limit SIGTERM stops the run cleanly after its last checkpoint (timeout exits 124).
   # The limit also leaves 120 s of the 600 s call for a fallback export and the copies.
   LIMIT=$(( ${TRAIN_BUDGET_S:-180} + 90 ))
@@ -108,28 +122,32 @@ if want fmnist; then
   step "training for at most ${LIMIT}s"
   timeout -k 20 "$LIMIT" python3 -m training.pretrain "${FMNIST_ARGS[@]}" \
     --epochs "$EPOCHS" --warmup_epochs "$WARMUP" --output_dir "$RUN" --export_to "$REPO/dino_default" \
-    > /tmp/train_fmnist.log 2>&1
+    > "$RUN.train.log" 2>&1
   TRAIN_RC=$?
   echo "exit $TRAIN_RC"
-  tail -5 /tmp/train_fmnist.log
-  tail -c 20000 /tmp/train_fmnist.log > "$OUT/train_fmnist.tail"  # saved before anything else
+  tail -5 "$RUN.train.log"
+  tail -c 20000 "$RUN.train.log" > "$OUT/train_fmnist.tail"  # saved before anything else
   cp "$RUN/log.txt" "$OUT/fmnist_log.txt" 2>/dev/null
   cp "$RUN/config.yaml" "$OUT/fmnist_config.yaml" 2>/dev/null
-  # A finished run exported itself; one cut short (or resumed and cut short again) exports its
-  # last checkpoint as a new version, so the newest version is always this call's.
-  if { [ "$TRAIN_RC" -ne 0 ] || ! ls "$REPO"/dino_default/*/model.onnx >/dev/null 2>&1; } \
-    && [ -f "$RUN/checkpoint.pth" ]; then
-    step "training was cut short: exporting its last checkpoint"
-    timeout -k 10 90 python3 -m models.export --weights "$RUN/checkpoint.pth" \
-      --repository "$REPO" --name dino_default --resolution 32 2>&1 | tail -3
+  # A finished run exported itself. One stopped before its end (the limit, a failure,
+  # --max_epochs_this_run) gets its last checkpoint exported as a new version, when this call
+  # trained at least one epoch; so the newest version holds this call's training.
+  if [ -f "$RUN/checkpoint.pth" ] && [ "$(newest)" = "$VERSION_BEFORE" ]; then
+    if [ "$(checkpoint_sum)" = "$CHECKPOINT_BEFORE" ]; then
+      step "no epoch finished in this call (exit $TRAIN_RC): nothing new to export"
+    else
+      step "training stopped before its end (exit $TRAIN_RC): exporting its last checkpoint"
+      timeout -k 10 90 python3 -m models.export --weights "$RUN/checkpoint.pth" \
+        --repository "$REPO" --name dino_default --resolution 32 2>&1 | tail -3
+    fi
   fi
   MODEL=$(ls "$REPO"/dino_default/*/model.onnx 2>/dev/null | sort -V | tail -1)
   [ -n "$MODEL" ] && cp "$MODEL" "$OUT/model.onnx"
   if [ "${SKIP_KNN:-0}" != 1 ] && [ -n "$MODEL" ]; then
     step "k-NN of the exported model on Fashion-MNIST (ONNX Runtime, CPU)"
     timeout -k 10 150 python3 -m training.eval_knn --onnx "$MODEL" \
-      --dataset fashion-mnist --output "$OUT/knn.json" > /tmp/knn.log 2>&1
-    tail -8 /tmp/knn.log
+      --dataset fashion-mnist --output "$OUT/knn.json" > "$RUN.knn.log" 2>&1
+    tail -8 "$RUN.knn.log"
   fi
 fi
 

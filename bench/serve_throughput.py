@@ -13,8 +13,10 @@ at a few hundred requests/s (about 6.5 ms of its CPU per request) and would meas
 rather than a fast service. ``--client-processes auto`` (the default) runs
 ``min(concurrency, max(1, os.cpu_count() // 4))`` processes per level: one on a machine with
 fewer than 8 CPUs, 4 on 16. A level's workers (one connection each) and its ``--requests``
-are split as evenly as possible over the processes. One process is the bench's own; more are
-spawned, create their connections and then start together, so their start-up is not measured.
+are split as evenly as possible over the processes (the requests in proportion to their
+workers). With one process the load runs in the bench's own; with more, all are spawned (the
+bench only coordinates), create their connections and then start together, so their start-up
+is not measured.
 Their latencies, stage times, failures and counts are merged, and images/s is all successful
 images over the level's wall time. Each request uploads ``--images-per-request`` images
 (default 1; images/s counts images). The report gives, per level, the client processes, the
@@ -40,6 +42,7 @@ import multiprocessing
 import multiprocessing.connection as mp_connection
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -344,6 +347,27 @@ def _split_workers(concurrency: int, processes: int) -> list[int]:
     return _split(concurrency, min(processes, concurrency))
 
 
+def _split_requests(requests: int, workers: list[int]) -> list[int]:
+    """``--requests`` over the client processes, in proportion to their workers.
+
+    Each worker gets an even share (:func:`_split`), and a process the sum of its workers'
+    shares, so no process runs on alone with fewer workers after the others are done.
+
+    Args:
+        requests: Most requests of the level in all, at least 0.
+        workers: The workers of each process (:func:`_split_workers`).
+
+    Returns:
+        The most requests of each process, summing to ``requests``.
+    """
+    per_worker = _split(requests, sum(workers))
+    shares, start = [], 0
+    for count in workers:
+        shares.append(sum(per_worker[start : start + count]))
+        start += count
+    return shares
+
+
 def _auto_processes(concurrency: int, cpu_count: int | None = None) -> int:
     """The ``--client-processes auto`` rule: ``min(concurrency, max(1, cpus // 4))``.
 
@@ -531,7 +555,7 @@ def _level(
     workers = _split_workers(concurrency, processes)
     shares: list[int | None] = [None] * len(workers)
     if requests is not None:
-        shares = [*_split(requests, len(workers))]
+        shares = [*_split_requests(requests, workers)]
     jobs = [
         _ClientJob(
             url=url,
@@ -643,7 +667,13 @@ def _hardware(provider: str) -> dict[str, Any]:
     }
 
 
+def _stop_on_sigterm(_signum: int, _frame: object) -> None:
+    """SIGTERM as Ctrl-C: unwinds, so the client processes and the service are stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -666,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no versions of {name!r} in {repository}", file=sys.stderr)
             return 2
         port = _free_port()
+        # The queue must hold one request of the caller's own per-request limit, if any (the
+        # service refuses to start otherwise; a non-number is its to report).
+        given = os.environ.get("DINO_MAX_IMAGES_PER_REQUEST", "").strip()
+        caller_limit = int(given) if given.isdigit() else 0
         env = {
             **os.environ,
             "DINO_HOST": "127.0.0.1",
@@ -675,12 +709,16 @@ def main(argv: list[str] | None = None) -> int:
             "DINO_DEVICE": args.device,
             "DINO_MAX_BATCH_SIZE": str(args.max_batch_size),
             "DINO_MAX_QUEUE_DELAY_MS": str(args.max_queue_delay_ms),
-            "DINO_MAX_QUEUE_IMAGES": str(max(256, 2 * max(levels) * per_request)),
+            "DINO_MAX_QUEUE_IMAGES": str(max(256, 2 * max(levels) * per_request, caller_limit)),
             "DINO_POLL_INTERVAL_S": "0",
             "DINO_LOG_LEVEL": "warning",
         }
-        if per_request > int(os.environ.get("DINO_MAX_IMAGES_PER_REQUEST", "32")):
-            env["DINO_MAX_IMAGES_PER_REQUEST"] = str(per_request)
+        # The service's per-request limits follow --images-per-request, unless the caller set
+        # them: a dense JSON answer of ViT-S/16 at 224 is about 1.8 MiB per image.
+        if "DINO_MAX_IMAGES_PER_REQUEST" not in os.environ:
+            env["DINO_MAX_IMAGES_PER_REQUEST"] = str(max(32, per_request))
+        if "DINO_MAX_RESPONSE_BYTES" not in os.environ:
+            env["DINO_MAX_RESPONSE_BYTES"] = str(max(64, 4 * per_request) * 2**20)
         server = subprocess.Popen([sys.executable, "-m", "service"], env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -809,4 +847,8 @@ def _run(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once everything it started is stopped
+        print("stopped", file=sys.stderr)
+        sys.exit(130)

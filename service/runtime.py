@@ -615,8 +615,9 @@ def load_model(
     )
     # onnxruntime's process-wide logger, not the session's, prints a warning at every CUDA
     # session (1.31: no *plugin* CUDA device is registered) before it binds its built-in CUDA
-    # provider, which reads like a failure in the service's log. Its errors still print.
-    ort.set_default_logger_severity(3)
+    # provider, which reads like a failure in the service's log. Its errors still print, and
+    # at DINO_LOG_LEVEL=debug its warnings too.
+    ort.set_default_logger_severity(2 if logger.isEnabledFor(logging.DEBUG) else 3)
     try:
         session = ort.InferenceSession(data, options, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types for bad graphs

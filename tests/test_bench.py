@@ -245,6 +245,9 @@ def test_serve_throughput_splits_workers_and_requests_evenly(serve_bench: Any) -
     assert serve_bench._split_workers(5, 1) == [5]
     assert serve_bench._split(1, 2) == [1, 0]  # --requests below the processes
     assert serve_bench._split(12, 2) == [6, 6]
+    # --requests follows the workers: a process with half the workers gets half the requests
+    assert serve_bench._split_requests(12, [2, 1]) == [8, 4]
+    assert serve_bench._split_requests(1, [1, 1]) == [1, 0]
     assert serve_bench._auto_processes(64, cpu_count=16) == 4
     assert serve_bench._auto_processes(2, cpu_count=16) == 2
     assert serve_bench._auto_processes(64, cpu_count=2) == 1  # this 2-core machine: unchanged
@@ -295,8 +298,8 @@ def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> Non
         processes = min(2, level["concurrency"])
         assert level["failures"] == 0 and level["client_processes"] == processes
         assert level["images_per_request"] == 2
-        # --requests is a cap over all processes, shared evenly; the merge keeps every one
-        assert level["client_requests"] == [12 // processes] * processes
+        # --requests is a cap over all processes, shared by workers; the merge keeps every one
+        assert level["client_requests"] == {1: [12], 3: [8, 4]}[level["concurrency"]]
         assert level["requests"] == sum(level["client_requests"]) == 12
         assert level["server_images"] == 2 * level["requests"]  # what the service inferred
         assert level["images_per_s"] == pytest.approx(2 * 12 / level["wall_s"])
@@ -305,8 +308,8 @@ def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> Non
 
 
 def test_gpu_session_fmnist_stage_resumes_a_run_longer_than_one_call(tmp_path: Path) -> None:
-    """FMNIST_EPOCHS fixes the schedule; a call that stops early exports its last checkpoint,
-    and FMNIST_RESUME=1 in the next call continues the same run to the end."""
+    """FMNIST_EPOCHS fixes the schedule; a call that stops early exports its last checkpoint
+    as a new version, and FMNIST_RESUME=1 continues the same run in the next call."""
     from models.export import read_metadata
     from tests.training.conftest import write_fashion_mnist
     from training.checkpoint import load_checkpoint
@@ -315,36 +318,44 @@ def test_gpu_session_fmnist_stage_resumes_a_run_longer_than_one_call(tmp_path: P
     for name in ("configs", "models", "training", "service", "pyproject.toml"):
         (tmp_path / "repo" / name).symlink_to(ROOT / name)
     data = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
-    common = {
-        "TRAIN_BUDGET_S": "20",
-        "SKIP_KNN": "1",
-        "FMNIST_EPOCHS": "2",
-        "DINO_FASHION_MNIST_ROOT": str(data),
-    }
+    common = {"TRAIN_BUDGET_S": "20", "SKIP_KNN": "1", "DINO_FASHION_MNIST_ROOT": str(data)}
     flags = "--batch_size_per_gpu 16 --num_workers 0 --device cpu"
-    # The first call stops after one of the two epochs, as the call's time limit would.
-    first = _gpu_session(
-        tmp_path, "fmnist", **common, FMNIST_EXTRA=f"{flags} --max_epochs_this_run 1"
-    )
-    steps = (tmp_path / "out" / "steps.log").read_text()
-    assert "training 2 epochs (1 of warm-up; FMNIST_EPOCHS" in steps, first.stdout[-3000:]
+    one_epoch = f"{flags} --max_epochs_this_run 1"  # stops as the call's time limit would
+    model_dir = tmp_path / "model_repository" / "dino_default"
+
+    def call(**env: str) -> str:
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        result = _gpu_session(tmp_path, "fmnist", **common, **env)
+        steps = (tmp_path / "out" / "steps.log").read_text()
+        assert result.returncode == 0, result.stdout[-3000:] + steps
+        return steps
+
+    def newest_is_returned(version: str) -> None:
+        assert sorted(p.name for p in model_dir.iterdir() if p.is_dir())[-1] == version
+        returned = (tmp_path / "out" / "model.onnx").read_bytes()
+        assert returned == (model_dir / version / "model.onnx").read_bytes()
+
+    steps = call(FMNIST_EPOCHS="3", FMNIST_EXTRA=one_epoch)
+    assert "training 3 epochs (2 of warm-up; FMNIST_EPOCHS" in steps
     assert "exporting its last checkpoint" in steps  # the stop left no export of its own
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 1
-    assert (tmp_path / "out" / "model.onnx").is_file()
+    newest_is_returned("1")
 
-    shutil.rmtree(tmp_path / "out")
-    second = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EXTRA=flags)
-    steps = (tmp_path / "out" / "steps.log").read_text()
-    assert "run towards 2 epochs (1 of warm-up)" in steps, second.stdout[-3000:]
-    assert "exporting its last checkpoint" not in steps  # the finished run exported itself
+    # Resumed and stopped early again: this call's epoch is exported, not version 1 returned.
+    steps = call(FMNIST_RESUME="1", FMNIST_EXTRA=one_epoch)
+    assert "run towards 3 epochs (2 of warm-up)" in steps  # the length read from the run
+    assert "exporting its last checkpoint" in steps
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 2
-    model_dir = tmp_path / "model_repository" / "dino_default"
-    versions = sorted(p.name for p in model_dir.iterdir() if p.is_dir())
-    assert versions == ["1", "2"]  # the stopped call's export, then the finished run's
-    newest = (model_dir / "2" / "model.onnx").read_bytes()
-    assert (tmp_path / "out" / "model.onnx").read_bytes() == newest
+    newest_is_returned("2")
+
+    steps = call(FMNIST_RESUME="1", FMNIST_EPOCHS="3", FMNIST_EXTRA=flags)
+    assert "exporting its last checkpoint" not in steps  # the finished run exported itself
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 3
+    newest_is_returned("3")
     assert read_metadata(tmp_path / "out" / "model.onnx")  # a whole exported model
 
+    other = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EPOCHS="5")
+    assert other.returncode == 1 and "has a schedule of 3 epochs" in other.stdout
     shutil.rmtree(tmp_path / "run")
     lost = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EXTRA=flags)
     assert lost.returncode == 1 and "/run/checkpoint.pth (machine released?)" in lost.stdout
