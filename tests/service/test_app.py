@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,35 @@ def test_base64_encoding_matches_json(live: LiveServer, dtype: str) -> None:
             rtol=tolerance,
             atol=tolerance,
         )
+
+
+def test_small_work_runs_on_the_loop_and_large_work_in_the_pool_with_the_same_answer(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: dict[str, list[str]] = {"parse": [], "encode": []}
+
+    def spy(name: str, function: Any) -> Any:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            threads[name].append(threading.current_thread().name)
+            return function(*args, **kwargs)
+
+        return recorded
+
+    monkeypatch.setattr(app_module, "parse_upload", spy("parse", app_module.parse_upload))
+    monkeypatch.setattr(app_module, "encode_response", spy("encode", app_module.encode_response))
+    blobs = [png_bytes(50, 40, seed=7), png_bytes(40, 60, seed=8)]
+    answers = []
+    for parse_bytes, encode_values in [(10**9, 10**9), (0, 0)]:  # on the loop, then the pool
+        monkeypatch.setattr(app_module, "INLINE_PARSE_BYTES", parse_bytes)
+        monkeypatch.setattr(app_module, "INLINE_ENCODE_VALUES", encode_values)
+        response = post_images(live, blobs, {"outputs": ALL_OUTPUTS})
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    assert answers[0] == answers[1]
+    for name in ("parse", "encode"):
+        on_loop, in_pool = threads[name]
+        assert not on_loop.startswith("decode"), threads  # the server's event-loop thread
+        assert in_pool.startswith("decode"), threads  # a worker-pool thread
 
 
 def test_float16_json_values_are_half_precision(live: LiveServer) -> None:
