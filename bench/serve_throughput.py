@@ -21,13 +21,17 @@ Their latencies, stage times, failures and counts are merged, and images/s is al
 images over the level's wall time. Each request uploads ``--images-per-request`` images
 (default 1; images/s counts images). The report gives, per level, the client processes, the
 client's CPU time per request and how busy it kept its cores (near 1: the client is the
-limit, not the service).
+limit, not the service). ``--replicas N`` starts N service processes on their own ports (the
+deployment the README suggests for more than one process's worth of requests per GPU); the
+workers take them in turn, as a load balancer would, and the report counts each replica's
+inferred images from its own ``/metrics``.
 
 Examples:
     python bench/serve_throughput.py --tiny                 # seconds, for a smoke run
     python bench/serve_throughput.py                        # vit_small/16, random weights
     python bench/serve_throughput.py --model-repository model_repository --model-name dino_default
     python bench/serve_throughput.py --device cuda --client-processes 8 --images-per-request 4
+    python bench/serve_throughput.py --device cuda --replicas 4
 """
 
 from __future__ import annotations
@@ -115,6 +119,14 @@ def _parser() -> argparse.ArgumentParser:
         help="images uploaded by each request (default 1); images/s counts images",
     )
     parser.add_argument(
+        "--replicas",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="service processes to start, each on its own port; the client workers take them "
+        "in turn, as a load balancer would (default 1)",
+    )
+    parser.add_argument(
         "--raw-seconds",
         type=float,
         default=3.0,
@@ -157,11 +169,15 @@ def _export(workdir: Path, *, tiny: bool, arch: str, patch_size: int) -> tuple[P
     return repository, "bench"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open until each is known)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _jpegs(size: tuple[int, int], count: int) -> list[bytes]:
@@ -200,7 +216,8 @@ def _server_timing(header: str, totals: dict[str, float]) -> None:
 class _ClientJob:
     """What one client process does during a level (pickled into a spawned process)."""
 
-    url: str
+    urls: list[str]  # the service replicas; worker k of the level talks to urls[k % len]
+    first_worker: int  # this process's first worker, counted over the whole level
     blobs: list[bytes]
     params: dict[str, str]
     workers: int  # concurrent requests, one connection each
@@ -247,9 +264,13 @@ async def _client_level(job: _ClientJob, wait_for_start: Callable[[], float]) ->
     async with contextlib.AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(
-                httpx.AsyncClient(base_url=job.url, timeout=120, limits=limits)
+                httpx.AsyncClient(
+                    base_url=job.urls[(job.first_worker + k) % len(job.urls)],
+                    timeout=120,
+                    limits=limits,
+                )
             )
-            for _ in range(job.workers)
+            for k in range(job.workers)
         ]
         start_at = wait_for_start()
         await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -527,7 +548,7 @@ def _merge(results: list[_ClientResult], images_per_request: int) -> dict[str, A
 
 
 def _level(
-    url: str,
+    urls: list[str],
     blobs: list[bytes],
     *,
     concurrency: int,
@@ -540,7 +561,7 @@ def _level(
     """One level: ``concurrency`` workers over ``min(processes, concurrency)`` client processes.
 
     Args:
-        url: The service's base URL.
+        urls: The base URLs of the service replicas (the workers take them in turn).
         blobs: JPEGs to upload, in turn.
         concurrency: Concurrent requests in all.
         processes: Client processes asked for.
@@ -558,7 +579,8 @@ def _level(
         shares = [*_split_requests(requests, workers)]
     jobs = [
         _ClientJob(
-            url=url,
+            urls=urls,
+            first_worker=sum(workers[:index]),
             blobs=blobs,
             params=params,
             workers=count,
@@ -695,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
         if not versions:
             print(f"no versions of {name!r} in {repository}", file=sys.stderr)
             return 2
-        port = _free_port()
+        ports = _free_ports(args.replicas)
         # The queue must hold one request of the caller's own per-request limit, if any (the
         # service refuses to start otherwise; a non-number is its to report).
         given = os.environ.get("DINO_MAX_IMAGES_PER_REQUEST", "").strip()
@@ -703,7 +725,6 @@ def main(argv: list[str] | None = None) -> int:
         env = {
             **os.environ,
             "DINO_HOST": "127.0.0.1",
-            "DINO_PORT": str(port),
             "DINO_MODEL_REPOSITORY": str(repository),
             "DINO_MODEL_NAME": name,
             "DINO_DEVICE": args.device,
@@ -719,19 +740,27 @@ def main(argv: list[str] | None = None) -> int:
             env["DINO_MAX_IMAGES_PER_REQUEST"] = str(max(32, per_request))
         if "DINO_MAX_RESPONSE_BYTES" not in os.environ:
             env["DINO_MAX_RESPONSE_BYTES"] = str(max(64, 4 * per_request) * 2**20)
-        server = subprocess.Popen([sys.executable, "-m", "service"], env=env)
-        url = f"http://127.0.0.1:{port}"
+        servers: list[subprocess.Popen[bytes]] = []
         try:
+            for port in ports:
+                servers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "service"], env={**env, "DINO_PORT": str(port)}
+                    )
+                )
+            urls = [f"http://127.0.0.1:{port}" for port in ports]
             report = _run(
-                url, server, args, levels, (width, height), repository, name, versions[-1]
+                urls, servers, args, levels, (width, height), repository, name, versions[-1]
             )
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # never hide the error that got us here
-                server.kill()
-                server.wait()
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # never hide the error that got us here
+                    server.kill()
+                    server.wait()
     print(json.dumps(report["hardware"]))
     print(_HEADER)
     for row in report["results"]:
@@ -750,8 +779,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(
-    url: str,
-    server: subprocess.Popen[bytes],
+    urls: list[str],
+    servers: list[subprocess.Popen[bytes]],
     args: argparse.Namespace,
     levels: list[int],
     size: tuple[int, int],
@@ -760,20 +789,29 @@ def _run(
     version: int,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 300
-    with httpx.Client(base_url=url, timeout=10) as client:
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("the service exited during start-up")
-            try:
-                ready = client.get("/readyz")
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the service did not become ready in 300 s")
-            time.sleep(0.2)
-        provider = ready.json()["execution_provider"]
+    with httpx.Client(timeout=10) as client:
+        providers = []
+        for url, server in zip(urls, servers, strict=True):
+            while True:
+                if server.poll() is not None:
+                    raise SystemExit(f"the service at {url} exited during start-up")
+                try:
+                    ready = client.get(f"{url}/readyz")
+                    if ready.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the service at {url} did not become ready in 300 s")
+                time.sleep(0.2)
+            providers.append(ready.json()["execution_provider"])
+        if len(set(providers)) > 1:
+            raise SystemExit(f"the replicas run on different providers: {providers}")
+        provider = providers[0]
+
+        def histograms() -> list[tuple[float, float]]:  # (images, inference calls) per replica
+            return [_histogram(client.get(f"{url}/metrics").text) for url in urls]
+
         blobs = _jpegs(size, max(16, args.images_per_request))  # distinct within a request
         raw = RawSession(model_path(repository, name, version), blobs, args.device)
         scenarios = [
@@ -795,11 +833,11 @@ def _run(
         rows = []
         for label, outputs, encoding, names in scenarios:
             for concurrency in levels:
-                before = _histogram(client.get("/metrics").text)
+                before = histograms()
                 params = {"outputs": outputs, "encoding": encoding}
                 processes = args.client_processes or _auto_processes(concurrency)
                 result = _level(
-                    url,
+                    urls,
                     blobs,
                     concurrency=concurrency,
                     processes=processes,
@@ -808,11 +846,12 @@ def _run(
                     params=params,
                     images_per_request=args.images_per_request,
                 )
-                after = _histogram(client.get("/metrics").text)
-                calls = after[1] - before[1]
+                after = histograms()
+                images = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+                calls = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
                 # images per session call, whatever the images per request: the raw session
                 # is timed on batches of that size
-                mean_batch = (after[0] - before[0]) / calls if calls else 1.0
+                mean_batch = sum(images) / calls if calls else 1.0
                 raw_rate = (  # nothing to compare a level without one success with
                     raw.images_per_s(max(1, round(mean_batch)), names, args.raw_seconds)
                     if result["requests"]
@@ -823,7 +862,8 @@ def _run(
                     "encoding": encoding,
                     "concurrency": concurrency,
                     **result,
-                    "server_images": round(after[0] - before[0]),  # inferred in this level
+                    "server_images": round(sum(images)),  # inferred in this level
+                    "replica_images": [round(value) for value in images],
                     "mean_batch": mean_batch,
                     "raw_images_per_s": raw_rate,
                     "ratio": result["images_per_s"] / raw_rate if raw_rate else None,
@@ -840,6 +880,7 @@ def _run(
             # None: auto, min(concurrency, max(1, cpu_count // 4)) per level
             "client_processes": args.client_processes,
             "images_per_request": args.images_per_request,
+            "replicas": args.replicas,
         },
         "results": rows,
         "note": "client, server and raw session share this machine; raw excludes JPEG decode",

@@ -275,7 +275,8 @@ def test_serve_throughput_refuses_a_wrong_value_before_starting(
 def test_serve_throughput_reports_a_failing_client_process(serve_bench: Any) -> None:
     """A client process that raises ends the run with its traceback, without a hang."""
     job = serve_bench._ClientJob(
-        url="http://127.0.0.1:9", blobs=[], params={}, workers=1, requests=None, seconds=60,
+        urls=["http://127.0.0.1:9"], first_worker=0, blobs=[], params={}, workers=1,
+        requests=None, seconds=60,
         images_per_request=1, first_blob=0,
     )  # fmt: skip
     with pytest.raises(SystemExit, match="ZeroDivisionError"):  # no blob to upload
@@ -359,3 +360,21 @@ def test_gpu_session_fmnist_stage_resumes_a_run_longer_than_one_call(tmp_path: P
     shutil.rmtree(tmp_path / "run")
     lost = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EXTRA=flags)
     assert lost.returncode == 1 and "/run/checkpoint.pth (machine released?)" in lost.stdout
+
+
+def test_serve_throughput_spreads_the_workers_over_several_replicas(tmp_path: Path) -> None:
+    """--replicas starts several services; the workers take them in turn, as a load balancer
+    would, and each replica's inferred images are counted from its own /metrics."""
+    out = tmp_path / "serve.json"
+    result = _run(
+        "bench/serve_throughput.py", "--tiny", "--device", "cpu", "--concurrency", "2",
+        "--replicas", "2", "--requests", "8", "--seconds", "60", "--raw-seconds", "0.2",
+        "--json-out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["replicas"] == 2
+    for level in report["results"]:
+        assert level["failures"] == 0 and level["requests"] == 8
+        assert level["replica_images"] == [4, 4]  # one worker on each, 4 requests each
+        assert level["server_images"] == 8
