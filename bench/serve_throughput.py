@@ -689,6 +689,26 @@ def _hardware(provider: str) -> dict[str, Any]:
     }
 
 
+def _stop(servers: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the services: SIGTERM, 30 s for all of them, then SIGKILL for any left.
+
+    The kill also runs when the wait is interrupted (a second Ctrl-C), and the error that got
+    us here is never hidden by a stop that fails.
+    """
+    for server in servers:
+        server.terminate()
+    deadline = time.monotonic() + 30
+    try:
+        for server in servers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+
+
 def _stop_on_sigterm(_signum: int, _frame: object) -> None:
     """SIGTERM as Ctrl-C: unwinds, so the client processes and the service are stopped."""
     raise KeyboardInterrupt
@@ -753,14 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                 urls, servers, args, levels, (width, height), repository, name, versions[-1]
             )
         finally:
-            for server in servers:
-                server.terminate()
-            for server in servers:
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:  # never hide the error that got us here
-                    server.kill()
-                    server.wait()
+            _stop(servers)
     print(json.dumps(report["hardware"]))
     print(_HEADER)
     for row in report["results"]:
@@ -810,7 +823,13 @@ def _run(
         provider = providers[0]
 
         def histograms() -> list[tuple[float, float]]:  # (images, inference calls) per replica
-            return [_histogram(client.get(f"{url}/metrics").text) for url in urls]
+            counts = []
+            for url in urls:
+                try:
+                    counts.append(_histogram(client.get(f"{url}/metrics").text))
+                except httpx.TransportError as err:
+                    raise SystemExit(f"the service at {url} stopped answering: {err!r}") from err
+            return counts
 
         blobs = _jpegs(size, max(16, args.images_per_request))  # distinct within a request
         raw = RawSession(model_path(repository, name, version), blobs, args.device)

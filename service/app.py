@@ -67,13 +67,10 @@ from service.upload import (
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-# Work this small runs on the event loop instead of a hop to the worker pool: the hop (submit,
-# wake-up, callback) cost about as much loop time as the work, and pool-thread time on top.
-# Measured on 2 cores with a 32-pixel model (inference cheap, as on a GPU), one 110 kB JPEG
-# per request, three interleaved runs each: one client at a time, server CPU 6.7-7.6 -> 6.0-6.2
-# ms per request and 85-110 -> 118-123 requests/s; four clients, no difference beyond the noise.
-INLINE_PARSE_BYTES = 256 * 1024  # request bodies parsed on the loop (a few tens of us)
-INLINE_ENCODE_VALUES = 4096  # answers encoded on the loop: 10 ViT-S CLS embeddings
+# Answers this small are encoded on the event loop instead of a hop to the worker pool: the
+# hop (submit, wake-up, callback) costs about as much loop time as the work (at most about
+# 0.7 ms for 4,096 values in any encoding), and pool-thread time on top.
+INLINE_ENCODE_VALUES = 4096  # 10 ViT-S CLS embeddings
 _bearer = HTTPBearer(auto_error=False, description="API key, when DINO_API_KEYS is set.")
 
 
@@ -254,17 +251,18 @@ async def embed(request: Request) -> Response:
             reservation=reservation,
             timeout_s=settings.body_timeout_s,
         )
-        parse = functools.partial(
-            parse_upload,
-            body,
-            content_type=content_type,
-            query=query,
-            max_images=settings.max_images_per_request,
+        # Parsed in the pool whatever its size: a small body can still hold 40 parts of padded
+        # headers, which python-multipart walks byte by byte in Python (hundreds of ms).
+        upload = await loop.run_in_executor(
+            state.pool,
+            functools.partial(
+                parse_upload,
+                body,
+                content_type=content_type,
+                query=query,
+                max_images=settings.max_images_per_request,
+            ),
         )
-        if len(body) <= INLINE_PARSE_BYTES:
-            upload = parse()
-        else:
-            upload = await loop.run_in_executor(state.pool, parse)
         del body  # the parts are copies; the reservation still counts their bytes
         timer.mark("read")
         options = parse_options(upload.options)

@@ -376,5 +376,6 @@ def test_serve_throughput_spreads_the_workers_over_several_replicas(tmp_path: Pa
     assert report["settings"]["replicas"] == 2
     for level in report["results"]:
         assert level["failures"] == 0 and level["requests"] == 8
-        assert level["replica_images"] == [4, 4]  # one worker on each, 4 requests each
+        # one worker on each replica; they share the 8 requests as they finish them
+        assert sum(level["replica_images"]) == 8 and min(level["replica_images"]) >= 1
         assert level["server_images"] == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
@@ -193,33 +194,31 @@ def test_base64_encoding_matches_json(live: LiveServer, dtype: str) -> None:
         )
 
 
-def test_small_work_runs_on_the_loop_and_large_work_in_the_pool_with_the_same_answer(
+def test_small_answers_are_encoded_on_the_loop_and_large_ones_in_the_pool_alike(
     live: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: dict[str, list[str]] = {"parse": [], "encode": []}
+    where: list[str] = []
 
-    def spy(name: str, function: Any) -> Any:
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            threads[name].append(threading.current_thread().name)
-            return function(*args, **kwargs)
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            where.append("event loop")
+        except RuntimeError:  # no loop runs in a worker-pool thread
+            where.append(threading.current_thread().name)
+        return encode_response(*args, **kwargs)
 
-        return recorded
-
-    monkeypatch.setattr(app_module, "parse_upload", spy("parse", app_module.parse_upload))
-    monkeypatch.setattr(app_module, "encode_response", spy("encode", app_module.encode_response))
+    encode_response = app_module.encode_response
+    monkeypatch.setattr(app_module, "encode_response", spy)
     blobs = [png_bytes(50, 40, seed=7), png_bytes(40, 60, seed=8)]
     answers = []
-    for parse_bytes, encode_values in [(10**9, 10**9), (0, 0)]:  # on the loop, then the pool
-        monkeypatch.setattr(app_module, "INLINE_PARSE_BYTES", parse_bytes)
-        monkeypatch.setattr(app_module, "INLINE_ENCODE_VALUES", encode_values)
+    # 2 images x (32 + 4x4x32 + 2x4x4) values = 1,152; the default limit is 4,096
+    for limit in (app_module.INLINE_ENCODE_VALUES, 1151):
+        monkeypatch.setattr(app_module, "INLINE_ENCODE_VALUES", limit)
         response = post_images(live, blobs, {"outputs": ALL_OUTPUTS})
         assert response.status_code == 200, response.text
         answers.append(response.json())
     assert answers[0] == answers[1]
-    for name in ("parse", "encode"):
-        on_loop, in_pool = threads[name]
-        assert not on_loop.startswith("decode"), threads  # the server's event-loop thread
-        assert in_pool.startswith("decode"), threads  # a worker-pool thread
+    assert where[0] == "event loop" and where[1].startswith("decode"), where
 
 
 def test_float16_json_values_are_half_precision(live: LiveServer) -> None:
