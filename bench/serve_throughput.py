@@ -715,7 +715,6 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -907,6 +906,8 @@ def _run(
 
 
 if __name__ == "__main__":
+    # Only as a script: main() called from other code (the tests) leaves its signals alone.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once everything it started is stopped

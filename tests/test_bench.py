@@ -266,10 +266,16 @@ def test_serve_throughput_splits_workers_and_requests_evenly(serve_bench: Any) -
 def test_serve_throughput_refuses_a_wrong_value_before_starting(
     serve_bench: Any, args: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
         serve_bench.main(["--tiny", *args])
     assert exit_info.value.code == 2
     assert args[0] in capsys.readouterr().err
+    # main() called from other code leaves the caller's signals alone (a SIGTERM handler left
+    # behind here once turned a later test's SIGTERM into an interrupt of the whole run)
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_serve_throughput_reports_a_failing_client_process(serve_bench: Any) -> None:
