@@ -69,7 +69,9 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Answers this small are encoded on the event loop instead of a hop to the worker pool: the
 # hop (submit, wake-up, callback) costs about as much loop time as the work (at most about
-# 0.7 ms for 4,096 values in any encoding), and pool-thread time on top.
+# 0.7 ms for 4,096 values in any encoding), and pool-thread time on top. With a 32-pixel model
+# on 2 cores, one client at a time, three interleaved pairs of runs: 2-11 % more requests/s and
+# 2-10 % less server CPU per request, in every pair.
 INLINE_ENCODE_VALUES = 4096  # 10 ViT-S CLS embeddings
 _bearer = HTTPBearer(auto_error=False, description="API key, when DINO_API_KEYS is set.")
 
