@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import Batcher
-from service.decode import decode_image
+from service.decode import decode_reduced
 from service.encode import ImageRecord, encode_response, estimated_bytes, output_values
 from service.errors import (
     ClientDisconnectedError,
@@ -45,7 +45,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
-from service.preprocess import plan_geometry, to_pixels
+from service.preprocess import Geometry, plan_geometry, to_pixels
 from service.repository import Loader, ModelManager
 from service.runtime import OnnxModel, attention_bytes, load_model
 from service.schemas import (
@@ -512,23 +512,48 @@ def _prepare(
 ) -> _Prepared:
     """Decode and preprocess one image (runs in the worker pool)."""
     started = time.perf_counter()
-    image = decode_image(data, max_pixels=settings.max_image_pixels, index=index)
+
+    def plan(width: int, height: int) -> Geometry:
+        return plan_geometry(
+            width,
+            height,
+            recipe=model.metadata.recipe,
+            resolution=resolution,
+            crop=options.crop,
+            patch_size=model.metadata.patch_size,
+            max_side=max_side(settings.max_resolution, model.metadata.resolution),
+        )
+
+    image, original = decode_reduced(
+        data,
+        max_pixels=settings.max_image_pixels,
+        needed=functools.partial(_needed_size, plan) if settings.jpeg_draft else None,
+        index=index,
+    )
     decoded = time.perf_counter()
     metrics.stage_seconds.labels("decode").observe(decoded - started)
-    geometry = plan_geometry(
-        image.width,
-        image.height,
-        recipe=model.metadata.recipe,
-        resolution=resolution,
-        crop=options.crop,
-        patch_size=model.metadata.patch_size,
-        max_side=max_side(settings.max_resolution, model.metadata.resolution),
-    )
+    geometry = plan(*original)
+    if image.size != original and geometry.source_box is not None:  # a reduced JPEG decode
+        sx, sy = image.width / original[0], image.height / original[1]
+        left, top, right, bottom = geometry.source_box
+        box = (left * sx, top * sy, right * sx, bottom * sy)
+        geometry = dataclasses.replace(geometry, source_box=box)
     center_side = resolution if options.crop == "none" else None
     check_attention_budget(model, geometry.size, settings, index=index, center_side=center_side)
     pixels = to_pixels(image, geometry, model.metadata.recipe)
     metrics.stage_seconds.labels("preprocess").observe(time.perf_counter() - decoded)
-    return _Prepared(pixels, (image.width, image.height), geometry.size)
+    return _Prepared(pixels, original, geometry.size)
+
+
+def _needed_size(
+    plan: Callable[[int, int], Geometry], width: int, height: int
+) -> tuple[float, float]:
+    """The smallest whole-image size that the resize of :func:`plan` reads at full detail."""
+    geometry = plan(width, height)
+    if geometry.source_box is None:
+        return geometry.resized
+    left, top, right, bottom = geometry.source_box  # resized straight to ``size``
+    return width * geometry.size[0] / (right - left), height * geometry.size[1] / (bottom - top)
 
 
 def _summary(model: OnnxModel) -> dict[str, Any]:

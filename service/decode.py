@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -54,8 +56,13 @@ def _allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
+# Given the displayed (EXIF-oriented) size of an image, the smallest (width, height) the decoded
+# image must keep for what follows (the resize target, expressed for the whole image).
+Needed = Callable[[int, int], tuple[float, float]]
+
+
 def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> Image.Image:
-    """Decode one uploaded image to RGB.
+    """Decode one uploaded image to RGB, at its full size.
 
     Args:
         data: The file's bytes.
@@ -64,6 +71,34 @@ def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> I
 
     Returns:
         A loaded 8-bit RGB image with EXIF orientation applied.
+
+    Raises:
+        See :func:`decode_reduced`.
+    """
+    return decode_reduced(data, max_pixels=max_pixels, index=index, needed=None)[0]
+
+
+def decode_reduced(
+    data: bytes, *, max_pixels: int, needed: Needed | None, index: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode one uploaded image to RGB, a large JPEG at a reduced scale when ``needed`` allows.
+
+    libjpeg can decode at 1/2, 1/4 or 1/8 of the stored size (scaling in the DCT domain), several
+    times faster for a photo much larger than a model's input. The reduced image is not
+    bit-identical to a full decode resized afterwards, so this runs only when asked for
+    (``DINO_JPEG_DRAFT``); other formats, and JPEGs that ``needed`` wants at their full size,
+    decode in full.
+
+    Args:
+        data: The file's bytes.
+        max_pixels: Largest ``width * height`` accepted (of the stored size).
+        needed: Given the displayed size, the smallest size the decoded image must keep in
+            both directions; None: always decode in full.
+        index: Position of the image in the request, carried into errors.
+
+    Returns:
+        A loaded 8-bit RGB image with EXIF orientation applied, and the image's displayed
+        ``(width, height)`` at its full size.
 
     Raises:
         EmptyImageError: Zero bytes.
@@ -86,9 +121,15 @@ def decode_image(data: bytes, *, max_pixels: int, index: int | None = None) -> I
             check_tiles(image.width, image.height, (tile[0], tile[1]), index=index)
     try:
         image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
+        full: tuple[int, int] | None = None
+        # JPEG only: its EXIF comes with the header (Pillow's PNG reads the pixels for it,
+        # and would swallow their damage here)
+        if needed is not None and image.format in ("JPEG", "MPO"):
+            full = _displayed_size(image)
+            _reduce(image, full, needed)
         image.load()
-        image = _apply_orientation(image)
-        return to_rgb(image)
+        rgb = to_rgb(_apply_orientation(image))
+        return rgb, full if full is not None else rgb.size
     except (ImageTooLargeError, CorruptImageError):
         raise
     except Exception as err:  # any decoder failure on user bytes is the user's
@@ -139,6 +180,27 @@ def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
             index=index,
         )
     return image
+
+
+def _displayed_size(image: Image.Image) -> tuple[int, int]:
+    """The size once the EXIF orientation is applied (orientations 5 to 8 swap the sides).
+
+    Before the load, for JPEG only: its EXIF block is part of the header Pillow has read.
+    """
+    width, height = image.size
+    orientation = 1
+    with contextlib.suppress(Exception):  # unreadable EXIF: the stored orientation stays
+        orientation = int(image.getexif().get(0x0112, 1))
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _reduce(image: Image.Image, full: tuple[int, int], needed: Needed) -> None:
+    """Ask libjpeg for the smallest DCT scale that still covers ``needed`` (before the load)."""
+    width, height = needed(*full)
+    request = (max(1, math.ceil(width)), max(1, math.ceil(height)))  # displayed orientation
+    if full != image.size:  # stored rotated by a quarter turn
+        request = (request[1], request[0])
+    image.draft(None, request)  # picks a scale keeping both sides at least the request
 
 
 def _looks_like_supported(data: bytes) -> bool:

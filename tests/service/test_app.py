@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import logging
 import re
 import threading
@@ -595,3 +596,58 @@ def test_an_unexpected_error_is_a_json_500_and_the_connection_stays_usable(
         # The same keep-alive connection answers the next request.
         assert server.client.get("/healthz").status_code == 200
         assert server.metric("dino_http_requests_total", {"route": "/embed", "status": "500"}) == 1
+
+
+def _jpeg_photo(width: int, height: int) -> bytes:
+    small = (max(1, width // 8), max(1, height // 8))  # drawn small, then enlarged
+    y, x = np.mgrid[0 : small[1], 0 : small[0]]
+    rgb = np.stack([np.sin(x / 7 + c) * 90 + np.cos(y / 4) * 30 + 128 for c in range(3)], -1)
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.resize((width, height), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "data"),
+    [
+        ((1600, 1200), {}),  # decoded at 1/8: 200x150 covers the 49x37 resize
+        ((1600, 1200), {"crop": "none", "resolution": "64"}),
+        # crop=center straight from a source box (the intermediate would exceed 8 MP)
+        ((32000, 1024), {"resolution": "448"}),  # 16000x512 needed: decoded at 1/2
+    ],
+)
+def test_jpeg_draft_answers_close_to_a_full_decode(
+    live: LiveServer, tiny_model_repository: Path, size: tuple[int, int], data: dict[str, str]
+) -> None:
+    blob = _jpeg_photo(*size)
+    settings = tiny_settings(tiny_model_repository, jpeg_draft=True)
+    with run_server(settings) as drafting:
+        reduced = post_images(drafting, [blob], {"outputs": ALL_OUTPUTS, **data})
+    full = post_images(live, [blob], {"outputs": ALL_OUTPUTS, **data})
+    assert reduced.status_code == full.status_code == 200, reduced.text + full.text
+    a, b = reduced.json()["results"][0], full.json()["results"][0]
+    assert a["original_size"] == b["original_size"] == {"width": size[0], "height": size[1]}
+    assert a["processed_size"] == b["processed_size"] and a["grid"] == b["grid"]
+    cls_a, cls_b = np.asarray(a["cls_embedding"]), np.asarray(b["cls_embedding"])
+    cosine = cls_a @ cls_b / (np.linalg.norm(cls_a) * np.linalg.norm(cls_b))
+    assert cosine > 0.99, cosine
+    assert not np.array_equal(cls_a, cls_b)  # it did decode differently
+
+
+def test_the_needed_size_is_the_whole_image_at_the_resize_scale(
+    direct_session: ort.InferenceSession,
+) -> None:
+    metadata = parse_metadata(direct_session.get_modelmeta().custom_metadata_map)
+    for width, height, resolution in [(1600, 1200, 32), (24000, 600, 448), (40000, 1000, 448)]:
+
+        def plan(w: int, h: int, resolution: int = resolution) -> Any:
+            return plan_geometry(
+                w, h, recipe=metadata.recipe, resolution=resolution, crop="center",
+                patch_size=metadata.patch_size, max_side=1024,
+            )  # fmt: skip
+
+        geometry = plan(width, height)
+        needed = app_module._needed_size(plan, width, height)
+        # with or without a source box, the same whole-image size as the exact resize
+        assert needed == pytest.approx(geometry.resized, abs=1.0), (width, height)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.decode import decode_image
+from service.decode import decode_image, decode_reduced
 from service.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -272,3 +272,51 @@ def test_wide_greyscale_matches_the_float64_formula(mode: str) -> None:
     rgb = np.asarray(to_rgb(image))
     assert rgb.shape == (17, 23, 3)
     np.testing.assert_array_equal(rgb[..., 0], expected)
+
+
+def _photo(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([np.sin(x / 37 + c) * 90 + np.cos(y / 23) * 30 + 128 for c in range(3)], -1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_what_is_needed(
+    orientation: int,
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_photo(1600, 1200), "JPEG", exif=exif, quality=90)
+    displayed = (1600, 1200) if orientation == 1 else (1200, 1600)
+    asked: list[tuple[int, int]] = []
+
+    def needed(width: int, height: int) -> tuple[float, float]:
+        asked.append((width, height))
+        return width / 3.5, height / 3.5  # 1/2 covers it, 1/4 would not
+
+    image, full = decode_reduced(data, max_pixels=LIMIT, needed=needed)
+    assert asked == [displayed] and full == displayed
+    assert image.size == (displayed[0] // 2, displayed[1] // 2) and image.mode == "RGB"
+    exact = decode_image(data, max_pixels=LIMIT).resize(image.size, Image.Resampling.BOX)
+    difference = np.abs(np.asarray(image, np.int16) - np.asarray(exact, np.int16))
+    assert difference.mean() < 2.0  # the same picture, in the same orientation
+
+
+def test_a_reduced_decode_applies_only_to_jpeg_and_only_when_it_can() -> None:
+    photo = _photo(1600, 1200)
+    png = encode(photo, "PNG")
+    image, full = decode_reduced(png, max_pixels=LIMIT, needed=lambda w, h: (w / 8, h / 8))
+    assert image.size == full == (1600, 1200)
+    jpeg = encode(photo, "JPEG", quality=90)
+    image, full = decode_reduced(jpeg, max_pixels=LIMIT, needed=lambda w, h: (w, h))
+    assert image.size == full == (1600, 1200)  # the resize needs every pixel
+    assert np.array_equal(np.asarray(image), np.asarray(decode_image(jpeg, max_pixels=LIMIT)))
+    image, _ = decode_reduced(jpeg, max_pixels=LIMIT, needed=lambda w, h: (1, 1))
+    assert image.size == (200, 150)  # libjpeg's smallest scale, 1/8
+
+
+def test_a_reduced_decode_still_refuses_damaged_jpegs() -> None:
+    data = encode(_photo(1600, 1200), "JPEG", quality=90)
+    for damaged in (data[: len(data) // 2], data[:300]):  # cut in the scan, in the header
+        with pytest.raises(CorruptImageError):
+            decode_reduced(damaged, max_pixels=LIMIT, needed=lambda w, h: (w / 8, h / 8))
