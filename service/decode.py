@@ -119,17 +119,17 @@ def decode_reduced(
         tile = (tags.get(322), tags.get(323))  # TileWidth, TileLength
         if isinstance(tile[0], int) and isinstance(tile[1], int):
             check_tiles(image.width, image.height, (tile[0], tile[1]), index=index)
+    # JPEG only: its EXIF comes with the header (Pillow's PNG reads the pixels for it, and would
+    # swallow their damage here). Worked out before the decoding, whose errors are the upload's.
+    scale = 1
+    if needed is not None and image.format in ("JPEG", "MPO"):
+        scale = _reduction(image, needed)
     try:
         image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
-        full: tuple[int, int] | None = None
-        # JPEG only: its EXIF comes with the header (Pillow's PNG reads the pixels for it,
-        # and would swallow their damage here)
-        if needed is not None and image.format in ("JPEG", "MPO"):
-            full = _displayed_size(image)
-            _reduce(image, full, needed)
+        if scale > 1:
+            image.draft(None, (image.width // scale, image.height // scale))
         image.load()
         rgb = to_rgb(_apply_orientation(image))
-        return rgb, full if full is not None else rgb.size
     except (ImageTooLargeError, CorruptImageError):
         raise
     except Exception as err:  # any decoder failure on user bytes is the user's
@@ -137,6 +137,15 @@ def decode_reduced(
             f"the {image.format or 'image'} data is truncated or corrupt: {_describe(err)}",
             index=index,
         ) from err
+    if scale == 1:
+        return rgb, rgb.size
+    full = (rgb.width * scale, rgb.height * scale)  # exact: the scale divides both sides
+    wanted = needed(*full) if needed is not None else (0.0, 0.0)
+    if rgb.width < wanted[0] or rgb.height < wanted[1]:
+        # The orientation read from the header was not the one applied (an odd EXIF value):
+        # the reduction was planned for the other side. Decode in full instead.
+        return decode_reduced(data, max_pixels=max_pixels, needed=None, index=index)
+    return rgb, full
 
 
 def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
@@ -182,25 +191,30 @@ def _open(data: bytes, *, max_pixels: int, index: int | None) -> Image.Image:
     return image
 
 
-def _displayed_size(image: Image.Image) -> tuple[int, int]:
-    """The size once the EXIF orientation is applied (orientations 5 to 8 swap the sides).
+def _reduction(image: Image.Image, needed: Needed) -> int:
+    """The DCT scale (8, 4, 2, or 1 for none) to decode a JPEG at, from its header.
 
-    Before the load, for JPEG only: its EXIF block is part of the header Pillow has read.
+    Only a scale that divides both stored sides: libjpeg then decodes exactly ``size / scale``
+    pixels, without the partial block that a rounded-up size carries at one edge (which would
+    shift the crop by up to 7/8 of an output pixel). The largest such scale that keeps both
+    sides at or above ``needed`` wins.
     """
     width, height = image.size
     orientation = 1
     with contextlib.suppress(Exception):  # unreadable EXIF: the stored orientation stays
-        orientation = int(image.getexif().get(0x0112, 1))
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
-def _reduce(image: Image.Image, full: tuple[int, int], needed: Needed) -> None:
-    """Ask libjpeg for the smallest DCT scale that still covers ``needed`` (before the load)."""
-    width, height = needed(*full)
-    request = (max(1, math.ceil(width)), max(1, math.ceil(height)))  # displayed orientation
-    if full != image.size:  # stored rotated by a quarter turn
-        request = (request[1], request[0])
-    image.draft(None, request)  # picks a scale keeping both sides at least the request
+        # the raw value, looked up as ImageOps.exif_transpose does ("6" rotates nothing)
+        orientation = image.getexif().get(0x0112, 1)
+    quarter_turn = orientation in (5, 6, 7, 8)
+    displayed = (height, width) if quarter_turn else (width, height)
+    need_w, need_h = needed(*displayed)
+    if quarter_turn:
+        need_w, need_h = need_h, need_w  # back to the stored orientation
+    for scale in (8, 4, 2):
+        if width % scale or height % scale:
+            continue
+        if width // scale >= math.ceil(need_w) and height // scale >= math.ceil(need_h):
+            return scale
+    return 1
 
 
 def _looks_like_supported(data: bytes) -> bool:
