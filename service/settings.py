@@ -60,8 +60,9 @@ class Settings(BaseSettings):
             orchestrator's grace period (``docker stop`` waits 10 s unless told otherwise).
         max_images_per_request: Most images in one request (422 beyond).
         max_image_pixels: Largest width*height accepted, checked before pixels are decoded.
-        jpeg_draft: Decode a JPEG much larger than the model's input at 1/2, 1/4 or 1/8 of its
-            size (libjpeg's DCT scaling), never below what the resize needs: several times
+        jpeg_draft: Decode a JPEG (or MPO) much larger than the model's input at 1/2, 1/4 or
+            1/8 of its size (libjpeg's DCT scaling; only a reduction that divides both sides),
+            never below what the resize needs: several times
             faster for photos, but not bit-identical to the reference preprocessing (a full
             decode, then the resize), so off by default.
         max_resolution: Largest processed side in pixels (``resolution`` and ``crop=none``);
