@@ -8,7 +8,11 @@
 #   PART=fmnist TRAIN_BUDGET_S=300 SKIP_KNN=1      budget + about 90 s (probe, export); the
 #                                                  training is also cut to fit the call
 #   PART=stage x4 (back to back), then PART=serve  staging seconds each; serve about 2 min
-# A session's 15 device minutes hold bench plus ONE of the other two (machine start included).
+#   PART=fmnist_start, PART=stage x4, PART=fmnist_collect, PART=serve   the bundled model's
+#                                                  whole recipe and a serve run in one lease
+# A session's 15 device minutes hold bench plus ONE of the other two (machine start included),
+# or the last line: on 2026-11-27 an H200 trained the 120-epoch recipe detached (--compile
+# true, about 455 s) while the four stage calls ran, then served (about 180 s): 703 s held.
 # Carried files count towards a call's 64 MiB: a part is 48 MiB and the tree 11 MiB, so only
 # PART=stage,bench (carrying part-00) can share a call; serve carries the wheels (10 MiB) and
 # fmnist the IDX files (29 MiB) alone.
@@ -24,6 +28,12 @@
 #           FMNIST_RESUME=1 (same TRAIN_BUDGET_S; the schedule's length is read from the run),
 #           issued right after on the warm machine, continues it. The run and the repository
 #           live in $FMNIST_RUN_DIR and $FMNIST_REPO_DIR (default /tmp/run, /tmp/repo).
+#   fmnist_start    start the bundled recipe (configs/pretrain/tiny_fashion_mnist.yaml, its
+#           epochs unless FMNIST_EPOCHS; $FMNIST_EXTRA, default "--compile true") in a new
+#           process session, which outlives the call, and watch it for $FMNIST_WATCH_S (90) s.
+#   fmnist_collect  wait for that run (at most $COLLECT_WAIT_S, 540 s; exit 1 while it still
+#           trains: call it again), then bring back its logs, its export and (unless
+#           SKIP_KNN=1) the k-NN, as the fmnist stage does.
 #   serve   the service on onnxruntime-gpu: /readyz must report CUDAExecutionProvider, then
 #           bench/serve_throughput.py --device cuda. The wheel is too large for one call: run
 #           `PART=stage bash bench/gpu_session.sh` once per part, carrying
@@ -51,6 +61,26 @@ ORT=${ORT_DIR:-/tmp/ortgpu}         # the extracted onnxruntime-gpu package
 mkdir -p "$OUT"
 step() { echo "=== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 want() { [[ ",$PART," == *",$1,"* ]]; }
+# The fmnist stages' results: the run's logs (saved first), the newest exported version and,
+# unless SKIP_KNN=1, its k-NN (ONNX Runtime on the CPU).
+save_run_logs() {
+  tail -c 20000 "$RUN.train.log" > "$OUT/train_fmnist.tail"
+  cp "$RUN/log.txt" "$OUT/fmnist_log.txt" 2>/dev/null
+  cp "$RUN/config.yaml" "$OUT/fmnist_config.yaml" 2>/dev/null
+}
+save_model_and_knn() {
+  MODEL=$(ls "$REPO"/dino_default/*/model.onnx 2>/dev/null | sort -V | tail -1)
+  [ -n "$MODEL" ] && cp "$MODEL" "$OUT/model.onnx"
+  if [ "${SKIP_KNN:-0}" != 1 ] && [ -n "$MODEL" ]; then
+    step "k-NN of the exported model on Fashion-MNIST (ONNX Runtime, CPU)"
+    timeout -k 10 150 python3 -m training.eval_knn --onnx "$MODEL" \
+      --dataset fashion-mnist --output "$OUT/knn.json" > "$RUN.knn.log" 2>&1
+    tail -8 "$RUN.knn.log"
+  fi
+  [ -n "$MODEL" ]
+}
+RUN=${FMNIST_RUN_DIR:-/tmp/run}     # the training run (kept by the warm machine between calls)
+REPO=${FMNIST_REPO_DIR:-/tmp/repo}  # the model repository it exports to
 
 if want stage; then
   mkdir -p "$STAGE"
@@ -76,8 +106,6 @@ if want bench; then
 fi
 
 if want fmnist; then
-  RUN=${FMNIST_RUN_DIR:-/tmp/run}     # the training run (kept by the warm machine between calls)
-  REPO=${FMNIST_REPO_DIR:-/tmp/repo}  # the model repository it exports to
   step "bundled model: train, export, evaluate"
   # FMNIST_EXTRA: more pretrain flags, for example "--compile true" (measured by the probe too).
   read -r -a EXTRA <<< "${FMNIST_EXTRA:-}"
@@ -128,9 +156,7 @@ if want fmnist; then
   TRAIN_RC=$?
   echo "exit $TRAIN_RC"
   tail -5 "$RUN.train.log"
-  tail -c 20000 "$RUN.train.log" > "$OUT/train_fmnist.tail"  # saved before anything else
-  cp "$RUN/log.txt" "$OUT/fmnist_log.txt" 2>/dev/null
-  cp "$RUN/config.yaml" "$OUT/fmnist_config.yaml" 2>/dev/null
+  save_run_logs
   # A finished run exported itself. One stopped before its end (the limit, a failure,
   # --max_epochs_this_run) gets its last checkpoint exported as a new version, when this call
   # trained at least one epoch; so the newest version holds this call's training.
@@ -143,14 +169,40 @@ if want fmnist; then
         --repository "$REPO" --name dino_default --resolution 32 2>&1 | tail -3
     fi
   fi
-  MODEL=$(ls "$REPO"/dino_default/*/model.onnx 2>/dev/null | sort -V | tail -1)
-  [ -n "$MODEL" ] && cp "$MODEL" "$OUT/model.onnx"
-  if [ "${SKIP_KNN:-0}" != 1 ] && [ -n "$MODEL" ]; then
-    step "k-NN of the exported model on Fashion-MNIST (ONNX Runtime, CPU)"
-    timeout -k 10 150 python3 -m training.eval_knn --onnx "$MODEL" \
-      --dataset fashion-mnist --output "$OUT/knn.json" > "$RUN.knn.log" 2>&1
-    tail -8 "$RUN.knn.log"
+  save_model_and_knn
+
+fi
+
+if want fmnist_start; then
+  # The whole recipe in the background (a new process session outlives the call), so that the
+  # calls that follow can stage the onnxruntime-gpu parts meanwhile; fmnist_collect waits.
+  read -r -a EXTRA <<< "${FMNIST_EXTRA:---compile true}"
+  START_ARGS=(--config configs/pretrain/tiny_fashion_mnist.yaml --augment_device gpu --progress false)
+  if [ -n "${FMNIST_EPOCHS:-}" ]; then  # the recipe's 3 warm-up epochs, fewer in a short run
+    START_ARGS+=(--epochs "$FMNIST_EPOCHS" --warmup_epochs $(( FMNIST_EPOCHS > 3 ? 3 : FMNIST_EPOCHS - 1 )))
   fi
+  START_ARGS+=("${EXTRA[@]}" --output_dir "$RUN" --export_to "$REPO/dino_default")
+  rm -rf "$RUN" "$REPO" "$RUN.pid" && mkdir -p "$REPO"
+  step "training detached: python3 -m training.pretrain ${START_ARGS[*]}"
+  setsid nohup python3 -m training.pretrain "${START_ARGS[@]}" > "$RUN.train.log" 2>&1 < /dev/null &
+  echo $! > "$RUN.pid"
+  sleep "${FMNIST_WATCH_S:-90}"  # long enough to see the first epochs (or an early failure)
+  tail -3 "$RUN.train.log"
+fi
+
+if want fmnist_collect; then
+  [ -f "$RUN.pid" ] || { echo "no detached run (fmnist_start first; machine released?)"; exit 1; }
+  step "waiting for the detached run (at most ${COLLECT_WAIT_S:=540} s)"
+  waited=0
+  while kill -0 "$(cat "$RUN.pid")" 2>/dev/null && [ "$waited" -lt "$COLLECT_WAIT_S" ]; do
+    sleep 5; waited=$(( waited + 5 ))
+  done
+  save_run_logs
+  tail -3 "$RUN.train.log"
+  if kill -0 "$(cat "$RUN.pid")" 2>/dev/null; then
+    step "still training after ${COLLECT_WAIT_S} s: call fmnist_collect again"; exit 1
+  fi
+  save_model_and_knn || { step "the run ended without an export (see train_fmnist.tail)"; exit 1; }
 fi
 
 if want serve; then

@@ -5,6 +5,7 @@ The figures are not checked (speed is measured, never asserted); the structure i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -366,6 +367,55 @@ def test_gpu_session_fmnist_stage_resumes_a_run_longer_than_one_call(tmp_path: P
     shutil.rmtree(tmp_path / "run")
     lost = _gpu_session(tmp_path, "fmnist", **common, FMNIST_RESUME="1", FMNIST_EXTRA=flags)
     assert lost.returncode == 1 and "/run/checkpoint.pth (machine released?)" in lost.stdout
+
+
+def test_gpu_session_trains_detached_and_collects_in_a_later_call(tmp_path: Path) -> None:
+    """fmnist_start returns while the run goes on in its own process session (so the calls
+    after it can stage files); fmnist_collect waits for it and brings back what fmnist does."""
+    import os
+    import signal
+
+    from models.export import read_metadata
+    from tests.training.conftest import write_fashion_mnist
+    from training.checkpoint import load_checkpoint
+
+    (tmp_path / "repo").mkdir()
+    for name in ("configs", "models", "training", "service", "pyproject.toml"):
+        (tmp_path / "repo" / name).symlink_to(ROOT / name)
+    data = write_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
+    common = {"DINO_FASHION_MNIST_ROOT": str(data), "SKIP_KNN": "1"}
+    early = _gpu_session(tmp_path, "fmnist_collect", **common)
+    assert early.returncode == 1 and "no detached run" in early.stdout
+
+    started = _gpu_session(
+        tmp_path, "fmnist_start", **common, FMNIST_EPOCHS="2", FMNIST_WATCH_S="0",
+        FMNIST_EXTRA="--batch_size_per_gpu 16 --num_workers 0 --device cpu",
+    )  # fmt: skip
+    pid = int((tmp_path / "run.pid").read_text())
+    try:
+        assert started.returncode == 0, started.stdout[-3000:]
+        assert "training detached: python3 -m training.pretrain" in started.stdout
+        # FMNIST_EPOCHS with fewer warm-up epochs, then FMNIST_EXTRA instead of "--compile true"
+        assert "--epochs 2 --warmup_epochs 1 --batch_size_per_gpu 16" in started.stdout
+        assert not (tmp_path / "out" / "model.onnx").exists()  # nothing collected yet
+        collected = _gpu_session(tmp_path, "fmnist_collect", **common, COLLECT_WAIT_S="240")
+        assert collected.returncode == 0, collected.stdout[-3000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # a failed assertion leaves no training behind
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "env.txt",
+        "fmnist_config.yaml",
+        "fmnist_log.txt",
+        "model.onnx",
+        "steps.log",
+        "train_fmnist.tail",
+    ]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] == 2
+    assert read_metadata(out / "model.onnx")
+    exported = tmp_path / "model_repository" / "dino_default" / "1" / "model.onnx"
+    assert (out / "model.onnx").read_bytes() == exported.read_bytes()
 
 
 def test_serve_throughput_spreads_the_workers_over_several_replicas(tmp_path: Path) -> None:
