@@ -788,6 +788,7 @@ def create_app(
             retry_after_s=settings.retry_after_s,
             metrics=metrics,
             flush_when_idle=not settings.wait_when_idle,
+            pipeline_depth=settings.inference_pipeline_depth,
         )
         manager = ModelManager(settings, metrics, loader, on_fatal)
         bodies = BodyBudget(

@@ -7,6 +7,14 @@ to ``max_queue_delay`` (or until ``max_batch_size`` images), and runs it in a de
 inference thread so the event loop stays free. While a batch runs, the next one accumulates, so
 under load batches form without any added delay (continuous batching).
 
+Up to ``pipeline_depth`` batches are handed to the inference thread at once. With 2 (the
+default on the CUDA provider) the next batch waits in the thread's queue and starts the moment
+the previous call returns; with 1 (the default on the CPU) the thread idles after each call
+until the event loop, busy reading and answering requests, comes back to the scheduler. On a
+GPU, where a call takes milliseconds, that idle time can exceed the calls themselves. On the
+CPU a call takes long enough for the idle time not to matter, and a batch formed while another
+runs would only be smaller than one formed when the thread is free.
+
 A batch is also bounded by attention memory: ``batch * tokens**2 * heads * 4`` bytes (the
 float32 attention matrix of one block, see :func:`attention_bytes`) stays within
 ``max_attention_bytes``; a group whose images are large runs in smaller batches. (An image whose
@@ -44,7 +52,7 @@ import numpy as np
 from models.contract import OUTPUT_NAMES
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.runtime import OnnxModel, RunControl, attention_bytes
+from service.runtime import CUDA, OnnxModel, RunControl, attention_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +70,14 @@ class Result:
 
     outputs: Outputs
     infer_s: float
+
+
+@dataclass
+class _Timing:
+    """When the inference thread started a call and how long it ran (set by that thread)."""
+
+    started: float | None = None
+    elapsed: float = 0.0
 
 
 @dataclass(eq=False)  # identity: items are found and removed by identity, arrays inside
@@ -88,6 +104,9 @@ class Batcher:
         metrics: Where to record queue depth, waits, batch sizes and inference time.
         flush_when_idle: Run a group at once, without ``max_queue_delay``, when no image of an
             admitted request is being decoded (see :meth:`preparing`): none could join it.
+        pipeline_depth: Batches handed to the inference thread at once (the running one
+            included); 1 forms the next batch only after the previous one has returned; 0
+            (auto): 2 for a model on the CUDA provider, 1 otherwise.
     """
 
     def __init__(
@@ -100,7 +119,10 @@ class Batcher:
         retry_after_s: int,
         metrics: Metrics,
         flush_when_idle: bool = False,
+        pipeline_depth: int = 0,
     ) -> None:
+        if pipeline_depth < 0:
+            raise ValueError(f"pipeline_depth must be 0 (auto) or more, got {pipeline_depth}")
         self._max_batch_size = max_batch_size
         self._delay = max_queue_delay_s
         self._max_attention_bytes = max_attention_bytes
@@ -113,7 +135,10 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._running: tuple[RunControl, list[_Item]] | None = None  # the call in progress
+        self._running: dict[RunControl, list[_Item]] = {}  # calls handed to the thread
+        self._depth = pipeline_depth
+        self._batches: set[asyncio.Task[None]] = set()  # their tasks
+        self._batch_ended = asyncio.Event()
         self._preparing = 0  # images of admitted requests still being decoded
         self._flush_when_idle = flush_when_idle  # callers then report them with preparing()
 
@@ -122,9 +147,8 @@ class Batcher:
         self._task = asyncio.create_task(self._schedule(), name="batcher")
 
     async def stop(self) -> None:
-        """Stop scheduling, stop the inference call in progress and fail whatever waits."""
-        if self._running is not None:  # its requests would otherwise wait forever
-            control, running_items = self._running
+        """Stop scheduling, stop the inference calls in progress and fail whatever waits."""
+        for control, running_items in self._running.items():  # they would wait forever
             control.terminate()
             for item in running_items:
                 if not item.future.done():
@@ -134,6 +158,10 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        batches = list(self._batches)
+        for task in batches:
+            task.cancel()
+        await asyncio.gather(*batches, return_exceptions=True)
         for group in self._groups.values():
             for item in group:
                 if not item.future.done():
@@ -246,7 +274,30 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+            if len(self._batches) >= self.pipeline_depth(self._oldest()[0]):
+                self._batch_ended.clear()  # while the thread is full, the queue keeps filling
+                await self._batch_ended.wait()
+                continue
+            live = await self._next_batch()
+            if live:
+                task = asyncio.create_task(self._execute(live))
+                self._batches.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def pipeline_depth(self, model: OnnxModel) -> int:
+        """Batches of ``model`` that may be handed to the inference thread at once."""
+        if self._depth:
+            return self._depth
+        return 2 if model.provider == CUDA else 1
+
+    def _oldest(self) -> tuple[OnnxModel, int, int]:
+        """The key of the group whose oldest image has waited longest."""
+        return min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+
+    async def _next_batch(self) -> list[_Item]:
+        """Take the next batch off the queue (empty when its group was withdrawn meanwhile)."""
+        while self._groups:
+            key = self._oldest()
             group = self._groups[key]
             limit = self.batch_limit(*key)
             deadline = group[0].enqueued + self._delay
@@ -269,8 +320,14 @@ class Batcher:
             live = [item for item in taken if not item.future.done()]
             if len(live) < len(taken):  # their requests ended while they waited
                 self._metrics.withdrawn.inc(len(taken) - len(live))
-            if live:
-                await self._execute(live)
+            return live
+        return []
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._batch_ended.set()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a batch task failed", exc_info=task.exception())
 
     async def _execute(self, items: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
@@ -296,21 +353,26 @@ class Batcher:
         self, items: list[_Item], control: RunControl, running: asyncio.Future[None]
     ) -> None:
         """Run one inference call; ``running`` is resolved as soon as the call has ended."""
-        started = time.perf_counter()
-        for item in items:
-            self._metrics.queue_wait.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(items))
         wanted = {name for item in items for name in item.outputs}
         outputs = tuple(name for name in OUTPUT_NAMES if name in wanted)
         model = items[0].model
         loop = asyncio.get_running_loop()
-        self._running = (control, items)
+        timing = _Timing()
+        self._running[control] = items
         try:
             result = await loop.run_in_executor(
-                self._executor, _infer, model, [item.pixels for item in items], outputs, control
+                self._executor,
+                _infer,
+                model,
+                [item.pixels for item in items],
+                outputs,
+                control,
+                timing,
             )
         except Exception:
-            self._running = None
+            self._running.pop(control, None)
+            self._observe_wait(items, timing)
             running.set_result(None)  # the call has ended: requests that left need not wait
             if control.terminated and all(item.future.done() for item in items):
                 self._metrics.stopped_batches.inc()
@@ -340,19 +402,35 @@ class Batcher:
                 for sibling in items[0].siblings:  # the request has failed: no work for the rest
                     sibling.cancel()
             return
-        self._running = None
-        elapsed = time.perf_counter() - started
+        finally:
+            self._running.pop(control, None)
+        self._observe_wait(items, timing)
+        elapsed = timing.elapsed
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
         for row, item in enumerate(items):
             if not item.future.done():
                 values = {name: result[name][row] for name in item.outputs}
                 item.future.set_result(Result(values, elapsed))
 
+    def _observe_wait(self, items: list[_Item], timing: _Timing) -> None:
+        """Queue wait: from enqueueing to the moment the inference thread took the batch."""
+        if timing.started is not None:
+            for item in items:
+                self._metrics.queue_wait.observe(timing.started - item.enqueued)
+
 
 def _infer(
-    model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...], control: RunControl
+    model: OnnxModel,
+    pixels: list[np.ndarray],
+    outputs: tuple[str, ...],
+    control: RunControl,
+    timing: _Timing,
 ) -> Outputs:
-    if control.terminated:  # abandoned before it could start
+    timing.started = time.perf_counter()
+    if control.terminated:  # abandoned (or the service stopping) before it could start
         raise RuntimeError("the batch was stopped before it ran")
-    batch = np.stack(pixels)  # (B, 3, H, W)
-    return model.run(batch, outputs, control)
+    try:
+        batch = np.stack(pixels)  # (B, 3, H, W)
+        return model.run(batch, outputs, control)
+    finally:
+        timing.elapsed = time.perf_counter() - timing.started

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         max_queue_delay_ms: Longest an image waits for companions before its batch runs.
         wait_when_idle: Let a batch wait ``max_queue_delay_ms`` even when no admitted image is
             being decoded (none could join it soon); off, such a batch runs at once.
+        inference_pipeline_depth: Batches handed to the inference thread at once, the running
+            one included: with 2, the next batch starts the moment a call returns instead of
+            when the event loop next gets to it; 1 forms each batch after the previous returned;
+            0 (auto): 2 for a model on the CUDA provider, 1 on the CPU.
         max_queue_images: Images admitted (decoding, queued or running) before 429.
         retry_after_s: ``Retry-After`` seconds sent with a 429.
         api_keys: Accepted bearer keys, comma-separated; empty disables authentication. Keys
@@ -115,6 +119,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
     wait_when_idle: bool = False
+    inference_pipeline_depth: int = Field(default=0, ge=0, le=8)
     max_queue_images: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
 

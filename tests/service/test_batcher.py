@@ -34,6 +34,7 @@ class _FakeModel:
     gate: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
     calls: list[int] = field(default_factory=list)
+    provider: str = "CPUExecutionProvider"
 
     def run(
         self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
@@ -67,7 +68,7 @@ def _images(*values: float) -> list[np.ndarray]:
     return [np.full((3, 16, 16), v, dtype=np.float32) for v in values]
 
 
-def _batcher(metrics: Metrics, delay_s: float) -> Batcher:
+def _batcher(metrics: Metrics, delay_s: float, depth: int = 2) -> Batcher:
     return Batcher(
         max_batch_size=8,
         max_queue_delay_s=delay_s,
@@ -75,14 +76,15 @@ def _batcher(metrics: Metrics, delay_s: float) -> Batcher:
         capacity=64,
         retry_after_s=1,
         metrics=metrics,
+        pipeline_depth=depth,
     )
 
 
 @contextlib.asynccontextmanager
-async def _running(delay_s: float) -> AsyncIterator[tuple[Batcher, Metrics]]:
+async def _running(delay_s: float, depth: int = 2) -> AsyncIterator[tuple[Batcher, Metrics]]:
     """A started batcher (with its metrics), stopped on exit."""
     metrics = Metrics()
-    batcher = _batcher(metrics, delay_s=delay_s)
+    batcher = _batcher(metrics, delay_s=delay_s, depth=depth)
     await batcher.start()
     try:
         yield batcher, metrics
@@ -181,28 +183,44 @@ def test_a_running_batch_nobody_waits_for_is_stopped() -> None:
     asyncio.run(scenario())
 
 
-def test_a_failed_image_withdraws_the_rest_of_its_request() -> None:
-    # The 8x8 image makes inference fail; its request's 16x16 image, waiting in another group,
-    # is withdrawn at once and never run (its group's deadline has passed by then too).
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_failed_image_withdraws_the_rest_of_its_request(depth: int) -> None:
+    # The 8x8 image makes inference fail; its request's 16x16 image is in another group. With
+    # one batch at a time it still waits in the queue and is withdrawn, never run. With two,
+    # its batch was already handed to the inference thread, which starts it as soon as the
+    # failed call returns, usually before the event loop has learnt of the failure: it then
+    # runs and its result is dropped, or, if the loop came first, it is stopped unstarted.
     class _Failing(_FakeModel):
         def run(
             self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
         ) -> dict[str, np.ndarray]:
             if batch.shape[-1] == 8:
                 self.calls.append(len(batch))
+                self.started.wait(10)  # the 16x16 batch has been formed meanwhile
                 raise RuntimeError("inference failed")
             return super().run(batch, outputs, control)
 
     async def scenario() -> None:
         model = _Failing()
         model.gate.set()
-        async with _running(delay_s=0.1) as (batcher, metrics):
+        async with _running(delay_s=0.1, depth=depth) as (batcher, metrics):
             small = np.zeros((3, 8, 8), np.float32)  # queued first: its group runs first
+            # The failing call ends once the 16x16 group's deadline has passed (twice its
+            # delay): with two slots that batch is formed and handed over by then.
+            threading.Timer(0.2, model.started.set).start()
             with pytest.raises(InferenceFailedError):
                 await batcher.submit(model, [small, _images(2.0)[0]], ("cls_embedding",))
-            assert model.calls == [1]  # the 16x16 image never ran
-            assert _sample(metrics, "dino_withdrawn_images_total") == 1
+            withdrawn = _sample(metrics, "dino_withdrawn_images_total")
+            stopped = _sample(metrics, "dino_stopped_batches_total")
+            if depth == 1:
+                assert model.calls == [1]  # the 16x16 image never ran
+                assert (withdrawn, stopped) == (1, 0)
+            else:
+                ran = len(model.calls) - 1  # the 16x16 batch's call, if it started
+                assert withdrawn == 0 and ran + stopped == 1, (model.calls, stopped)
             assert _sample(metrics, "dino_queue_depth") == 0
+            model.started.clear()
+            model.calls.clear()
             # Another request of both sizes is served as usual.
             results = await batcher.submit(model, _images(1.0, 3.0), ("cls_embedding",))
             assert [r.outputs["cls_embedding"].tolist() for r in results] == [[768.0], [2304.0]]
@@ -329,6 +347,90 @@ def test_stopping_the_batcher_ends_the_running_call_and_fails_its_requests() -> 
             await asyncio.wait_for(waiting, 5)
 
     asyncio.run(scenario())
+
+
+def test_stopping_fails_the_batch_waiting_in_the_inference_thread_too() -> None:
+    """With a second batch handed over behind the running one, stop() ends both: the second
+    never reaches the model and its request is told the service is shutting down."""
+
+    async def scenario() -> None:
+        model = _StoppableModel()
+        batcher = _batcher(Metrics(), delay_s=0.0)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
+        await asyncio.to_thread(model.started.wait, 10)
+        second = asyncio.create_task(
+            batcher.submit(model, [np.ones((3, 8, 8), np.float32)], ("cls_embedding",))
+        )
+        for _ in range(400):  # until the second batch is handed to the thread (2 s at most)
+            if len(batcher._running) == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert len(batcher._running) == 2
+        await asyncio.wait_for(batcher.stop(), 5)
+        for task in (first, second):
+            with pytest.raises(NotReadyError, match="shutting down"):
+                await asyncio.wait_for(task, 5)
+        assert model.calls == [1]  # only the first batch reached the model
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("depth", "provider", "pipelined"),
+    [
+        (2, "CPUExecutionProvider", True),
+        (1, "CUDAExecutionProvider", False),
+        (0, "CUDAExecutionProvider", True),  # auto: on the GPU
+        (0, "CPUExecutionProvider", False),  # auto: on the CPU
+    ],
+)
+def test_the_next_batch_starts_when_a_call_returns_even_if_the_loop_is_busy(
+    depth: int, provider: str, pipelined: bool
+) -> None:
+    """The scheduler's next batch is handed to the inference thread while the current call
+    runs (depth 2), so it starts the moment that call returns, even while the event loop is
+    blocked; with depth 1 it waits for the loop to form and hand it over."""
+
+    async def scenario() -> None:
+        model = _StampedModel(provider=provider)
+        async with _running(delay_s=0.0, depth=depth) as (batcher, _):
+            first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
+            await asyncio.to_thread(model.started.wait, 10)
+            second = asyncio.create_task(
+                batcher.submit(model, [np.ones((3, 8, 8), np.float32)], ("cls_embedding",))
+            )
+            for _ in range(20):  # let the scheduler form the second batch
+                await asyncio.sleep(0.005)
+            threading.Timer(0.05, model.gate.set).start()
+            blocked = time.perf_counter()
+            time.sleep(0.6)  # the event loop is busy (as reading bodies keeps it) for 0.6 s
+            await asyncio.gather(first, second)
+        started_second = model.starts[1] - blocked
+        if pipelined:
+            assert started_second < 0.4, started_second  # at ~0.05 s, when the first returned
+        else:
+            assert started_second >= 0.6, started_second  # only once the loop was free
+
+    asyncio.run(scenario())
+
+
+@dataclass(eq=False)
+class _StampedModel(_FakeModel):
+    """Records when each call starts; the first call waits for ``gate``."""
+
+    starts: list[float] = field(default_factory=list)
+
+    def run(
+        self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+    ) -> dict[str, np.ndarray]:
+        self.starts.append(time.perf_counter())
+        return super().run(batch, outputs, control)
+
+
+def test_a_negative_pipeline_depth_is_refused() -> None:
+    with pytest.raises(ValueError, match="pipeline_depth must be 0"):
+        _batcher(Metrics(), delay_s=0.0, depth=-1)
 
 
 def test_with_no_image_on_its_way_a_batch_runs_without_waiting_for_companions() -> None:

@@ -50,6 +50,8 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         {"DINO_API_KEYS": 'quote"d'},
         {"DINO_MAX_BODY_BYTES": "100000", "DINO_MAX_BODY_BYTES_IN_FLIGHT": "50000"},
         {"DINO_BODY_TIMEOUT_S": "0"},
+        {"DINO_INFERENCE_PIPELINE_DEPTH": "-1"},
+        {"DINO_INFERENCE_PIPELINE_DEPTH": "9"},
         {"DINO_LOG_LEVEL": "verbose"},
         {"DINO_LOG_LEVEL": "trace"},  # uvicorn's, but not Python logging's
     ],
