@@ -137,7 +137,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._running: dict[RunControl, list[_Item]] = {}  # calls handed to the thread
         self._depth = pipeline_depth
-        self._batches: set[asyncio.Task[None]] = set()  # their tasks
+        self._batches: dict[asyncio.Task[None], list[_Item]] = {}  # their tasks and images
         self._batch_ended = asyncio.Event()
         self._preparing = 0  # images of admitted requests still being decoded
         self._flush_when_idle = flush_when_idle  # callers then report them with preparing()
@@ -148,24 +148,26 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stop scheduling, stop the inference calls in progress and fail whatever waits."""
-        for control, running_items in self._running.items():  # they would wait forever
-            control.terminate()
-            for item in running_items:
-                if not item.future.done():
-                    item.future.set_exception(NotReadyError("the service is shutting down"))
-        if self._task is not None:
+        if self._task is not None:  # first, so that no batch is formed after this
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        batches = list(self._batches)
+        # No await from here to the cancellations: a batch task that has not started yet
+        # never starts, and every call handed to the thread is told to stop.
+        for control in self._running:
+            control.terminate()
+        batches = dict(self._batches)
         for task in batches:
             task.cancel()
         await asyncio.gather(*batches, return_exceptions=True)
-        for group in self._groups.values():
-            for item in group:
-                if not item.future.done():
-                    item.future.set_exception(NotReadyError("the service is shutting down"))
+        # Their images (those of a batch being retried one by one included) and the queued ones
+        # would otherwise wait forever.
+        waiting = [item for items in batches.values() for item in items]
+        waiting += [item for group in self._groups.values() for item in group]
+        for item in waiting:
+            if not item.future.done():
+                item.future.set_exception(NotReadyError("the service is shutting down"))
         self._groups.clear()
         self._executor.shutdown(wait=True)
 
@@ -281,7 +283,7 @@ class Batcher:
             live = await self._next_batch()
             if live:
                 task = asyncio.create_task(self._execute(live))
-                self._batches.add(task)
+                self._batches[task] = live
                 task.add_done_callback(self._batch_done)
 
     def pipeline_depth(self, model: OnnxModel) -> int:
@@ -324,7 +326,7 @@ class Batcher:
         return []
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
+        self._batches.pop(task, None)
         self._batch_ended.set()
         if not task.cancelled() and task.exception() is not None:
             logger.error("a batch task failed", exc_info=task.exception())

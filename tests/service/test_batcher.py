@@ -190,13 +190,22 @@ def test_a_failed_image_withdraws_the_rest_of_its_request(depth: int) -> None:
     # its batch was already handed to the inference thread, which starts it as soon as the
     # failed call returns, usually before the event loop has learnt of the failure: it then
     # runs and its result is dropped, or, if the loop came first, it is stopped unstarted.
+    @dataclass(eq=False)
     class _Failing(_FakeModel):
+        batcher: Batcher | None = None
+
         def run(
             self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
         ) -> dict[str, np.ndarray]:
             if batch.shape[-1] == 8:
                 self.calls.append(len(batch))
-                self.started.wait(10)  # the 16x16 batch has been formed meanwhile
+                # Fail only once the 16x16 image has left the queue's reach: handed to this
+                # thread (two slots), or past its group's deadline (one slot; 0.1 s).
+                deadline = time.monotonic() + (5.0 if depth == 2 else 0.3)
+                while time.monotonic() < deadline:
+                    if self.batcher is not None and len(self.batcher._running) == 2:
+                        break
+                    time.sleep(0.005)
                 raise RuntimeError("inference failed")
             return super().run(batch, outputs, control)
 
@@ -204,10 +213,8 @@ def test_a_failed_image_withdraws_the_rest_of_its_request(depth: int) -> None:
         model = _Failing()
         model.gate.set()
         async with _running(delay_s=0.1, depth=depth) as (batcher, metrics):
+            model.batcher = batcher
             small = np.zeros((3, 8, 8), np.float32)  # queued first: its group runs first
-            # The failing call ends once the 16x16 group's deadline has passed (twice its
-            # delay): with two slots that batch is formed and handed over by then.
-            threading.Timer(0.2, model.started.set).start()
             with pytest.raises(InferenceFailedError):
                 await batcher.submit(model, [small, _images(2.0)[0]], ("cls_embedding",))
             withdrawn = _sample(metrics, "dino_withdrawn_images_total")
@@ -219,7 +226,6 @@ def test_a_failed_image_withdraws_the_rest_of_its_request(depth: int) -> None:
                 ran = len(model.calls) - 1  # the 16x16 batch's call, if it started
                 assert withdrawn == 0 and ran + stopped == 1, (model.calls, stopped)
             assert _sample(metrics, "dino_queue_depth") == 0
-            model.started.clear()
             model.calls.clear()
             # Another request of both sizes is served as usual.
             results = await batcher.submit(model, _images(1.0, 3.0), ("cls_embedding",))
@@ -372,6 +378,62 @@ def test_stopping_fails_the_batch_waiting_in_the_inference_thread_too() -> None:
             with pytest.raises(NotReadyError, match="shutting down"):
                 await asyncio.wait_for(task, 5)
         assert model.calls == [1]  # only the first batch reached the model
+
+    asyncio.run(scenario())
+
+
+def test_stopping_fails_a_batch_whose_task_has_not_started_yet() -> None:
+    """A batch task created just before stop() must neither start its call nor leave its
+    request waiting (nor keep stop() waiting for a call nobody terminated)."""
+
+    async def scenario() -> None:
+        model = _StoppableModel()
+        batcher = _batcher(Metrics(), delay_s=0.0)
+        await batcher.start()
+        waiting = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
+        for _ in range(20):  # the request queues its image, the scheduler creates the task
+            if batcher._batches:
+                break
+            await asyncio.sleep(0)
+        assert len(batcher._batches) == 1 and not batcher._running  # created, not started
+        began = time.monotonic()
+        await batcher.stop()  # at once: wait_for would let the batch task start first
+        assert time.monotonic() - began < 2  # not the model's 10 s
+        with pytest.raises(NotReadyError, match="shutting down"):
+            await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(scenario())
+
+
+def test_stopping_during_the_one_by_one_retry_fails_every_image_of_the_batch() -> None:
+    """After a failed batch its images are retried one at a time; stop() during the first
+    retry fails all of them, the ones still waiting for their turn included."""
+
+    @dataclass(eq=False)
+    class _FailsInBatches(_StoppableModel):
+        def run(
+            self, batch: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+        ) -> dict[str, np.ndarray]:
+            if len(batch) > 1:
+                self.calls.append(len(batch))
+                raise RuntimeError("inference failed")
+            return super().run(batch, outputs, control)  # blocks until terminated
+
+    async def scenario() -> None:
+        model = _FailsInBatches()
+        batcher = _batcher(Metrics(), delay_s=0.2)
+        await batcher.start()
+        requests = [
+            asyncio.create_task(batcher.submit(model, _images(v), ("cls_embedding",)))
+            for v in (1.0, 2.0, 3.0)
+        ]
+        await asyncio.to_thread(model.started.wait, 10)  # the first retry runs
+        assert model.calls == [3, 1]
+        await asyncio.wait_for(batcher.stop(), 5)
+        for request in requests:
+            with pytest.raises(NotReadyError, match="shutting down"):
+                await asyncio.wait_for(request, 5)
+        assert model.calls == [3, 1]  # the other two retries never started
 
     asyncio.run(scenario())
 
