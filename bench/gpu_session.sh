@@ -13,6 +13,8 @@
 # A session's 15 device minutes hold bench plus ONE of the other two (machine start included),
 # or the last line: on 2026-11-27 an H200 trained the 120-epoch recipe detached (--compile
 # true, about 455 s) while the four stage calls ran, then served (about 180 s): 703 s held.
+# (That lease issued the same commands by hand; fmnist_start and fmnist_collect were written
+# from them afterwards and have run on the CPU only, in tests/test_bench.py.)
 # Carried files count towards a call's 64 MiB: a part is 48 MiB and the tree 11 MiB, so only
 # PART=stage,bench (carrying part-00) can share a call; serve carries the wheels (10 MiB) and
 # fmnist the IDX files (29 MiB) alone.
