@@ -24,7 +24,10 @@ client's CPU time per request and how busy it kept its cores (near 1: the client
 limit, not the service). ``--replicas N`` starts N service processes on their own ports (the
 deployment the README suggests for more than one process's worth of requests per GPU); the
 workers take them in turn, as a load balancer would, and the report counts each replica's
-inferred images from its own ``/metrics``.
+inferred images from its own ``/metrics``. ``--decode-processes N`` sets
+``DINO_DECODE_PROCESSES`` (decoding in N worker processes). Each row also gives the server's
+own CPU time per image, main process only (Linux, from ``/proc``): with decode processes this
+is what remains of the work that shares one GIL, the figure that caps one process.
 
 Examples:
     python bench/serve_throughput.py --tiny                 # seconds, for a smoke run
@@ -32,6 +35,7 @@ Examples:
     python bench/serve_throughput.py --model-repository model_repository --model-name dino_default
     python bench/serve_throughput.py --device cuda --client-processes 8 --images-per-request 4
     python bench/serve_throughput.py --device cuda --replicas 4
+    python bench/serve_throughput.py --device cuda --images-per-request 8 --decode-processes 12
 """
 
 from __future__ import annotations
@@ -125,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="service processes to start, each on its own port; the client workers take them "
         "in turn, as a load balancer would (default 1)",
+    )
+    parser.add_argument(
+        "--decode-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="DINO_DECODE_PROCESSES for the service (default: the environment's, else 0: "
+        "decode in threads)",
     )
     parser.add_argument(
         "--raw-seconds",
@@ -636,8 +648,30 @@ class RawSession:
 _HEADER = (
     f"{'outputs':>20} {'enc':>6} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
     f"{'batch':>6} {'raw img/s':>10} {'ratio':>6} {'fail':>4} {'procs':>5} {'cli ms':>6} "
-    f"{'busy':>4}"
+    f"{'busy':>4} {'srv ms':>6}"
 )
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, every thread) of one process, without its children."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None  # not Linux, or the process has gone
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
+
+
+def _cpu_ms_per_image(
+    before: list[float | None], after: list[float | None], images: float
+) -> float | None:
+    """Main-process CPU milliseconds per image over a level, all replicas together."""
+    if images <= 0 or any(v is None for v in (*before, *after)):
+        return None
+    spent = sum(
+        a - b for a, b in zip(after, before, strict=True) if a is not None and b is not None
+    )
+    return 1000.0 * spent / images
 
 
 def _number(value: float | None, width: int, digits: int) -> str:
@@ -651,7 +685,9 @@ def _format_row(row: dict[str, Any]) -> str:
         f"{_number(row['p99_ms'], 8, 1)} {row['mean_batch']:6.1f} "
         f"{_number(row['raw_images_per_s'], 10, 1)} {_number(row['ratio'], 6, 2)} "
         f"{row['failures']:>4} {row['client_processes']:>5} "
-        f"{_number(row['client_cpu_ms_per_request'], 6, 2)} {_number(row['client_cpu_busy'], 4, 2)}"
+        f"{_number(row['client_cpu_ms_per_request'], 6, 2)} "
+        f"{_number(row['client_cpu_busy'], 4, 2)} "
+        f"{_number(row.get('server_cpu_ms_per_image'), 6, 2)}"
     )
 
 
@@ -757,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         # them: a dense JSON answer of ViT-S/16 at 224 is about 1.8 MiB per image.
         if "DINO_MAX_IMAGES_PER_REQUEST" not in os.environ:
             env["DINO_MAX_IMAGES_PER_REQUEST"] = str(max(32, per_request))
+        if args.decode_processes is not None:
+            env["DINO_DECODE_PROCESSES"] = str(args.decode_processes)
         if "DINO_MAX_RESPONSE_BYTES" not in os.environ:
             env["DINO_MAX_RESPONSE_BYTES"] = str(max(64, 4 * per_request) * 2**20)
         servers: list[subprocess.Popen[bytes]] = []
@@ -852,6 +890,7 @@ def _run(
         for label, outputs, encoding, names in scenarios:
             for concurrency in levels:
                 before = histograms()
+                cpu_before = [_process_cpu_s(server.pid) for server in servers]
                 params = {"outputs": outputs, "encoding": encoding}
                 processes = args.client_processes or _auto_processes(concurrency)
                 result = _level(
@@ -865,6 +904,7 @@ def _run(
                     images_per_request=args.images_per_request,
                 )
                 after = histograms()
+                cpu_after = [_process_cpu_s(server.pid) for server in servers]
                 images = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
                 calls = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
                 # images per session call, whatever the images per request: the raw session
@@ -885,6 +925,9 @@ def _run(
                     "mean_batch": mean_batch,
                     "raw_images_per_s": raw_rate,
                     "ratio": result["images_per_s"] / raw_rate if raw_rate else None,
+                    "server_cpu_ms_per_image": _cpu_ms_per_image(
+                        cpu_before, cpu_after, sum(images)
+                    ),
                 }
                 rows.append(row)
                 print(_format_row(row), file=sys.stderr, flush=True)
@@ -899,6 +942,9 @@ def _run(
             "client_processes": args.client_processes,
             "images_per_request": args.images_per_request,
             "replicas": args.replicas,
+            "decode_processes": os.environ.get("DINO_DECODE_PROCESSES", "0")
+            if args.decode_processes is None
+            else str(args.decode_processes),
         },
         "results": rows,
         "note": "client, server and raw session share this machine; raw excludes JPEG decode",

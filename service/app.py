@@ -30,8 +30,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.attention import check_attention_budget
 from service.batcher import Batcher
-from service.decode import decode_reduced
+from service.decode_pool import DecodeProcesses
 from service.encode import ImageRecord, encode_response, estimated_bytes, output_values
 from service.errors import (
     ClientDisconnectedError,
@@ -39,15 +40,14 @@ from service.errors import (
     NotReadyError,
     ResponseTooLargeError,
     ServiceError,
-    TooManyTokensError,
     UnauthorizedError,
 )
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
-from service.preprocess import Geometry, plan_geometry, to_pixels
+from service.prepare import Prepared, PrepareSpec, prepare_image
 from service.repository import Loader, ModelManager
-from service.runtime import OnnxModel, attention_bytes, load_model
+from service.runtime import OnnxModel, load_model
 from service.schemas import (
     EmbedResponse,
     HealthResponse,
@@ -86,13 +86,7 @@ class ServiceState:
     batcher: Batcher
     pool: ThreadPoolExecutor
     bodies: BodyBudget
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    pixels: np.ndarray  # (3, H, W)
-    original_size: tuple[int, int]
-    processed_size: tuple[int, int]
+    decoder: DecodeProcesses | None = None
 
 
 class _Timer:
@@ -278,7 +272,13 @@ async def embed(request: Request) -> Response:
             max_resolution=settings.max_resolution,
         )
         if options.crop == "center":  # every image has this size: refuse before decoding
-            check_attention_budget(model, (resolution, resolution), settings, index=None)
+            check_attention_budget(
+                (resolution, resolution),
+                patch_size=model.metadata.patch_size,
+                num_heads=model.metadata.num_heads,
+                budget=settings.max_batch_attention_bytes,
+                index=None,
+            )
             side = resolution // model.metadata.patch_size
             check_response_size(model, [(side, side)] * len(upload.images), options, settings)
         with state.batcher.admitted(len(upload.images)):
@@ -352,13 +352,13 @@ async def _embed_admitted(
     """Decode, preprocess, infer and encode the images of one admitted request."""
     loop = asyncio.get_running_loop()
     settings = state.settings
+    spec = _prepare_spec(model, options, resolution, settings)
+    if state.decoder is not None:
+        executor, prepare = state.decoder.executor, state.decoder.prepare
+    else:
+        executor, prepare = state.pool, prepare_image
     jobs = [
-        loop.run_in_executor(
-            state.pool,
-            functools.partial(
-                _prepare, data, index, model, options, resolution, settings, state.metrics
-            ),
-        )
+        loop.run_in_executor(executor, prepare, data, index, spec)
         for index, data in enumerate(images)
     ]
     with state.batcher.preparing(len(images)):
@@ -366,7 +366,10 @@ async def _embed_admitted(
     for outcome in prepared:  # in request order: the first bad image is reported
         if isinstance(outcome, BaseException):
             raise outcome
-    ready = [p for p in prepared if isinstance(p, _Prepared)]
+    ready = [p for p in prepared if isinstance(p, Prepared)]
+    for p in ready:
+        state.metrics.stage_seconds.labels("decode").observe(p.decode_s)
+        state.metrics.stage_seconds.labels("preprocess").observe(p.preprocess_s)
     timer.mark("decode")
     patch = model.metadata.patch_size
     grids = [(p.processed_size[1] // patch, p.processed_size[0] // patch) for p in ready]
@@ -458,102 +461,21 @@ def check_response_size(
         )
 
 
-def check_attention_budget(
-    model: OnnxModel,
-    size: tuple[int, int],
-    settings: Settings,
-    *,
-    index: int | None,
-    center_side: int | None = None,
-) -> None:
-    """Refuse an image whose attention matrix alone exceeds ``max_batch_attention_bytes``.
-
-    Args:
-        model: The serving model.
-        size: Processed ``(width, height)``.
-        settings: Limits.
-        index: The image's position in the request (None: every image).
-        center_side: With ``crop=none``, the side ``crop=center`` would use; the message
-            suggests it only when that size fits the budget.
-
-    Raises:
-        TooManyTokensError: Its cost is over the budget.
-    """
+def _prepare_spec(
+    model: OnnxModel, options: EmbedOptions, resolution: int, settings: Settings
+) -> PrepareSpec:
     meta = model.metadata
-
-    def cost_of(width: int, height: int) -> int:
-        return attention_bytes(
-            width=width, height=height, patch_size=meta.patch_size, num_heads=meta.num_heads
-        )
-
-    width, height = size
-    cost = cost_of(width, height)
-    budget = settings.max_batch_attention_bytes
-    if cost > budget:
-        tokens = (width // meta.patch_size) * (height // meta.patch_size) + 1
-        center_fits = center_side is not None and cost_of(center_side, center_side) <= budget
-        raise TooManyTokensError(
-            f"at {width}x{height} pixels the image has {tokens} tokens and needs "
-            f"{cost / 2**20:.1f} MiB of attention memory, over the limit of "
-            f"{budget / 2**20:.1f} MiB (DINO_MAX_BATCH_ATTENTION_BYTES); ask for a smaller "
-            + ("resolution or crop=center" if center_fits else "resolution"),
-            index=index,
-        )
-
-
-def _prepare(
-    data: bytes,
-    index: int,
-    model: OnnxModel,
-    options: EmbedOptions,
-    resolution: int,
-    settings: Settings,
-    metrics: Metrics,
-) -> _Prepared:
-    """Decode and preprocess one image (runs in the worker pool)."""
-    started = time.perf_counter()
-
-    def plan(width: int, height: int) -> Geometry:
-        return plan_geometry(
-            width,
-            height,
-            recipe=model.metadata.recipe,
-            resolution=resolution,
-            crop=options.crop,
-            patch_size=model.metadata.patch_size,
-            max_side=max_side(settings.max_resolution, model.metadata.resolution),
-        )
-
-    image, original = decode_reduced(
-        data,
-        max_pixels=settings.max_image_pixels,
-        needed=functools.partial(_needed_size, plan) if settings.jpeg_draft else None,
-        index=index,
+    return PrepareSpec(
+        recipe=meta.recipe,
+        resolution=resolution,
+        crop=options.crop,
+        patch_size=meta.patch_size,
+        num_heads=meta.num_heads,
+        max_side=max_side(settings.max_resolution, meta.resolution),
+        max_image_pixels=settings.max_image_pixels,
+        jpeg_draft=settings.jpeg_draft,
+        max_attention_bytes=settings.max_batch_attention_bytes,
     )
-    decoded = time.perf_counter()
-    metrics.stage_seconds.labels("decode").observe(decoded - started)
-    geometry = plan(*original)
-    if image.size != original and geometry.source_box is not None:  # a reduced JPEG decode
-        sx, sy = image.width / original[0], image.height / original[1]
-        left, top, right, bottom = geometry.source_box
-        box = (left * sx, top * sy, right * sx, bottom * sy)
-        geometry = dataclasses.replace(geometry, source_box=box)
-    center_side = resolution if options.crop == "none" else None
-    check_attention_budget(model, geometry.size, settings, index=index, center_side=center_side)
-    pixels = to_pixels(image, geometry, model.metadata.recipe)
-    metrics.stage_seconds.labels("preprocess").observe(time.perf_counter() - decoded)
-    return _Prepared(pixels, original, geometry.size)
-
-
-def _needed_size(
-    plan: Callable[[int, int], Geometry], width: int, height: int
-) -> tuple[float, float]:
-    """The smallest whole-image size that the resize of :func:`plan` reads at full detail."""
-    geometry = plan(width, height)
-    if geometry.source_box is None:
-        return geometry.resized
-    left, top, right, bottom = geometry.source_box  # resized straight to ``size``
-    return width * geometry.size[0] / (right - left), height * geometry.size[1] / (bottom - top)
 
 
 def _summary(model: OnnxModel) -> dict[str, Any]:
@@ -794,7 +716,13 @@ def create_app(
         bodies = BodyBudget(
             settings.max_body_bytes_in_flight, settings.retry_after_s, metrics.body_bytes.set
         )
-        app.state.service = ServiceState(settings, metrics, manager, batcher, pool, bodies)
+        decoder = None
+        if settings.decode_processes:
+            decoder = DecodeProcesses(
+                settings.decode_processes, on_restart=metrics.decode_restarts.inc
+            )
+            await asyncio.to_thread(decoder.start)  # a failure stops the start-up
+        app.state.service = ServiceState(settings, metrics, manager, batcher, pool, bodies, decoder)
         await batcher.start()
         try:
             await manager.start()
@@ -803,6 +731,8 @@ def create_app(
             await manager.stop()
             await batcher.stop()
             pool.shutdown(wait=False, cancel_futures=True)
+            if decoder is not None:
+                await asyncio.to_thread(decoder.close)
 
     app = FastAPI(
         title="DINO feature service",

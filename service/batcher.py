@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.contract import OUTPUT_NAMES
+from service.attention import attention_bytes
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.runtime import CUDA, OnnxModel, RunControl, attention_bytes
+from service.runtime import CUDA, OnnxModel, RunControl
 
 logger = logging.getLogger(__name__)
 

@@ -74,6 +74,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.decode_restarts = Counter(
+            "dino_decode_process_restarts",
+            "Decode processes (DINO_DECODE_PROCESSES) replaced after they ended unexpectedly.",
+            registry=registry,
+        )
         self.rejected = Counter(
             "dino_rejected_images",
             "Images refused, by error code.",

@@ -114,10 +114,21 @@ def plan_geometry(
 
 
 def to_pixels(image: Image.Image, geometry: Geometry, recipe: PreprocessingRecipe) -> np.ndarray:
-    """Resize, crop and normalise an RGB image.
+    """Resize, crop and normalise an RGB image (:func:`resize_and_crop`, then :func:`normalize`).
 
     Returns:
         ``[3, height, width]`` float32, ``(x / 255 - mean) / std``.
+
+    Raises:
+        ValueError: The recipe names an unknown interpolation.
+    """
+    return normalize(np.asarray(resize_and_crop(image, geometry, recipe)), recipe)
+
+
+def resize_and_crop(
+    image: Image.Image, geometry: Geometry, recipe: PreprocessingRecipe
+) -> Image.Image:
+    """Bring an RGB image to ``geometry.size`` with the recipe's interpolation.
 
     Raises:
         ValueError: The recipe names an unknown interpolation.
@@ -127,17 +138,30 @@ def to_pixels(image: Image.Image, geometry: Geometry, recipe: PreprocessingRecip
     except KeyError as err:
         raise ValueError(f"unknown interpolation {recipe.interpolation!r}") from err
     if geometry.source_box is not None:
-        image = image.resize(geometry.size, resample, box=geometry.source_box)
-    else:
-        if image.size != geometry.resized:
-            image = image.resize(geometry.resized, resample)
-        if geometry.crop_box is not None:
-            image = image.crop(geometry.crop_box)
+        return image.resize(geometry.size, resample, box=geometry.source_box)
+    if image.size != geometry.resized:
+        image = image.resize(geometry.resized, resample)
+    if geometry.crop_box is not None:
+        image = image.crop(geometry.crop_box)
+    return image
+
+
+def normalize(rgb: np.ndarray, recipe: PreprocessingRecipe) -> np.ndarray:
+    """``(x / 255 - mean) / std`` of 8-bit RGB pixels, channel-first.
+
+    Args:
+        rgb: ``[height, width, 3]`` uint8.
+        recipe: Mean and standard deviation per channel.
+
+    Returns:
+        ``[3, height, width]`` float32.
+    """
     # Channel-first while still uint8, then the same float32 operations in place (bit-identical
     # to normalising (H, W, 3) and transposing, with one float pass fewer and no temporaries).
-    pixels = np.empty((3, image.height, image.width), dtype=np.float32)
-    pixels[...] = np.asarray(image).transpose(2, 0, 1)
+    height, width = rgb.shape[:2]
+    pixels = np.empty((3, height, width), dtype=np.float32)
+    pixels[...] = rgb.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
     pixels /= np.float32(255.0)
     pixels -= np.asarray(recipe.mean, dtype=np.float32)[:, None, None]
     pixels /= np.asarray(recipe.std, dtype=np.float32)[:, None, None]
-    return pixels  # (3, H, W)
+    return pixels

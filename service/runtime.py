@@ -28,6 +28,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from models import contract
+from service.attention import attention_bytes
 from service.preprocess import INTERPOLATIONS, plan_geometry, to_pixels
 
 logger = logging.getLogger(__name__)
@@ -39,22 +40,6 @@ MAX_MODEL_FILE_BYTES = 2**31
 which the service does not load)."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT_TYPES = ("tensor(float)", "tensor(float16)")
-
-
-def attention_bytes(*, width: int, height: int, patch_size: int, num_heads: int) -> int:
-    """Bytes of one image's float32 attention matrix in one block (``heads x N x N``).
-
-    Args:
-        width: Processed width (a patch multiple).
-        height: Processed height (a patch multiple).
-        patch_size: The model's patch size.
-        num_heads: The model's attention heads.
-
-    Returns:
-        ``num_heads * N**2 * 4`` with ``N`` = patches + 1 (the CLS token).
-    """
-    tokens = (width // patch_size) * (height // patch_size) + 1
-    return num_heads * tokens * tokens * 4
 
 
 class ModelLoadError(Exception):

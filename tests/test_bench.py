@@ -89,7 +89,9 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
     for level in report["results"]:
         assert level["failures"] == 0 and level["images_per_s"] > 0
         assert level["raw_images_per_s"] > 0 and level["ratio"] > 0
+        assert level["server_cpu_ms_per_image"] > 0  # the service's main process, from /proc
     assert report["hardware"]["execution_provider"] == "CPUExecutionProvider"
+    assert report["settings"]["decode_processes"] == "0"
 
 
 def test_serve_throughput_names_failed_requests_and_exits_1(tmp_path: Path) -> None:
@@ -425,11 +427,12 @@ def test_serve_throughput_spreads_the_workers_over_several_replicas(tmp_path: Pa
     result = _run(
         "bench/serve_throughput.py", "--tiny", "--device", "cpu", "--concurrency", "2",
         "--replicas", "2", "--requests", "8", "--seconds", "60", "--raw-seconds", "0.2",
-        "--json-out", str(out),
+        "--decode-processes", "1", "--json-out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"]["replicas"] == 2
+    assert report["settings"]["decode_processes"] == "1"
     for level in report["results"]:
         assert level["failures"] == 0 and level["requests"] == 8
         # one worker on each replica; they share the 8 requests as they finish them

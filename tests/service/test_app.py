@@ -6,8 +6,10 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import pytest
 from PIL import Image
 
 import service.app as app_module
+import service.prepare as prepare_module
 from models.contract import model_path
 from service.decode import decode_image
 from service.metrics import Metrics
@@ -648,6 +651,40 @@ def test_the_needed_size_is_the_whole_image_at_the_resize_scale(
             )  # fmt: skip
 
         geometry = plan(width, height)
-        needed = app_module._needed_size(plan, width, height)
+        needed = prepare_module._needed_size(plan, width, height)
         # with or without a source box, the same whole-image size as the exact resize
         assert needed == pytest.approx(geometry.resized, abs=1.0), (width, height)
+
+
+def test_decoding_in_worker_processes_answers_as_decoding_in_threads(
+    tiny_model_repository: Path, live: LiveServer
+) -> None:
+    blobs = [jpeg_bytes(400, 300, seed=1), png_bytes(33, 91, seed=2)]
+    settings = tiny_settings(tiny_model_repository, decode_processes=2)
+    with run_server(settings) as processes:
+        decoder = processes.app.state.service.decoder
+        assert decoder is not None and decoder.count == 2
+        pids = decoder.pids()
+        for data in (
+            {"outputs": ALL_OUTPUTS},
+            {"outputs": ALL_OUTPUTS, "crop": "none", "encoding": "base64", "resolution": "48"},
+        ):
+            there, here = post_images(processes, blobs, data), post_images(live, blobs, data)
+            assert there.status_code == here.status_code == 200, there.text
+            for a, b in zip(there.json()["results"], here.json()["results"], strict=True):
+                assert a.keys() == b.keys()
+                for key in a:
+                    if key in ("cls_embedding", "patch_features", "attention_maps"):
+                        np.testing.assert_allclose(
+                            decode_array(a[key]), decode_array(b[key]), rtol=1e-5, atol=1e-6
+                        )
+                    else:
+                        assert a[key] == b[key], key
+        assert_error(post_images(processes, [blobs[0], b"garbage"]), 400, "not_an_image", 1)
+        assert processes.metric("dino_stage_duration_seconds_count", {"stage": "decode"}) == 4
+        assert processes.metric("dino_decode_process_restarts_total") == 0
+    for pid in pids:  # the lifespan's end stopped them
+        with pytest.raises(ProcessLookupError):
+            for _ in range(200):
+                os.kill(pid, 0)
+                time.sleep(0.05)

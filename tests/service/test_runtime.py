@@ -18,12 +18,12 @@ import onnx
 import pytest
 
 from models.contract import CONTRACT_VERSION, MetadataKey, model_path
+from service.attention import attention_bytes
 from service.runtime import (
     CPU,
     DeviceUnavailableError,
     ModelLoadError,
     RunControl,
-    attention_bytes,
     gpu_present,
     load_model,
     requested_providers,

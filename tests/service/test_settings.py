@@ -24,6 +24,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_body_bytes_in_flight == 4 * settings.max_body_bytes
     assert settings.body_timeout_s == 60 and settings.keep_alive_s == 5
     assert settings.cpu_memory_arena is False
+    assert settings.decode_processes == 0  # decoding in threads unless asked
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +32,9 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DINO_WARMUP_BATCH_SIZES", "1,8")
     monkeypatch.setenv("DINO_DEVICE", "cpu")
     monkeypatch.setenv("DINO_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("DINO_DECODE_PROCESSES", "12")
     settings = Settings()
+    assert settings.decode_processes == 12
     assert settings.api_keys == ("k1", "k2")
     assert settings.warmup_batch_sizes == (1, 8)
     assert settings.device == "cpu" and settings.max_batch_size == 7
@@ -52,6 +55,8 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         {"DINO_BODY_TIMEOUT_S": "0"},
         {"DINO_INFERENCE_PIPELINE_DEPTH": "-1"},
         {"DINO_INFERENCE_PIPELINE_DEPTH": "9"},
+        {"DINO_DECODE_PROCESSES": "-1"},
+        {"DINO_DECODE_PROCESSES": "513"},
         {"DINO_LOG_LEVEL": "verbose"},
         {"DINO_LOG_LEVEL": "trace"},  # uvicorn's, but not Python logging's
     ],

@@ -1,0 +1,291 @@
+"""Decoding in worker processes: the same pixels and errors as in a thread, and crash recovery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.contract import PreprocessingRecipe
+from service import decode_worker
+from service.decode_pool import WORKER_COMMAND, DecodeProcesses, DecodeProcessesStoppedError
+from service.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageTooLargeError,
+    NotAnImageError,
+    ServiceError,
+    TooManyTokensError,
+)
+from service.prepare import PrepareSpec, prepare_image
+from tests.service.conftest import encode, gradient_rgb, jpeg_bytes, png_bytes
+
+RECIPE = PreprocessingRecipe(resolution=32, resize_size=37)
+# A worker whose resize_image misbehaves for chosen image indexes: 97 ends the process the first
+# time (it leaves a marker file named by DINO_TEST_CRASH_MARKER), 98 ends it every time, 99
+# raises a server-side error. Other indexes run the real code.
+INSTRUMENTED = (
+    "import os, sys\n"
+    "import service.decode_worker as worker\n"
+    "real = worker.resize_image\n"
+    "def resize_image(data, index, spec):\n"
+    "    marker = os.environ['DINO_TEST_CRASH_MARKER']\n"
+    "    if index == 97 and not os.path.exists(marker):\n"
+    "        open(marker, 'w').close()\n"
+    "        os._exit(7)\n"
+    "    if index == 98:\n"
+    "        os._exit(9)\n"
+    "    if index == 99:\n"
+    "        raise ValueError('a bug in the decoder')\n"
+    "    return real(data, index, spec)\n"
+    "worker.resize_image = resize_image\n"
+    "sys.exit(worker.main())\n"
+)
+
+
+def spec(**overrides: object) -> PrepareSpec:
+    values: dict[str, object] = {
+        "recipe": RECIPE,
+        "resolution": 32,
+        "crop": "center",
+        "patch_size": 8,
+        "num_heads": 2,
+        "max_side": 256,
+        "max_image_pixels": 40_000_000,
+        "jpeg_draft": False,
+        "max_attention_bytes": 2**30,
+    }
+    values.update(overrides)
+    return PrepareSpec(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[DecodeProcesses]:
+    processes = DecodeProcesses(2)
+    processes.start()
+    yield processes
+    processes.close()
+
+
+@pytest.fixture
+def instrumented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DecodeProcesses]:
+    monkeypatch.setenv("DINO_TEST_CRASH_MARKER", str(tmp_path / "crashed-once"))
+    restarts: list[int] = []
+    processes = DecodeProcesses(
+        1, command=(sys.executable, "-c", INSTRUMENTED), on_restart=lambda: restarts.append(1)
+    )
+    processes.start()
+    yield processes
+    processes.close()
+    assert len(restarts) == processes.restarts
+
+
+def images() -> list[bytes]:
+    rgba = Image.fromarray(gradient_rgb(50, 40, seed=3)).convert("RGBA")
+    rotated = Image.fromarray(gradient_rgb(64, 36, seed=4))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise
+    palette = Image.fromarray(gradient_rgb(30, 30, seed=5)).convert("P")
+    return [
+        jpeg_bytes(400, 300, seed=1),
+        png_bytes(33, 91, seed=2),
+        encode(rgba, "PNG"),
+        encode(rotated, "JPEG", exif=exif.tobytes()),
+        encode(palette, "GIF"),
+        encode(Image.fromarray(gradient_rgb(20, 60, seed=6)), "WEBP", lossless=True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"crop": "none"}, {"crop": "none", "resolution": 48}, {"jpeg_draft": True}],
+    ids=["center", "none", "none-48", "draft"],
+)
+def test_pixels_and_sizes_are_those_of_a_decode_in_this_thread(
+    pool: DecodeProcesses, overrides: dict[str, object]
+) -> None:
+    settings = spec(**overrides)
+    for index, data in enumerate(images()):
+        here = prepare_image(data, index, settings)
+        there = pool.prepare(data, index, settings)
+        assert there.pixels.dtype == np.float32 and there.pixels.flags.c_contiguous
+        np.testing.assert_array_equal(there.pixels, here.pixels)  # bit-identical
+        assert (there.original_size, there.processed_size) == (
+            here.original_size,
+            here.processed_size,
+        )
+        assert there.decode_s > 0 and there.preprocess_s > 0
+
+
+def test_client_errors_are_the_same_class_message_and_index(pool: DecodeProcesses) -> None:
+    cases: list[tuple[bytes, PrepareSpec, type[ServiceError]]] = [
+        (b"", spec(), EmptyImageError),
+        (b"not an image at all", spec(), NotAnImageError),
+        (png_bytes(40, 30)[:60], spec(), CorruptImageError),
+        (png_bytes(200, 100), spec(max_image_pixels=10_000), ImageTooLargeError),
+        (png_bytes(200, 100), spec(crop="none", max_attention_bytes=1000), TooManyTokensError),
+    ]
+    for index, (data, settings, expected) in enumerate(cases, start=3):
+        with pytest.raises(expected) as here:
+            prepare_image(data, index, settings)
+        with pytest.raises(expected) as there:
+            pool.prepare(data, index, settings)
+        assert type(there.value) is expected
+        assert (there.value.message, there.value.index) == (here.value.message, index)
+    assert pool.prepare(png_bytes(), 0, spec()).processed_size == (32, 32)  # still serving
+    assert pool.restarts == 0
+
+
+def test_a_worker_killed_while_idle_is_replaced_without_blaming_the_next_image() -> None:
+    processes = DecodeProcesses(1)
+    processes.start()
+    try:
+        (first,) = processes.pids()
+        os.kill(first, signal.SIGKILL)
+        _wait_until_gone(first)
+        result = processes.prepare(jpeg_bytes(80, 60), 0, spec())
+        np.testing.assert_array_equal(
+            result.pixels, prepare_image(jpeg_bytes(80, 60), 0, spec()).pixels
+        )
+        assert processes.restarts == 1
+        assert processes.pids() != [first] and len(processes.pids()) == 1
+    finally:
+        processes.close()
+
+
+def test_an_image_that_ends_its_worker_once_is_tried_again(
+    instrumented: DecodeProcesses, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = instrumented.pids()
+    with caplog.at_level(logging.WARNING, logger="service.decode_pool"):
+        result = instrumented.prepare(png_bytes(), 97, spec())
+    np.testing.assert_array_equal(result.pixels, prepare_image(png_bytes(), 97, spec()).pixels)
+    assert instrumented.restarts == 1
+    assert instrumented.pids() != before
+    assert "exit status 7" in caplog.text and "image 97" in caplog.text
+
+
+def test_an_image_that_ends_two_workers_is_refused_and_the_pool_goes_on(
+    instrumented: DecodeProcesses,
+) -> None:
+    with pytest.raises(CorruptImageError) as err:
+        instrumented.prepare(png_bytes(), 98, spec())
+    assert err.value.index == 98 and "ended the decode process twice" in err.value.message
+    assert instrumented.restarts == 2
+    assert instrumented.prepare(png_bytes(), 0, spec()).processed_size == (32, 32)
+
+
+def test_a_server_side_failure_in_a_worker_is_a_logged_runtime_error(
+    instrumented: DecodeProcesses, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="service.decode_pool"),
+        pytest.raises(RuntimeError, match="failed on image 99"),
+    ):
+        instrumented.prepare(png_bytes(), 99, spec())
+    assert "ValueError: a bug in the decoder" in caplog.text  # the worker's traceback
+    assert instrumented.restarts == 0  # the worker lives on
+    assert instrumented.prepare(png_bytes(), 0, spec()).processed_size == (32, 32)
+
+
+def test_close_ends_every_worker_and_later_images_fail_cleanly() -> None:
+    processes = DecodeProcesses(2)
+    processes.start()
+    pids = processes.pids()
+    assert len(pids) == 2
+    processes.close()
+    for pid in pids:
+        _wait_until_gone(pid)
+    with pytest.raises(DecodeProcessesStoppedError):
+        processes.prepare(png_bytes(), 0, spec())
+
+
+def test_a_worker_that_cannot_start_fails_the_start_and_leaves_nothing_running() -> None:
+    failing = DecodeProcesses(2, command=(sys.executable, "-c", "import sys; sys.exit(5)"))
+    with pytest.raises(RuntimeError, match="exit status 5"):
+        failing.start()
+    assert failing.pids() == []
+    silent = DecodeProcesses(
+        1, command=(sys.executable, "-c", "import time; time.sleep(30)"), start_timeout_s=0.5
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="did not start within 0.5 s"):
+        silent.start()
+    assert time.monotonic() - started < 10  # the silent process was killed, not awaited
+
+
+def test_the_worker_imports_neither_onnxruntime_nor_the_web_stack() -> None:
+    code = (
+        "import sys\n"
+        "import service.decode_worker\n"
+        "print(','.join(m for m in ('onnxruntime', 'fastapi', 'uvicorn', 'torch')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+    assert WORKER_COMMAND[-1] == "service.decode_worker"
+
+
+def test_the_worker_refuses_a_command_line_without_a_descriptor(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert decode_worker.main([]) == 2
+    assert decode_worker.main(["not-a-number"]) == 2
+    assert "started by the service" in capsys.readouterr().err
+
+
+def test_the_worker_exits_when_the_service_closes_its_end() -> None:
+    processes = DecodeProcesses(1)
+    processes.start()
+    (pid,) = processes.pids()
+    worker = next(iter(processes._workers))
+    worker.conn.close()
+    worker.sock.close()
+    assert worker.process.wait(timeout=10) == 0  # left by itself, status 0
+    _wait_until_gone(pid)
+    processes.close()
+
+
+def _wait_until_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        status = Path(f"/proc/{pid}/stat")
+        if status.exists() and ") Z " in status.read_text():  # a zombie: ended, not reaped
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} is still running")
+
+
+def test_an_image_that_is_not_rgb_in_the_worker_matches_too(pool: DecodeProcesses) -> None:
+    cmyk = Image.fromarray(gradient_rgb(45, 35, seed=8)).convert("CMYK")
+    sixteen = Image.fromarray(gradient_rgb(30, 20, seed=9)[..., 0].astype(np.uint16) * 257)
+    for data in (encode(cmyk, "JPEG"), encode(sixteen, "PNG")):
+        here = prepare_image(data, 0, spec())
+        np.testing.assert_array_equal(pool.prepare(data, 0, spec()).pixels, here.pixels)
+
+
+def test_a_worker_that_died_while_idle_does_not_use_up_the_next_images_retry(
+    instrumented: DecodeProcesses,
+) -> None:
+    (idle,) = instrumented.pids()
+    os.kill(idle, signal.SIGKILL)
+    _wait_until_gone(idle)
+    result = instrumented.prepare(png_bytes(), 97, spec())  # ends one fresh worker, then passes
+    assert result.processed_size == (32, 32)
+    assert instrumented.restarts == 2  # the idle death and image 97's one crash
