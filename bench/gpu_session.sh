@@ -42,7 +42,9 @@
 #           .device/ort/part-0N (N = 0..3), then the serve stage carrying .device/wheels
 #           (the serve extra's pure-Python and small binary wheels, used when the machine
 #           lacks them) and .device/ort/ort-gpu.tar.xz.sha256; $SERVE_EXTRA adds flags (for
-#           example "--images-per-request 8" or "--replicas 4"; each serve call takes about
+#           example "--images-per-request 8", "--replicas 4" or, to compare decoding in
+#           processes with the same call's other runs, "--images-per-request 8
+#           --decode-processes 12"); each serve call takes about
 #           150 s, and a later one on the warm machine reuses the extracted package). Stage
 #           files live in
 #           /tmp/ort-parts between calls: the machine keeps them only while it stays warm (about

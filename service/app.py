@@ -357,8 +357,9 @@ async def _embed_admitted(
         executor, prepare = state.decoder.executor, state.decoder.prepare
     else:
         executor, prepare = state.pool, prepare_image
+    observed = functools.partial(_prepare_observed, prepare, state.metrics)
     jobs = [
-        loop.run_in_executor(executor, prepare, data, index, spec)
+        loop.run_in_executor(executor, observed, data, index, spec)
         for index, data in enumerate(images)
     ]
     with state.batcher.preparing(len(images)):
@@ -367,9 +368,6 @@ async def _embed_admitted(
         if isinstance(outcome, BaseException):
             raise outcome
     ready = [p for p in prepared if isinstance(p, Prepared)]
-    for p in ready:
-        state.metrics.stage_seconds.labels("decode").observe(p.decode_s)
-        state.metrics.stage_seconds.labels("preprocess").observe(p.preprocess_s)
     timer.mark("decode")
     patch = model.metadata.patch_size
     grids = [(p.processed_size[1] // patch, p.processed_size[0] // patch) for p in ready]
@@ -459,6 +457,21 @@ def check_response_size(
             "(DINO_MAX_RESPONSE_BYTES); ask for fewer images, fewer outputs or a smaller "
             "resolution" + (f", or use {' and '.join(smaller)}" if smaller else "")
         )
+
+
+def _prepare_observed(
+    prepare: Callable[[bytes, int, PrepareSpec], Prepared],
+    metrics: Metrics,
+    data: bytes,
+    index: int,
+    spec: PrepareSpec,
+) -> Prepared:
+    """Prepare one image (in a pool thread) and record its stage times as soon as it is ready,
+    whatever happens to the rest of its request."""
+    prepared = prepare(data, index, spec)
+    metrics.stage_seconds.labels("decode").observe(prepared.decode_s)
+    metrics.stage_seconds.labels("preprocess").observe(prepared.preprocess_s)
+    return prepared
 
 
 def _prepare_spec(
@@ -721,15 +734,18 @@ def create_app(
             decoder = DecodeProcesses(
                 settings.decode_processes, on_restart=metrics.decode_restarts.inc
             )
-            await asyncio.to_thread(decoder.start)  # a failure stops the start-up
         app.state.service = ServiceState(settings, metrics, manager, batcher, pool, bodies, decoder)
-        await batcher.start()
         try:
-            await manager.start()
-            yield
+            if decoder is not None:
+                await asyncio.to_thread(decoder.start)  # a failure stops the start-up
+            await batcher.start()
+            try:
+                await manager.start()
+                yield
+            finally:
+                await manager.stop()
+                await batcher.stop()
         finally:
-            await manager.stop()
-            await batcher.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             if decoder is not None:
                 await asyncio.to_thread(decoder.close)

@@ -8,17 +8,17 @@ resize and crop it; the service receives 8-bit pixels and only normalises them. 
 thread per process waits on it, so the event loop still just awaits a future per image, and an
 image not yet handed to a process is dropped when its request is withdrawn.
 
-A process that dies (a decoder crash, the kernel's OOM killer) is replaced, and the image it
-held is tried once more on the fresh one; an image that ends two processes is refused as
-corrupt. The output is bit-identical to decoding in threads.
+A process that dies (a decoder crash, the kernel's OOM killer) or answers out of protocol is
+replaced, and the image it held is tried once more on the fresh one; an image that ends two
+processes is refused as corrupt. The output is bit-identical to decoding in threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
-import pickle
 import queue
 import socket
 import subprocess
@@ -29,19 +29,30 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service import errors
-from service.decode_worker import receive_exactly
-from service.errors import CorruptImageError, ServiceError
+from service.decode_worker import (
+    ProtocolError,
+    receive_exactly,
+    receive_header,
+    send_header,
+    spec_to_json,
+)
+from service.errors import CorruptImageError, NotReadyError, ServiceError
 from service.prepare import Prepared, PrepareSpec, Resized, finish
 
 logger = logging.getLogger(__name__)
 
 _SOCKET_BUFFER_BYTES = 1 << 20
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # where ``service`` is importable
 WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "service.decode_worker")
-"""How a worker starts; its descriptor number is appended."""
+"""How a worker starts (in the directory holding the ``service`` package); its descriptor
+number is appended."""
+RESTART_BACKOFF_S = 5.0
+"""After a worker failed to start, images fail at once (503) for this long before another try."""
 
 
 class DecodeProcessesStoppedError(RuntimeError):
@@ -49,11 +60,14 @@ class DecodeProcessesStoppedError(RuntimeError):
 
 
 class _WorkerDiedError(Exception):
-    """The worker process ended while it held a job."""
+    """The worker ended, or broke the protocol, while it held a job."""
 
 
 class _Worker:
-    """One worker process and the service's end of its socket."""
+    """One worker process and the service's end of its socket.
+
+    Only the dispatch thread holding it (or the pool, for an idle one) uses its descriptors.
+    """
 
     def __init__(self, command: Sequence[str], start_timeout_s: float) -> None:
         ours, theirs = socket.socketpair()
@@ -61,13 +75,15 @@ class _Worker:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)  # where ``service`` is importable
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, "1")  # no linear algebra here: no thread pool per worker
         try:
             self.process = subprocess.Popen(
                 [*command, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                cwd=_PACKAGE_ROOT,  # ``-m`` looks here first: no other ``service`` shadows it
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches the service only
             )
@@ -78,13 +94,14 @@ class _Worker:
             theirs.close()
         self.sock = ours  # raw payloads; ``conn`` (a duplicate descriptor) frames the headers
         self.conn = Connection(os.dup(ours.fileno()))
+        self.broken = False
         try:
             if not self.conn.poll(start_timeout_s):
                 raise RuntimeError(f"a decode process did not start within {start_timeout_s} s")
-            hello = self.conn.recv()
-            if not (isinstance(hello, tuple) and hello[:1] == ("ready",)):
+            hello = receive_header(self.conn)
+            if "ready" not in hello:
                 raise RuntimeError(f"a decode process sent {hello!r} instead of its greeting")
-        except (EOFError, OSError) as err:
+        except (EOFError, OSError, ProtocolError) as err:
             self.close()
             raise RuntimeError(
                 f"a decode process ended during start-up (exit status {self.process.poll()}); "
@@ -99,34 +116,77 @@ class _Worker:
         """The process id."""
         return self.process.pid
 
-    def run(self, data: bytes, index: int, spec: PrepareSpec) -> Resized:
+    @property
+    def usable(self) -> bool:
+        """Whether the next job may go to this worker."""
+        return not self.broken and self.process.poll() is None
+
+    def run(self, data: bytes, index: int, spec: PrepareSpec, spec_json: str) -> Resized:
         """Resize one image in the process (blocking).
+
+        Anything that interrupts the exchange half-way leaves the worker :attr:`broken`: its
+        socket may still hold the rest of a message.
 
         Raises:
             ServiceError: The client error the worker reported.
             RuntimeError: The worker failed otherwise (its traceback is logged).
-            _WorkerDiedError: The process ended, or its connection broke, during the job.
+            _WorkerDiedError: The process ended, its connection broke, or it answered out of
+                protocol.
         """
         try:
-            self.conn.send((len(data), index, _pickled(spec)))
-            self.sock.sendall(data)  # raw: no pickling copy, and the GIL is free meanwhile
-            reply = self.conn.recv()
-            if reply[0] == "ok":
-                original, processed, decode_s, resize_s, shape = reply[1:]
-                rgb = np.empty(shape, dtype=np.uint8)  # (H, W, 3)
-                receive_exactly(self.sock, rgb.reshape(-1).data)
-                return Resized(rgb, original, processed, decode_s, resize_s)
-        except (EOFError, OSError) as err:
+            send_header(self.conn, {"size": len(data), "index": index, "spec": spec_json})
+            self.sock.sendall(data)  # raw: no copy into a message, and the GIL is free meanwhile
+            reply = receive_header(self.conn)
+            if "ok" in reply:
+                resized = self._receive_pixels(reply["ok"], spec)
+            elif "error" in reply:
+                error = reply["error"]
+                raise _client_error(error["class"], error["message"], error["index"])
+            else:
+                logger.error("a decode process failed on image %d:\n%s", index, reply["failed"])
+                raise RuntimeError(f"the decode process failed on image {index}; see the log")
+        except (ServiceError, RuntimeError):
+            raise  # a whole answer was read: the worker goes on
+        except (EOFError, OSError, ProtocolError, KeyError, TypeError, ValueError) as err:
+            self.broken = True
             raise _WorkerDiedError(str(err) or type(err).__name__) from err
-        if reply[0] == "error":
-            raise _client_error(*reply[1:])
-        logger.error("a decode process failed on image %d:\n%s", index, reply[1])
-        raise RuntimeError(f"the decode process failed on image {index}; see the service log")
+        except BaseException:  # MemoryError, KeyboardInterrupt: the exchange was cut short
+            self.broken = True
+            raise
+        return resized
+
+    def _receive_pixels(self, ok: dict[str, Any], spec: PrepareSpec) -> Resized:
+        width, height = (int(v) for v in ok["processed"])
+        shape = tuple(int(v) for v in ok["shape"])
+        largest = max(spec.max_side, spec.resolution)
+        if shape != (height, width, 3) or not (0 < width <= largest and 0 < height <= largest):
+            raise ProtocolError(f"pixels of shape {shape} for a {width}x{height} image")
+        rgb = np.empty(shape, dtype=np.uint8)  # (H, W, 3)
+        receive_exactly(self.sock, rgb.reshape(-1).data)
+        original = tuple(int(v) for v in ok["original"])
+        return Resized(
+            rgb,
+            (original[0], original[1]),
+            (width, height),
+            float(ok["decode_s"]),
+            float(ok["resize_s"]),
+        )
+
+    def wake(self) -> None:
+        """Make a blocked read or write on this worker's socket return at once (any thread)."""
+        with contextlib.suppress(OSError):  # already closed or shut down
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def kill(self) -> None:
+        """End the process now, without waiting for it (any thread)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):  # ended meanwhile
+                self.process.kill()
 
     def close(self) -> None:
-        """Close the connection and end the process (at once if it does not leave by itself)."""
+        """Close the descriptors and reap the process (killed if it does not leave in 1 s)."""
         self.conn.close()
-        self.sock.close()  # the worker's recv sees the end and returns
+        self.sock.close()  # the worker's read sees the end and it leaves
         try:
             self.process.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
@@ -134,21 +194,17 @@ class _Worker:
             self.process.wait()
 
 
-@functools.lru_cache(maxsize=64)
-def _pickled(spec: PrepareSpec) -> bytes:
-    """``spec`` pickled once for all the images of a request (pickling it costs 0.1 ms)."""
-    return pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _client_error(name: str, message: str, index: int | None) -> ServiceError:
+def _client_error(name: object, message: object, index: object) -> ServiceError:
     """The worker's client error as the same class here."""
-    cls = getattr(errors, name, None)
+    text = str(message)
+    position = index if isinstance(index, int) else None
+    cls = getattr(errors, name, None) if isinstance(name, str) else None
     if isinstance(cls, type) and issubclass(cls, ServiceError):
         try:
-            return cls(message, index=index)
+            return cls(text, index=position)
         except TypeError:  # a class with other arguments: none is raised while decoding
             pass
-    return CorruptImageError(message, index=index)
+    return CorruptImageError(text, index=position)
 
 
 class DecodeProcesses:
@@ -175,12 +231,13 @@ class DecodeProcesses:
         self.count = count
         self._command = tuple(command)
         self._start_timeout_s = start_timeout_s
+        self._on_restart = on_restart
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._workers: set[_Worker] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._failed_start_at: float | None = None
         self.restarts = 0
-        self._on_restart = on_restart
         self.executor = ThreadPoolExecutor(count, thread_name_prefix="decode-dispatch")
 
     def start(self) -> None:
@@ -198,94 +255,145 @@ class DecodeProcesses:
         if failures:
             self.close()
             raise RuntimeError(f"cannot start the decode processes: {failures[0]}") from failures[0]
-        for worker in list(self._workers):
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
             self._idle.put(worker)
         logger.info("started %d decode processes", self.count)
 
     def pids(self) -> list[int]:
         """Process ids of the live workers."""
         with self._lock:
-            return sorted(worker.pid for worker in self._workers)
+            return sorted(worker.pid for worker in self._workers if worker.usable)
 
     def prepare(self, data: bytes, index: int, spec: PrepareSpec) -> Prepared:
         """Decode and preprocess one image in a worker (blocking; call it in :attr:`executor`).
 
         Raises:
             ServiceError: A client error, as decoding in a thread would raise it; an image that
-                ended two worker processes is a :class:`CorruptImageError`.
+                ended two worker processes is a :class:`CorruptImageError`;
+                :class:`NotReadyError` (503) while a worker cannot be started.
             RuntimeError: The worker failed on the server's side.
             DecodeProcessesStoppedError: The pool was closed.
         """
+        spec_json = _spec_json(spec)
         worker = self._take()
         try:
-            if worker.process.poll() is not None:  # ended while idle: not this image's doing
-                worker = self._replace(worker, index, _WorkerDiedError("ended while idle"))
+            if not worker.usable:  # ended while idle, or left broken: not this image's doing
+                worker = self._replace(worker, index, "it had ended while idle")
             try:
-                resized = worker.run(data, index, spec)
+                resized = worker.run(data, index, spec, spec_json)
             except _WorkerDiedError as first:
-                worker = self._replace(worker, index, first)
+                worker = self._replace(worker, index, str(first))
                 try:
-                    resized = worker.run(data, index, spec)
+                    resized = worker.run(data, index, spec, spec_json)
                 except _WorkerDiedError as second:
-                    worker = self._replace(worker, index, second)
                     raise CorruptImageError(
                         "decoding this image ended the decode process twice; the file is refused",
                         index=index,
                     ) from second
         finally:
-            self._idle.put(worker)
+            self._release(worker)
         return finish(resized, spec.recipe)
 
     def close(self) -> None:
-        """Stop every worker and the dispatch threads; images still waiting fail."""
+        """Stop every worker and the dispatch threads; images in or waiting for a worker fail.
+
+        Every process is killed at once and reaped; a dispatch thread blocked on one returns
+        (its socket is shut down) and closes that worker's descriptors itself.
+        """
         with self._lock:
             self._closed = True
             workers = list(self._workers)
-            self._workers.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         for worker in workers:
-            worker.close()
+            worker.wake()
+            worker.kill()
+        for worker in workers:
+            worker.process.wait()
+        while True:  # idle workers: no thread holds them
+            try:
+                idle = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            self._forget(idle)
+            idle.close()
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self._command, self._start_timeout_s)
         with self._lock:
-            if self._closed:
-                stale = True
-            else:
-                stale = False
+            stale = self._closed
+            if not stale:
                 self._workers.add(worker)
         if stale:
             worker.close()
             raise DecodeProcessesStoppedError("the decode processes have stopped")
         return worker
 
+    def _forget(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.discard(worker)
+
     def _take(self) -> _Worker:
         if self._closed:
             raise DecodeProcessesStoppedError("the decode processes have stopped")
         return self._idle.get()  # one worker per dispatch thread: never waits long
 
-    def _replace(self, worker: _Worker, index: int, cause: _WorkerDiedError) -> _Worker:
-        """Reap a dead worker and start its successor (in this dispatch thread)."""
-        with self._lock:
-            closed = self._closed
-            self._workers.discard(worker)
+    def _release(self, worker: _Worker) -> None:
+        """Give ``worker`` back; a broken one is replaced first, if that can be done now."""
+        if self._closed:
+            self._forget(worker)
+            worker.close()
+            self._idle.put(worker)  # a thread still in line finds it unusable and stops
+            return
+        if not worker.usable:
+            try:
+                worker = self._replace(worker, None, "its exchange was cut short")
+            except Exception:  # logged; the next image tries again
+                logger.debug("the replacement of a decode process failed", exc_info=True)
+        self._idle.put(worker)
+
+    def _replace(self, worker: _Worker, index: int | None, why: str) -> _Worker:
+        """Reap a dead or broken worker and start its successor (in this dispatch thread).
+
+        Raises:
+            DecodeProcessesStoppedError: The pool is closed.
+            NotReadyError: The successor could not start (then, for :data:`RESTART_BACKOFF_S`,
+                without trying again).
+        """
+        self._forget(worker)
+        worker.kill()
         worker.close()
-        if closed:
-            raise DecodeProcessesStoppedError("the decode processes have stopped") from cause
+        if self._closed:
+            raise DecodeProcessesStoppedError("the decode processes have stopped")
+        failed_at = self._failed_start_at
+        if failed_at is not None and time.monotonic() - failed_at < RESTART_BACKOFF_S:
+            raise NotReadyError("a decode process could not be restarted; retry in a few seconds")
+        what = f"image {index}" if index is not None else "no image"
         logger.warning(
-            "decode process %d ended (exit status %s; %s) before image %d was done; starting "
-            "another",
+            "decode process %d ended or broke (exit status %s; %s) while it held %s; "
+            "starting another",
             worker.pid,
             worker.process.returncode,
-            cause,
-            index,
+            why,
+            what,
         )
+        started = time.perf_counter()
+        try:
+            successor = self._spawn()
+        except DecodeProcessesStoppedError:
+            raise
+        except Exception as err:
+            self._failed_start_at = time.monotonic()
+            logger.error("could not start a decode process: %s", err)
+            raise NotReadyError(
+                "a decode process could not be restarted; retry in a few seconds"
+            ) from err
+        self._failed_start_at = None
         with self._lock:
             self.restarts += 1
         if self._on_restart is not None:
             self._on_restart()
-        started = time.perf_counter()
-        successor = self._spawn()
         logger.info(
             "decode process %d replaces %d (%.2f s)",
             successor.pid,
@@ -293,3 +401,7 @@ class DecodeProcesses:
             time.perf_counter() - started,
         )
         return successor
+
+
+_spec_json = functools.lru_cache(maxsize=64)(spec_to_json)
+"""``spec`` as JSON, computed once for all the images of a request."""

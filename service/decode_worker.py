@@ -1,31 +1,31 @@
 """``python -m service.decode_worker FD``: one decode process of ``DINO_DECODE_PROCESSES``.
 
-The service starts it with one end of a socket pair as file descriptor ``FD`` and talks to it
-with :class:`multiprocessing.connection.Connection` messages:
+The service starts it with one end of a socket pair as file descriptor ``FD``. Each message is a
+JSON header, framed by :class:`multiprocessing.connection.Connection` (a length, then the
+bytes), sometimes followed by a raw payload whose size the header gives:
 
-* worker -> service, once: ``("ready", pid)``.
-* service -> worker, per image: ``(size, index, spec)`` (a pickled
-  :class:`service.prepare.PrepareSpec`, the same bytes for every image of a request), then the
-  file's ``size`` bytes, raw.
-* worker -> service: ``("ok", original_size, processed_size, decode_s, resize_s, shape)``
-  followed by the ``shape`` uint8 pixels, raw; or ``("error", class_name, message, index)``
-  for a client error (a :class:`service.errors.ServiceError`); or ``("failed", traceback)``
-  for anything else.
+* worker -> service, once: ``{"ready": pid}``.
+* service -> worker, per image: ``{"size", "index", "spec"}`` (:func:`spec_to_json`), then the
+  file's ``size`` bytes.
+* worker -> service: ``{"ok": {"original", "processed", "decode_s", "resize_s", "shape"}}``
+  followed by the ``shape`` uint8 pixels; or ``{"error": {"class", "message", "index"}}`` for
+  a client error (a :class:`service.errors.ServiceError`); or ``{"failed": traceback}`` for
+  anything else.
 
-Headers are pickled :class:`multiprocessing.connection.Connection` messages; the payloads go
-through the same socket unframed (their sizes are in the headers), so neither side copies them
-into a pickle and the GIL is released while they move.
-
-It handles one image at a time and exits when the service closes its end. It imports only the
-decoding and preprocessing modules (no onnxruntime, no web framework), and ignores Ctrl-C, which
-reaches the service, whose shutdown stops it.
+Nothing is unpickled on either side, so bytes out of place (a client's pixels read as a header)
+can only fail to parse. The payloads are not copied into the framing, and the GIL is free while
+they move. The worker handles one image at a time and exits when the service closes its end;
+it ignores SIGINT and SIGTERM (a terminal's Ctrl-C, or a service manager stopping the whole
+group), which are the service's to act on: its shutdown ends the workers. It imports only the
+decoding and preprocessing modules (no onnxruntime, no web framework).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -33,51 +33,59 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from typing import Any
 
+from models.contract import PreprocessingRecipe
 from service.errors import ServiceError
 from service.prepare import PrepareSpec, resize_image
 
 
-def serve(conn: Connection, sock: socket.socket) -> None:
-    """Answer jobs until the service closes its end.
+class ProtocolError(Exception):
+    """A message that does not follow the protocol."""
 
-    Args:
-        conn: Framed, pickled headers.
-        sock: The same socket, for the raw payloads.
-    """
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            size, index, pickled_spec = conn.recv()
-            data = bytearray(size)
-            receive_exactly(sock, memoryview(data))
-        except (EOFError, ConnectionResetError):
-            return
-        try:
-            resized = resize_image(bytes(data), index, _unpickled(pickled_spec))
-        except ServiceError as err:
-            conn.send(("error", type(err).__name__, err.message, err.index))
-            continue
-        except Exception:  # a bug or a resource failure: the service answers it with a 500
-            conn.send(("failed", traceback.format_exc()))
-            continue
-        header = (
-            resized.original_size,
-            resized.processed_size,
-            resized.decode_s,
-            resized.resize_s,
-            resized.rgb.shape,
-        )
-        conn.send(("ok", *header))
-        sock.sendall(resized.rgb.reshape(-1).data)  # (H, W, 3) uint8, flat
+
+def spec_to_json(spec: PrepareSpec) -> str:
+    """``spec`` as JSON (the recipe in its metadata form); :func:`spec_from_json` inverts it."""
+    fields = dataclasses.asdict(spec)
+    fields["recipe"] = json.loads(spec.recipe.to_json())
+    return json.dumps(fields, sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
-def _unpickled(pickled_spec: bytes) -> PrepareSpec:
-    spec = pickle.loads(pickled_spec)  # from the service that started this process
-    if not isinstance(spec, PrepareSpec):
-        raise TypeError(f"expected a PrepareSpec, got {type(spec).__name__}")
-    return spec
+def spec_from_json(text: str) -> PrepareSpec:
+    """Parse :func:`spec_to_json`'s output (cached: every image of a request shares one).
+
+    Raises:
+        ProtocolError: Not a valid spec.
+    """
+    try:
+        fields = json.loads(text)
+        recipe = PreprocessingRecipe.from_json(json.dumps(fields.pop("recipe")))
+        return PrepareSpec(recipe=recipe, **fields)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ProtocolError(f"invalid spec {text[:200]!r}: {err}") from err
+
+
+def send_header(conn: Connection, header: dict[str, Any]) -> None:
+    """Send one JSON header."""
+    conn.send_bytes(json.dumps(header).encode())
+
+
+def receive_header(conn: Connection) -> dict[str, Any]:
+    """Receive one JSON header.
+
+    Raises:
+        EOFError: The other end closed the connection.
+        ProtocolError: The message is not a JSON object.
+    """
+    raw = conn.recv_bytes()
+    try:
+        header = json.loads(raw)
+    except ValueError as err:
+        raise ProtocolError(f"a header that is not JSON: {raw[:80]!r}") from err
+    if not isinstance(header, dict):
+        raise ProtocolError(f"a header that is not a JSON object: {raw[:80]!r}")
+    return header
 
 
 def receive_exactly(sock: socket.socket, view: memoryview) -> None:
@@ -94,17 +102,69 @@ def receive_exactly(sock: socket.socket, view: memoryview) -> None:
         received += count
 
 
+def serve(conn: Connection, sock: socket.socket) -> None:
+    """Answer jobs until the service closes its end.
+
+    Args:
+        conn: The framed headers.
+        sock: The same socket, for the raw payloads.
+
+    Raises:
+        ProtocolError: The service sent something else than a job (the worker then exits).
+    """
+    send_header(conn, {"ready": os.getpid()})
+    while True:
+        try:
+            job = receive_header(conn)
+        except (EOFError, ConnectionResetError):
+            return
+        try:
+            size, index = int(job["size"]), int(job["index"])
+            spec = spec_from_json(job["spec"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ProtocolError(f"a job header without size, index and spec: {job!r}") from err
+        payload = bytearray(size)
+        try:
+            receive_exactly(sock, memoryview(payload))
+        except (EOFError, ConnectionResetError):
+            return
+        data = bytes(payload)
+        del payload
+        try:
+            resized = resize_image(data, index, spec)
+        except ServiceError as err:
+            error = {"class": type(err).__name__, "message": err.message, "index": err.index}
+            send_header(conn, {"error": error})
+            continue
+        except Exception:  # a bug or a resource failure: the service answers it with a 500
+            send_header(conn, {"failed": traceback.format_exc()})
+            continue
+        finally:
+            del data
+        ok = {
+            "original": list(resized.original_size),
+            "processed": list(resized.processed_size),
+            "decode_s": resized.decode_s,
+            "resize_s": resized.resize_s,
+            "shape": list(resized.rgb.shape),
+        }
+        send_header(conn, {"ok": ok})
+        sock.sendall(resized.rgb.reshape(-1).data)  # (H, W, 3) uint8, flat
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the worker on the inherited descriptor named by the first argument.
 
     Returns:
-        0 when the service closed the connection, 2 for a bad command line.
+        0 when the service closed the connection, 2 for a bad command line, 3 when the service
+        broke the protocol.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or not args[0].isdigit():
         print("usage: python -m service.decode_worker FD (started by the service)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     warnings.filterwarnings("ignore", module=r"PIL\.")  # as the service: errors become answers
     fd = int(args[0])
     sock = socket.socket(fileno=os.dup(fd))
@@ -113,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(conn, sock)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the service went away while this worker answered
+    except ProtocolError as err:
+        print(f"decode worker {os.getpid()}: {err}", file=sys.stderr)
+        return 3
     finally:
         conn.close()
         sock.close()

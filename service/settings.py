@@ -54,7 +54,8 @@ class Settings(BaseSettings):
         decode_processes: Worker processes that decode, resize and crop images instead of
             those threads (the service only normalises their 8-bit pixels); 0 (the default)
             decodes in threads. For a fast accelerator, where decoding in one process holds the
-            GIL long enough to cap throughput; each costs about 40 MB of memory.
+            GIL long enough to cap throughput. Each holds about 40 MB of memory,
+            more after a large image (about 100 MB after a 12-megapixel photo).
         max_body_bytes: Largest request body accepted (413 beyond).
         max_body_bytes_in_flight: Body bytes held by all requests at once, from the first
             byte read until the answer (429 beyond); bounds memory before admission.

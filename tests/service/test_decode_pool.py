@@ -2,50 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from models.contract import PreprocessingRecipe
-from service import decode_worker
-from service.decode_pool import WORKER_COMMAND, DecodeProcesses, DecodeProcessesStoppedError
+from service import decode_pool, decode_worker
+from service.decode_pool import DecodeProcesses, DecodeProcessesStoppedError
 from service.errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
     NotAnImageError,
+    NotReadyError,
     ServiceError,
     TooManyTokensError,
 )
 from service.prepare import PrepareSpec, prepare_image
-from tests.service.conftest import encode, gradient_rgb, jpeg_bytes, png_bytes
+from tests.service.conftest import encode, gradient_rgb, jpeg_bytes, png_bytes, wait_for
 
 RECIPE = PreprocessingRecipe(resolution=32, resize_size=37)
 # A worker whose resize_image misbehaves for chosen image indexes: 97 ends the process the first
-# time (it leaves a marker file named by DINO_TEST_CRASH_MARKER), 98 ends it every time, 99
-# raises a server-side error. Other indexes run the real code.
+# time (it leaves a marker file), 98 ends it every time (and, with DINO_TEST_FAIL_THIRD_START,
+# no third worker starts after two such ends), 99 raises a server-side error, 96 answers pixels
+# of another shape than the size it reports. Other indexes run the real code.
 INSTRUMENTED = (
     "import os, sys\n"
+    "import numpy as np\n"
     "import service.decode_worker as worker\n"
+    "from service.prepare import Resized\n"
+    "marker = os.environ['DINO_TEST_CRASH_MARKER']\n"
+    "ends = marker + '.98'\n"
+    "if os.environ.get('DINO_TEST_FAIL_THIRD_START') and os.path.exists(ends) "
+    "and len(open(ends).read()) >= 2:\n"
+    "    sys.exit(5)\n"
     "real = worker.resize_image\n"
     "def resize_image(data, index, spec):\n"
-    "    marker = os.environ['DINO_TEST_CRASH_MARKER']\n"
     "    if index == 97 and not os.path.exists(marker):\n"
     "        open(marker, 'w').close()\n"
     "        os._exit(7)\n"
     "    if index == 98:\n"
+    "        with open(ends, 'a') as f:\n"
+    "            f.write('x')\n"
     "        os._exit(9)\n"
     "    if index == 99:\n"
     "        raise ValueError('a bug in the decoder')\n"
+    "    if index == 96:\n"
+    "        return Resized(np.zeros((2, 2, 3), np.uint8), (40, 30), (32, 32), 0.0, 0.0)\n"
     "    return real(data, index, spec)\n"
     "worker.resize_image = resize_image\n"
     "sys.exit(worker.main())\n"
@@ -223,21 +237,6 @@ def test_a_worker_that_cannot_start_fails_the_start_and_leaves_nothing_running()
     assert time.monotonic() - started < 10  # the silent process was killed, not awaited
 
 
-def test_the_worker_imports_neither_onnxruntime_nor_the_web_stack() -> None:
-    code = (
-        "import sys\n"
-        "import service.decode_worker\n"
-        "print(','.join(m for m in ('onnxruntime', 'fastapi', 'uvicorn', 'torch')"
-        " if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ""
-    assert WORKER_COMMAND[-1] == "service.decode_worker"
-
-
 def test_the_worker_refuses_a_command_line_without_a_descriptor(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -283,9 +282,109 @@ def test_an_image_that_is_not_rgb_in_the_worker_matches_too(pool: DecodeProcesse
 def test_a_worker_that_died_while_idle_does_not_use_up_the_next_images_retry(
     instrumented: DecodeProcesses,
 ) -> None:
-    (idle,) = instrumented.pids()
-    os.kill(idle, signal.SIGKILL)
-    _wait_until_gone(idle)
+    (worker,) = instrumented._workers
+    os.kill(worker.pid, signal.SIGKILL)
+    # until the pool can tell (a dead process may show as a zombie before it can be reaped)
+    wait_for(lambda: worker.process.poll() is not None)
     result = instrumented.prepare(png_bytes(), 97, spec())  # ends one fresh worker, then passes
     assert result.processed_size == (32, 32)
     assert instrumented.restarts == 2  # the idle death and image 97's one crash
+
+
+def test_a_reply_cut_short_on_the_service_side_retires_the_worker(
+    pool: DecodeProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pixels left unread in the socket must never be read as the next header."""
+    real = decode_pool._Worker._receive_pixels
+    calls: list[int] = []
+
+    def fail_once(self: decode_pool._Worker, ok: Any, settings: PrepareSpec) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("no room for the pixels")
+        return real(self, ok, settings)
+
+    monkeypatch.setattr(decode_pool._Worker, "_receive_pixels", fail_once)
+    restarts = pool.restarts
+    data = jpeg_bytes(400, 300, seed=1)
+    with pytest.raises(MemoryError):
+        pool.prepare(data, 0, spec())
+    assert pool.restarts == restarts + 1  # replaced, not reused
+    for _ in range(2 * pool.count):  # every worker answers the next images correctly
+        result = pool.prepare(data, 0, spec())
+        np.testing.assert_array_equal(result.pixels, prepare_image(data, 0, spec()).pixels)
+
+
+def test_pixels_of_another_shape_than_announced_retire_the_worker(
+    instrumented: DecodeProcesses,
+) -> None:
+    with pytest.raises(CorruptImageError):  # twice out of protocol: refused like a crash
+        instrumented.prepare(png_bytes(), 96, spec())
+    assert instrumented.restarts == 2
+    assert instrumented.prepare(png_bytes(), 0, spec()).processed_size == (32, 32)
+
+
+def test_the_image_that_ends_two_workers_is_refused_even_if_no_third_starts(
+    instrumented: DecodeProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DINO_TEST_FAIL_THIRD_START", "1")
+    with pytest.raises(CorruptImageError):
+        instrumented.prepare(png_bytes(), 98, spec())
+    assert instrumented.restarts == 1  # the third start failed: not counted
+    assert instrumented.pids() == []
+    started = time.monotonic()
+    with pytest.raises(NotReadyError):  # within the back-off: at once, without a start
+        instrumented.prepare(png_bytes(), 0, spec())
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_worker_that_cannot_be_restarted_gives_503s_then_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(decode_pool, "RESTART_BACKOFF_S", 0.3)
+    processes = DecodeProcesses(1)
+    processes.start()
+    try:
+        (pid,) = processes.pids()
+        command = processes._command
+        processes._command = (sys.executable, "-c", "import sys; sys.exit(5)")
+        os.kill(pid, signal.SIGKILL)
+        _wait_until_gone(pid)
+        with pytest.raises(NotReadyError, match="could not be restarted"):
+            processes.prepare(png_bytes(), 0, spec())
+        started = time.monotonic()
+        with pytest.raises(NotReadyError):
+            processes.prepare(png_bytes(), 0, spec())
+        assert time.monotonic() - started < 0.3  # no new attempt within the back-off
+        assert processes.restarts == 0
+        processes._command = command
+        time.sleep(0.35)
+        assert processes.prepare(png_bytes(), 0, spec()).processed_size == (32, 32)
+        assert processes.restarts == 1 and len(processes.pids()) == 1
+    finally:
+        processes.close()
+
+
+def test_close_while_images_are_in_the_workers_fails_them_cleanly_and_quickly() -> None:
+    processes = DecodeProcesses(2)
+    processes.start()
+    pids = processes.pids()
+    big = png_bytes(2000, 1500, seed=7)  # long enough to be inside a worker at close()
+    futures = [processes.executor.submit(processes.prepare, big, i, spec()) for i in range(12)]
+    time.sleep(0.3)
+    started = time.monotonic()
+    processes.close()
+    assert time.monotonic() - started < 3.0  # killed together, not waited for one by one
+    for future in futures:
+        with contextlib.suppress(DecodeProcessesStoppedError, CancelledError):
+            future.result(timeout=10)  # else stopped in a worker, or never started
+    for pid in pids:
+        _wait_until_gone(pid)
+
+
+def test_the_spec_travels_as_json_and_comes_back_equal() -> None:
+    for settings in (spec(), spec(crop="none", jpeg_draft=True, resolution=48)):
+        text = decode_worker.spec_to_json(settings)
+        assert decode_worker.spec_from_json(text) == settings
+    with pytest.raises(decode_worker.ProtocolError):
+        decode_worker.spec_from_json('{"recipe": {}}')
