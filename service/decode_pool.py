@@ -4,9 +4,10 @@ In one Python process every decode thread takes the GIL between Pillow's calls (
 file, EXIF, the crop, building arrays), so decoding stops scaling at about a core's worth of
 that Python work however many cores there are, and each handover waits behind the event loop.
 Here each image goes to one of ``count`` processes (:mod:`service.decode_worker`) that decode,
-resize and crop it; the service receives 8-bit pixels and only normalises them. A dispatch
-thread per process waits on it, so the event loop still just awaits a future per image, and an
-image not yet handed to a process is dropped when its request is withdrawn.
+resize and crop it; the service receives 8-bit pixels and only normalises them. Dispatch
+threads (two per process: while one normalises what it received, the other hands the process
+its next image) wait on the processes, so the event loop still just awaits a future per image,
+and an image not yet handed to a process is dropped when its request is withdrawn.
 
 A process that dies (a decoder crash, the kernel's OOM killer) or answers out of protocol is
 replaced, and the image it held is tried once more on the fresh one; an image that ends two
@@ -208,7 +209,8 @@ def _client_error(name: object, message: object, index: object) -> ServiceError:
 
 
 class DecodeProcesses:
-    """``count`` worker processes; :meth:`prepare` runs in :attr:`executor`'s threads.
+    """``count`` worker processes; :meth:`prepare` runs in :attr:`executor`'s threads (two per
+    worker).
 
     Args:
         count: Worker processes (and dispatch threads).
@@ -238,7 +240,9 @@ class DecodeProcesses:
         self._closed = False
         self._failed_start_at: float | None = None
         self.restarts = 0
-        self.executor = ThreadPoolExecutor(count, thread_name_prefix="decode-dispatch")
+        # Two dispatch threads per worker: one normalises the pixels it received while the
+        # other hands the worker its next image.
+        self.executor = ThreadPoolExecutor(2 * count, thread_name_prefix="decode-dispatch")
 
     def start(self) -> None:
         """Start every worker (blocking; they start in parallel).
@@ -311,6 +315,7 @@ class DecodeProcesses:
             worker.kill()
         for worker in workers:
             worker.process.wait()
+        drained = []
         while True:  # idle workers: no thread holds them
             try:
                 idle = self._idle.get_nowait()
@@ -318,6 +323,9 @@ class DecodeProcesses:
                 break
             self._forget(idle)
             idle.close()
+            drained.append(idle)
+        for idle in drained:  # a thread waiting for a worker gets a closed one, and stops
+            self._idle.put(idle)
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self._command, self._start_timeout_s)
@@ -337,7 +345,7 @@ class DecodeProcesses:
     def _take(self) -> _Worker:
         if self._closed:
             raise DecodeProcessesStoppedError("the decode processes have stopped")
-        return self._idle.get()  # one worker per dispatch thread: never waits long
+        return self._idle.get()  # the other thread of a pair waits here while its worker runs
 
     def _release(self, worker: _Worker) -> None:
         """Give ``worker`` back; a broken one is replaced first, if that can be done now."""
