@@ -7,7 +7,8 @@ Here each image goes to one of ``count`` processes (:mod:`service.decode_worker`
 resize and crop it; the service receives 8-bit pixels and only normalises them. Dispatch
 threads (two per process: while one normalises what it received, the other hands the process
 its next image) wait on the processes, so the event loop still just awaits a future per image,
-and an image not yet handed to a process is dropped when its request is withdrawn.
+and an image not yet taken by a dispatch thread is dropped when its request is withdrawn (one
+already waiting in a thread for its process, at most one per process, is still decoded).
 
 A process that dies (a decoder crash, the kernel's OOM killer) or answers out of protocol is
 replaced, and the image it held is tried once more on the fresh one; an image that ends two
@@ -132,29 +133,30 @@ class _Worker:
             ServiceError: The client error the worker reported.
             RuntimeError: The worker failed otherwise (its traceback is logged).
             _WorkerDiedError: The process ended, its connection broke, or it answered out of
-                protocol.
+                protocol (the answer's fields are checked before its pixels are read).
         """
+        outcome: Resized | Exception
         try:
             send_header(self.conn, {"size": len(data), "index": index, "spec": spec_json})
             self.sock.sendall(data)  # raw: no copy into a message, and the GIL is free meanwhile
             reply = receive_header(self.conn)
             if "ok" in reply:
-                resized = self._receive_pixels(reply["ok"], spec)
+                outcome = self._receive_pixels(reply["ok"], spec)
             elif "error" in reply:
                 error = reply["error"]
-                raise _client_error(error["class"], error["message"], error["index"])
+                outcome = _client_error(error["class"], error["message"], error["index"])
             else:
                 logger.error("a decode process failed on image %d:\n%s", index, reply["failed"])
-                raise RuntimeError(f"the decode process failed on image {index}; see the log")
-        except (ServiceError, RuntimeError):
-            raise  # a whole answer was read: the worker goes on
-        except (EOFError, OSError, ProtocolError, KeyError, TypeError, ValueError) as err:
+                outcome = RuntimeError(f"the decode process failed on image {index}; see the log")
+        except (EOFError, OSError, ProtocolError, LookupError, TypeError, ValueError) as err:
             self.broken = True
             raise _WorkerDiedError(str(err) or type(err).__name__) from err
         except BaseException:  # MemoryError, KeyboardInterrupt: the exchange was cut short
             self.broken = True
             raise
-        return resized
+        if isinstance(outcome, Exception):  # a whole answer was read: the worker goes on
+            raise outcome
+        return outcome
 
     def _receive_pixels(self, ok: dict[str, Any], spec: PrepareSpec) -> Resized:
         width, height = (int(v) for v in ok["processed"])
@@ -162,16 +164,11 @@ class _Worker:
         largest = max(spec.max_side, spec.resolution)
         if shape != (height, width, 3) or not (0 < width <= largest and 0 < height <= largest):
             raise ProtocolError(f"pixels of shape {shape} for a {width}x{height} image")
+        original_width, original_height = (int(v) for v in ok["original"])
+        decode_s, resize_s = float(ok["decode_s"]), float(ok["resize_s"])
         rgb = np.empty(shape, dtype=np.uint8)  # (H, W, 3)
         receive_exactly(self.sock, rgb.reshape(-1).data)
-        original = tuple(int(v) for v in ok["original"])
-        return Resized(
-            rgb,
-            (original[0], original[1]),
-            (width, height),
-            float(ok["decode_s"]),
-            float(ok["resize_s"]),
-        )
+        return Resized(rgb, (original_width, original_height), (width, height), decode_s, resize_s)
 
     def wake(self) -> None:
         """Make a blocked read or write on this worker's socket return at once (any thread)."""
@@ -284,7 +281,7 @@ class DecodeProcesses:
         worker = self._take()
         try:
             if not worker.usable:  # ended while idle, or left broken: not this image's doing
-                worker = self._replace(worker, index, "it had ended while idle")
+                worker = self._replace(worker, None, "it had ended while idle")
             try:
                 resized = worker.run(data, index, spec, spec_json)
             except _WorkerDiedError as first:
@@ -315,6 +312,8 @@ class DecodeProcesses:
             worker.kill()
         for worker in workers:
             worker.process.wait()
+        with self._lock:
+            self._workers.clear()
         drained = []
         while True:  # idle workers: no thread holds them
             try:
@@ -326,6 +325,8 @@ class DecodeProcesses:
             drained.append(idle)
         for idle in drained:  # a thread waiting for a worker gets a closed one, and stops
             self._idle.put(idle)
+        for worker in workers:  # those a thread still holds too (closing twice is harmless)
+            worker.close()
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self._command, self._start_timeout_s)
@@ -401,7 +402,10 @@ class DecodeProcesses:
         with self._lock:
             self.restarts += 1
         if self._on_restart is not None:
-            self._on_restart()
+            try:
+                self._on_restart()
+            except Exception:  # a metric's failure must not lose the new worker
+                logger.exception("the restart callback failed")
         logger.info(
             "decode process %d replaces %d (%.2f s)",
             successor.pid,

@@ -76,7 +76,8 @@ class Metrics:
         )
         self.decode_restarts = Counter(
             "dino_decode_process_restarts",
-            "Decode processes (DINO_DECODE_PROCESSES) replaced after they ended unexpectedly.",
+            "Decode processes (DINO_DECODE_PROCESSES) replaced after they ended unexpectedly "
+            "or their exchange with the service broke off.",
             registry=registry,
         )
         self.rejected = Counter(

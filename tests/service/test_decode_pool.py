@@ -388,3 +388,52 @@ def test_the_spec_travels_as_json_and_comes_back_equal() -> None:
         assert decode_worker.spec_from_json(text) == settings
     with pytest.raises(decode_worker.ProtocolError):
         decode_worker.spec_from_json('{"recipe": {}}')
+
+
+def test_a_reply_without_a_whole_original_size_retires_the_worker_and_retries(
+    pool: DecodeProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+
+    def receive(conn: Any) -> dict[str, Any]:  # the first "ok" arrives with a one-number size
+        header = decode_worker.receive_header(conn)
+        if "ok" in header and not seen:
+            seen.append(1)
+            header["ok"]["original"] = [1]
+        return header
+
+    monkeypatch.setattr(decode_pool, "receive_header", receive)
+    restarts = pool.restarts
+    data = png_bytes(50, 40, seed=4)
+    result = pool.prepare(data, 0, spec())  # out of protocol: a new worker, the image again
+    np.testing.assert_array_equal(result.pixels, prepare_image(data, 0, spec()).pixels)
+    assert pool.restarts == restarts + 1
+
+
+def test_a_start_that_fails_half_way_closes_the_workers_that_did_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "first"
+    one_starts = (  # the first process to get here runs the real worker, the other exits 5
+        "import os, sys\n"
+        f"try:\n    os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "except FileExistsError:\n    sys.exit(5)\n"
+        "import service.decode_worker as worker\n"
+        "sys.exit(worker.main())\n"
+    )
+    processes = DecodeProcesses(2, command=(sys.executable, "-c", one_starts))
+    started: list[decode_pool._Worker] = []
+    real = decode_pool.DecodeProcesses._spawn
+
+    def spawn(self: DecodeProcesses) -> decode_pool._Worker:
+        worker = real(self)
+        started.append(worker)
+        return worker
+
+    monkeypatch.setattr(decode_pool.DecodeProcesses, "_spawn", spawn)
+    with pytest.raises(RuntimeError, match="exit status 5"):
+        processes.start()
+    (worker,) = started
+    assert worker.process.poll() is not None
+    assert worker.sock.fileno() == -1  # closed, not left to the garbage collector
+    assert processes.pids() == []
