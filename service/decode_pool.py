@@ -254,7 +254,11 @@ class DecodeProcesses:
         finally:
             starter.shutdown()
         if failures:
+            with self._lock:
+                started = list(self._workers)
             self.close()
+            for worker in started:  # no thread holds them: never handed out
+                worker.close()
             raise RuntimeError(f"cannot start the decode processes: {failures[0]}") from failures[0]
         with self._lock:
             workers = list(self._workers)
@@ -301,7 +305,8 @@ class DecodeProcesses:
         """Stop every worker and the dispatch threads; images in or waiting for a worker fail.
 
         Every process is killed at once and reaped; a dispatch thread blocked on one returns
-        (its socket is shut down) and closes that worker's descriptors itself.
+        (its socket is shut down) and closes that worker's descriptors itself (closing them
+        here could pull them from under its read).
         """
         with self._lock:
             self._closed = True
@@ -325,8 +330,6 @@ class DecodeProcesses:
             drained.append(idle)
         for idle in drained:  # a thread waiting for a worker gets a closed one, and stops
             self._idle.put(idle)
-        for worker in workers:  # those a thread still holds too (closing twice is harmless)
-            worker.close()
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self._command, self._start_timeout_s)
