@@ -210,7 +210,7 @@ class DecodeProcesses:
     worker).
 
     Args:
-        count: Worker processes (and dispatch threads).
+        count: Worker processes (with twice as many dispatch threads).
         command: How to start a worker (tests start instrumented ones); its descriptor number
             is appended.
         start_timeout_s: Longest a worker may take to start.
