@@ -44,6 +44,8 @@
 #           lacks them) and .device/ort/ort-gpu.tar.xz.sha256; $SERVE_EXTRA adds flags (for
 #           example "--images-per-request 8", "--replicas 4" or, to compare decoding in
 #           processes with the same call's other runs, "--images-per-request 8
+#           --decode-processes 12"; a heavier model, whose GPU time per image the CPU side can
+#           keep up with: "--arch vit_base --concurrency 16,64 --images-per-request 8
 #           --decode-processes 12"); each serve call takes about
 #           150 s, and a later one on the warm machine reuses the extracted package). Stage
 #           files live in

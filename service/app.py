@@ -732,7 +732,9 @@ def create_app(
         decoder = None
         if settings.decode_processes:
             decoder = DecodeProcesses(
-                settings.decode_processes, on_restart=metrics.decode_restarts.inc
+                settings.decode_processes,
+                timeout_s=settings.decode_time_limit(),
+                on_restart=metrics.decode_restarts.inc,
             )
         app.state.service = ServiceState(settings, metrics, manager, batcher, pool, bodies, decoder)
         try:

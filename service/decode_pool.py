@@ -12,7 +12,9 @@ already waiting in a thread for its process, at most one per process, is still d
 
 A process that dies (a decoder crash, the kernel's OOM killer) or answers out of protocol is
 replaced, and the image it held is tried once more on the fresh one; an image that ends two
-processes is refused as corrupt. The output is bit-identical to decoding in threads.
+processes is refused as corrupt. An image still in its worker after ``timeout_s`` has its worker
+killed and replaced, and is refused as too costly to decode (not retried). The output is
+bit-identical to decoding in threads.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from service.decode_worker import (
     send_header,
     spec_to_json,
 )
-from service.errors import CorruptImageError, NotReadyError, ServiceError
+from service.errors import CorruptImageError, ImageTooComplexError, NotReadyError, ServiceError
 from service.prepare import Prepared, PrepareSpec, Resized, finish
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "service.decode_worker"
 number is appended."""
 RESTART_BACKOFF_S = 5.0
 """After a worker failed to start, images fail at once (503) for this long before another try."""
+MAX_TIMEOUT_S = 86_400.0
+"""Largest per-image time limit (``poll`` cannot wait much beyond 24 days)."""
 
 
 class DecodeProcessesStoppedError(RuntimeError):
@@ -63,6 +67,10 @@ class DecodeProcessesStoppedError(RuntimeError):
 
 class _WorkerDiedError(Exception):
     """The worker ended, or broke the protocol, while it held a job."""
+
+
+class _WorkerTimeoutError(Exception):
+    """The worker held a job longer than the pool's limit; it has been killed."""
 
 
 class _Worker:
@@ -97,6 +105,7 @@ class _Worker:
         self.sock = ours  # raw payloads; ``conn`` (a duplicate descriptor) frames the headers
         self.conn = Connection(os.dup(ours.fileno()))
         self.broken = False
+        self.broken_why = ""
         try:
             if not self.conn.poll(start_timeout_s):
                 raise RuntimeError(f"a decode process did not start within {start_timeout_s} s")
@@ -123,42 +132,71 @@ class _Worker:
         """Whether the next job may go to this worker."""
         return not self.broken and self.process.poll() is None
 
-    def run(self, data: bytes, index: int, spec: PrepareSpec, spec_json: str) -> Resized:
+    def run(
+        self,
+        data: bytes,
+        index: int,
+        spec: PrepareSpec,
+        spec_json: str,
+        timeout_s: float | None = None,
+    ) -> Resized:
         """Resize one image in the process (blocking).
 
         Anything that interrupts the exchange half-way leaves the worker :attr:`broken`: its
         socket may still hold the rest of a message.
+
+        Args:
+            data: The file's bytes.
+            index: Position of the image in its request.
+            spec: The request's preparation settings.
+            spec_json: ``spec`` as the worker reads it.
+            timeout_s: Longest time from handing the worker the file to the last byte of its
+                answer (wall-clock); None waits as long as it takes.
 
         Raises:
             ServiceError: The client error the worker reported.
             RuntimeError: The worker failed otherwise (its traceback is logged).
             _WorkerDiedError: The process ended, its connection broke, or it answered out of
                 protocol (the answer's fields are checked before its pixels are read).
+            _WorkerTimeoutError: No whole answer within ``timeout_s``; the process has been
+                killed.
         """
         outcome: Resized | Exception
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             send_header(self.conn, {"size": len(data), "index": index, "spec": spec_json})
             self.sock.sendall(data)  # raw: no copy into a message, and the GIL is free meanwhile
+            if deadline is not None and not self.conn.poll(max(deadline - time.monotonic(), 0)):
+                raise TimeoutError("no answer")
             reply = receive_header(self.conn)
             if "ok" in reply:
-                outcome = self._receive_pixels(reply["ok"], spec)
+                outcome = self._receive_pixels(reply["ok"], spec, deadline)
             elif "error" in reply:
                 error = reply["error"]
                 outcome = _client_error(error["class"], error["message"], error["index"])
             else:
                 logger.error("a decode process failed on image %d:\n%s", index, reply["failed"])
                 outcome = RuntimeError(f"the decode process failed on image {index}; see the log")
+        except TimeoutError as err:  # before OSError, its base class
+            self.broken = True
+            self.broken_why = f"not done with image {index} within {timeout_s:g} s ({err})"
+            self.kill()
+            raise _WorkerTimeoutError(self.broken_why) from err
         except (EOFError, OSError, ProtocolError, LookupError, TypeError, ValueError) as err:
             self.broken = True
-            raise _WorkerDiedError(str(err) or type(err).__name__) from err
-        except BaseException:  # MemoryError, KeyboardInterrupt: the exchange was cut short
+            self.broken_why = str(err) or type(err).__name__
+            raise _WorkerDiedError(self.broken_why) from err
+        except BaseException as err:  # MemoryError, KeyboardInterrupt: the exchange was cut short
             self.broken = True
+            self.broken_why = f"its exchange was cut short ({type(err).__name__})"
             raise
         if isinstance(outcome, Exception):  # a whole answer was read: the worker goes on
             raise outcome
         return outcome
 
-    def _receive_pixels(self, ok: dict[str, Any], spec: PrepareSpec) -> Resized:
+    def _receive_pixels(
+        self, ok: dict[str, Any], spec: PrepareSpec, deadline: float | None
+    ) -> Resized:
         width, height = (int(v) for v in ok["processed"])
         shape = tuple(int(v) for v in ok["shape"])
         largest = max(spec.max_side, spec.resolution)
@@ -167,7 +205,7 @@ class _Worker:
         original_width, original_height = (int(v) for v in ok["original"])
         decode_s, resize_s = float(ok["decode_s"]), float(ok["resize_s"])
         rgb = np.empty(shape, dtype=np.uint8)  # (H, W, 3)
-        receive_exactly(self.sock, rgb.reshape(-1).data)
+        receive_exactly(self.sock, rgb.reshape(-1).data, deadline)
         return Resized(rgb, (original_width, original_height), (width, height), decode_s, resize_s)
 
     def wake(self) -> None:
@@ -214,7 +252,12 @@ class DecodeProcesses:
         command: How to start a worker (tests start instrumented ones); its descriptor number
             is appended.
         start_timeout_s: Longest a worker may take to start.
-        on_restart: Called (in a dispatch thread) each time a worker that ended is replaced.
+        timeout_s: Longest a worker may hold one image, wall-clock from handing it the file to
+            the last byte of its pixels (at most :data:`MAX_TIMEOUT_S`); beyond it the worker
+            is killed and replaced and the image is refused with
+            :class:`ImageTooComplexError`. None: no limit.
+        on_restart: Called (in a dispatch thread) each time a worker that ended, or was killed
+            for taking too long, is replaced.
     """
 
     def __init__(
@@ -223,10 +266,16 @@ class DecodeProcesses:
         *,
         command: Sequence[str] = WORKER_COMMAND,
         start_timeout_s: float = 60.0,
+        timeout_s: float | None = None,
         on_restart: Callable[[], object] | None = None,
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
+        if timeout_s is not None and not 0 < timeout_s <= MAX_TIMEOUT_S:  # NaN fails too
+            raise ValueError(
+                f"timeout_s must be in (0, {MAX_TIMEOUT_S:g}] or None, got {timeout_s}"
+            )
+        self.timeout_s = timeout_s
         self.count = count
         self._command = tuple(command)
         self._start_timeout_s = start_timeout_s
@@ -276,7 +325,8 @@ class DecodeProcesses:
 
         Raises:
             ServiceError: A client error, as decoding in a thread would raise it; an image that
-                ended two worker processes is a :class:`CorruptImageError`;
+                ended two worker processes is a :class:`CorruptImageError`, one still in its
+                worker after :attr:`timeout_s` an :class:`ImageTooComplexError`;
                 :class:`NotReadyError` (503) while a worker cannot be started.
             RuntimeError: The worker failed on the server's side.
             DecodeProcessesStoppedError: The pool was closed.
@@ -285,18 +335,32 @@ class DecodeProcesses:
         worker = self._take()
         try:
             if not worker.usable:  # ended while idle, or left broken: not this image's doing
-                worker = self._replace(worker, None, "it had ended while idle")
+                worker = self._replace(worker, None, worker.broken_why or "it had ended while idle")
             try:
-                resized = worker.run(data, index, spec, spec_json)
-            except _WorkerDiedError as first:
-                worker = self._replace(worker, index, str(first))
                 try:
-                    resized = worker.run(data, index, spec, spec_json)
-                except _WorkerDiedError as second:
-                    raise CorruptImageError(
-                        "decoding this image ended the decode process twice; the file is refused",
-                        index=index,
-                    ) from second
+                    resized = worker.run(data, index, spec, spec_json, self.timeout_s)
+                except _WorkerDiedError as first:
+                    worker = self._replace(worker, index, str(first))
+                    try:
+                        resized = worker.run(data, index, spec, spec_json, self.timeout_s)
+                    except _WorkerDiedError as second:
+                        raise CorruptImageError(
+                            "decoding this image ended the decode process twice; "
+                            "the file is refused",
+                            index=index,
+                        ) from second
+            except _WorkerTimeoutError as slow:  # the worker is killed; _release replaces it
+                logger.warning(
+                    "decode process %d was killed: image %d took longer than %g s",
+                    worker.pid,
+                    index,
+                    self.timeout_s,
+                )
+                raise ImageTooComplexError(
+                    f"decoding this image took longer than {self.timeout_s:g} s; "
+                    "the file is refused",
+                    index=index,
+                ) from slow
         finally:
             self._release(worker)
         return finish(resized, spec.recipe)
@@ -360,7 +424,7 @@ class DecodeProcesses:
             return
         if not worker.usable:
             try:
-                worker = self._replace(worker, None, "its exchange was cut short")
+                worker = self._replace(worker, None, worker.broken_why or "it had ended")
             except Exception:  # logged; the next image tries again
                 logger.debug("the replacement of a decode process failed", exc_info=True)
         self._idle.put(worker)
@@ -381,14 +445,13 @@ class DecodeProcesses:
         failed_at = self._failed_start_at
         if failed_at is not None and time.monotonic() - failed_at < RESTART_BACKOFF_S:
             raise NotReadyError("a decode process could not be restarted; retry in a few seconds")
-        what = f"image {index}" if index is not None else "no image"
+        held = f" while it held image {index}" if index is not None else ""
         logger.warning(
-            "decode process %d ended or broke (exit status %s; %s) while it held %s; "
-            "starting another",
+            "decode process %d ended or broke (exit status %s; %s)%s; starting another",
             worker.pid,
             worker.process.returncode,
             why,
-            what,
+            held,
         )
         started = time.perf_counter()
         try:

@@ -29,10 +29,11 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from models.contract import PreprocessingRecipe
@@ -88,14 +89,22 @@ def receive_header(conn: Connection) -> dict[str, Any]:
     return header
 
 
-def receive_exactly(sock: socket.socket, view: memoryview) -> None:
+def receive_exactly(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
     """Fill ``view`` from ``sock``.
+
+    Args:
+        sock: A blocking socket.
+        view: Where the bytes go.
+        deadline: ``time.monotonic()`` by which every byte must have arrived; None: no limit.
 
     Raises:
         EOFError: The other end closed the socket first.
+        TimeoutError: The deadline passed first.
     """
     received = 0
     while received < len(view):
+        if deadline is not None and not wait([sock], max(deadline - time.monotonic(), 0.0)):
+            raise TimeoutError(f"{len(view) - received} of {len(view)} bytes still missing")
         count = sock.recv_into(view[received:])
         if count == 0:
             raise EOFError("the connection closed in the middle of a message")

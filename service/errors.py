@@ -134,7 +134,8 @@ class ImageTooComplexError(ServiceError):
     """An image whose file structure would cost far more to decode than its pixels.
 
     Thousands of progressive JPEG scans, millions of empty segments or blocks, TIFF tiles far
-    larger than the image (see :mod:`service.structure`).
+    larger than the image (see :mod:`service.structure`); or, with decode processes, an image
+    still decoding after ``DINO_DECODE_TIMEOUT_S`` (see :mod:`service.decode_pool`).
     """
 
     status = 422

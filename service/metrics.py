@@ -76,8 +76,9 @@ class Metrics:
         )
         self.decode_restarts = Counter(
             "dino_decode_process_restarts",
-            "Decode processes (DINO_DECODE_PROCESSES) replaced after they ended unexpectedly "
-            "or their exchange with the service broke off.",
+            "Decode processes (DINO_DECODE_PROCESSES) replaced after they ended unexpectedly, "
+            "their exchange with the service broke off, or they were killed for holding an "
+            "image past DINO_DECODE_TIMEOUT_S.",
             registry=registry,
         )
         self.rejected = Counter(

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
             decodes in threads. For a fast accelerator, where decoding in one process holds the
             GIL long enough to cap throughput. Each holds about 40 MB of memory,
             more after a large image (about 100 MB after a 12-megapixel photo).
+        decode_timeout_s: With ``decode_processes``, longest a worker may take over one image
+            (wall-clock, from receiving the file to the last byte of its pixels; at most a
+            day); beyond it the worker is killed and replaced and the image is refused (422
+            ``image_too_complex``). 0: no limit. Threads cannot be stopped, so without
+            ``decode_processes`` there is no limit.
         max_body_bytes: Largest request body accepted (413 beyond).
         max_body_bytes_in_flight: Body bytes held by all requests at once, from the first
             byte read until the answer (429 beyond); bounds memory before admission.
@@ -111,6 +116,7 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(default=64 * 2**20, ge=2**16)
     decode_workers: int = Field(default=0, ge=0)
     decode_processes: int = Field(default=0, ge=0, le=512)
+    decode_timeout_s: float = Field(default=30.0, ge=0, le=86_400)
 
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_body_bytes_in_flight: int = Field(default=256 * 1024 * 1024, ge=1024)
@@ -195,6 +201,10 @@ class Settings(BaseSettings):
     def worker_count(self) -> int:
         """Decode/resize threads to start."""
         return self.decode_workers or max(os.cpu_count() or 1, 1)
+
+    def decode_time_limit(self) -> float | None:
+        """Seconds a decode process may spend on one image; None when unlimited (0)."""
+        return self.decode_timeout_s or None
 
 
 def misspelt_settings(environ: Mapping[str, str]) -> list[str]:

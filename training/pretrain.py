@@ -110,7 +110,10 @@ def resolve_precision(config: PretrainConfig, device: torch.device) -> str:
     precision = config.resolved_precision
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Native bf16 only (Ampere and later): pre-Ampere GPUs would emulate it, slowly,
+            # where fp16 with loss scaling (the reference's choice) runs on their tensor cores.
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return "bf16" if native else "fp16"
         return "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ import service.app as app_module
 import service.prepare as prepare_module
 from models.contract import model_path
 from service.decode import decode_image
+from service.decode_pool import DecodeProcesses
 from service.metrics import Metrics
 from service.preprocess import plan_geometry, to_pixels
 from service.runtime import parse_metadata
@@ -664,6 +667,7 @@ def test_decoding_in_worker_processes_answers_as_decoding_in_threads(
     with run_server(settings) as processes:
         decoder = processes.app.state.service.decoder
         assert decoder is not None and decoder.count == 2
+        assert decoder.timeout_s == settings.decode_time_limit() == 30  # DINO_DECODE_TIMEOUT_S
         pids = decoder.pids()
         for data in (
             {"outputs": ALL_OUTPUTS},
@@ -689,3 +693,41 @@ def test_decoding_in_worker_processes_answers_as_decoding_in_threads(
             for _ in range(200):
                 os.kill(pid, 0)
                 time.sleep(0.05)
+
+
+# A decode worker that never answers for a file ending with this marker (bytes after a JPEG's
+# end are ignored by its decoder); other files run the real code.
+HANG_MARKER = b"hang-this-worker"
+HANGING_WORKER = (
+    "import sys, time\n"
+    "import service.decode_worker as worker\n"
+    "real = worker.resize_image\n"
+    "def resize_image(data, index, spec):\n"
+    f"    if data.endswith({HANG_MARKER!r}):\n"
+    "        time.sleep(3600)\n"
+    "    return real(data, index, spec)\n"
+    "worker.resize_image = resize_image\n"
+    "sys.exit(worker.main())\n"
+)
+
+
+@pytest.mark.timeout(120)
+def test_an_image_over_the_decode_time_limit_is_a_422_and_the_service_goes_on(
+    tiny_model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hanging = (sys.executable, "-c", HANGING_WORKER)
+    monkeypatch.setattr(
+        app_module, "DecodeProcesses", functools.partial(DecodeProcesses, command=hanging)
+    )
+    settings = tiny_settings(tiny_model_repository, decode_processes=1, decode_timeout_s=1.0)
+    good = jpeg_bytes(40, 30, seed=1)
+    with run_server(settings) as server:
+        started = time.monotonic()
+        answer = post_images(server, [good, good + HANG_MARKER])
+        assert_error(answer, 422, "image_too_complex", 1)
+        assert "longer than 1 s" in answer.json()["error"]["message"]
+        assert time.monotonic() - started < 30
+        assert server.metric("dino_decode_process_restarts_total") == 1
+        assert server.metric("dino_rejected_images_total", {"code": "image_too_complex"}) == 1
+        again = post_images(server, [good, good])  # the replacement serves the next request
+        assert again.status_code == 200, again.text

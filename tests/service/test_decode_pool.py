@@ -23,6 +23,7 @@ from service.decode_pool import DecodeProcesses, DecodeProcessesStoppedError
 from service.errors import (
     CorruptImageError,
     EmptyImageError,
+    ImageTooComplexError,
     ImageTooLargeError,
     NotAnImageError,
     NotReadyError,
@@ -36,9 +37,12 @@ RECIPE = PreprocessingRecipe(resolution=32, resize_size=37)
 # A worker whose resize_image misbehaves for chosen image indexes: 97 ends the process the first
 # time (it leaves a marker file), 98 ends it every time (and, with DINO_TEST_FAIL_THIRD_START,
 # no third worker starts after two such ends), 99 raises a server-side error, 96 answers pixels
-# of another shape than the size it reports. Other indexes run the real code.
+# of another shape than the size it reports, 95 never answers (it sleeps for an hour) and 94
+# answers after 0.3 s, 93 ends the process the first time and never answers the second, 92
+# sends its answer's header but not its pixels.
+# Other indexes run the real code.
 INSTRUMENTED = (
-    "import os, sys\n"
+    "import os, sys, time\n"
     "import numpy as np\n"
     "import service.decode_worker as worker\n"
     "from service.prepare import Resized\n"
@@ -48,7 +52,25 @@ INSTRUMENTED = (
     "and len(open(ends).read()) >= 2:\n"
     "    sys.exit(5)\n"
     "real = worker.resize_image\n"
+    "real_send = worker.send_header\n"
+    "stall = []\n"
+    "def send_header(conn, header):\n"
+    "    real_send(conn, header)\n"
+    "    if stall and 'ok' in header:\n"
+    "        time.sleep(3600)\n"
+    "worker.send_header = send_header\n"
     "def resize_image(data, index, spec):\n"
+    "    if index == 92:\n"
+    "        stall.append(index)\n"
+    "    if index == 95:\n"
+    "        time.sleep(3600)\n"
+    "    if index == 93:\n"
+    "        if not os.path.exists(marker):\n"
+    "            open(marker, 'w').close()\n"
+    "            os._exit(7)\n"
+    "        time.sleep(3600)\n"
+    "    if index == 94:\n"
+    "        time.sleep(0.3)\n"
     "    if index == 97 and not os.path.exists(marker):\n"
     "        open(marker, 'w').close()\n"
     "        os._exit(7)\n"
@@ -91,11 +113,18 @@ def pool() -> Iterator[DecodeProcesses]:
 
 
 @pytest.fixture
-def instrumented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DecodeProcesses]:
+def instrumented(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[DecodeProcesses]:
+    """One instrumented worker; ``@pytest.mark.parametrize("instrumented", [T], indirect=True)``
+    sets the pool's ``timeout_s`` (default None)."""
     monkeypatch.setenv("DINO_TEST_CRASH_MARKER", str(tmp_path / "crashed-once"))
     restarts: list[int] = []
     processes = DecodeProcesses(
-        1, command=(sys.executable, "-c", INSTRUMENTED), on_restart=lambda: restarts.append(1)
+        1,
+        command=(sys.executable, "-c", INSTRUMENTED),
+        timeout_s=getattr(request, "param", None),
+        on_restart=lambda: restarts.append(1),
     )
     processes.start()
     yield processes
@@ -298,11 +327,13 @@ def test_a_reply_cut_short_on_the_service_side_retires_the_worker(
     real = decode_pool._Worker._receive_pixels
     calls: list[int] = []
 
-    def fail_once(self: decode_pool._Worker, ok: Any, settings: PrepareSpec) -> Any:
+    def fail_once(
+        self: decode_pool._Worker, ok: Any, settings: PrepareSpec, deadline: float | None
+    ) -> Any:
         calls.append(1)
         if len(calls) == 1:
             raise MemoryError("no room for the pixels")
-        return real(self, ok, settings)
+        return real(self, ok, settings, deadline)
 
     monkeypatch.setattr(decode_pool._Worker, "_receive_pixels", fail_once)
     restarts = pool.restarts
@@ -437,3 +468,69 @@ def test_a_start_that_fails_half_way_closes_the_workers_that_did_start(
     assert worker.process.poll() is not None
     assert worker.sock.fileno() == -1  # closed, not left to the garbage collector
     assert processes.pids() == []
+
+
+@pytest.mark.timeout(60)  # a limit not applied would hang for the worker's hour
+@pytest.mark.parametrize("instrumented", [1.0], indirect=True)
+def test_an_image_over_the_time_limit_kills_its_worker_and_is_refused(
+    instrumented: DecodeProcesses, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    (hung,) = instrumented.pids()
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="service.decode_pool"),
+        pytest.raises(ImageTooComplexError, match="longer than 1 s") as caught,
+    ):  # the limit, not the worker's hour (a TimeoutError here: no limit applied)
+        instrumented.executor.submit(instrumented.prepare, data, 95, spec()).result(timeout=20)
+    assert caught.value.index == 95 and caught.value.status == 422
+    assert time.monotonic() - started < 10
+    assert f"decode process {hung} was killed: image 95" in caplog.text
+    with pytest.raises(ProcessLookupError):  # killed, and reaped by the replacement
+        os.kill(hung, 0)
+    assert instrumented.restarts == 1 and instrumented.pids() != [hung]
+    # not retried; the replacement serves the next images, one that is slow within the limit too
+    for index in (0, 94):
+        got = instrumented.prepare(data, index, spec())
+        assert np.array_equal(got.pixels, prepare_image(data, index, spec()).pixels)
+    assert instrumented.restarts == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("instrumented", [1.0], indirect=True)
+def test_a_retried_image_is_held_to_the_time_limit_too(instrumented: DecodeProcesses) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    with pytest.raises(ImageTooComplexError) as caught:  # ends one worker, hangs the next
+        instrumented.executor.submit(instrumented.prepare, data, 93, spec()).result(timeout=30)
+    assert caught.value.index == 93
+    assert instrumented.restarts == 2  # after the crash, and after the kill
+    got = instrumented.prepare(data, 0, spec())
+    assert np.array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
+    assert instrumented.restarts == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("instrumented", [1.0], indirect=True)
+def test_pixels_that_stop_arriving_count_against_the_time_limit(
+    instrumented: DecodeProcesses,
+) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    with pytest.raises(ImageTooComplexError) as caught:  # the header came, the pixels never
+        instrumented.executor.submit(instrumented.prepare, data, 92, spec()).result(timeout=20)
+    assert caught.value.index == 92 and instrumented.restarts == 1
+    got = instrumented.prepare(data, 0, spec())  # nothing of the stalled answer is left over
+    assert np.array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
+
+
+@pytest.mark.parametrize("instrumented", [None], indirect=True)
+def test_without_a_time_limit_a_slow_image_is_waited_for(instrumented: DecodeProcesses) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    got = instrumented.prepare(data, 94, spec())
+    assert np.array_equal(got.pixels, prepare_image(data, 94, spec()).pixels)
+    assert instrumented.timeout_s is None and instrumented.restarts == 0
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf"), 86_401.0])
+def test_a_time_limit_must_be_positive_and_at_most_a_day(timeout_s: float) -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        DecodeProcesses(1, timeout_s=timeout_s)

@@ -25,6 +25,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.body_timeout_s == 60 and settings.keep_alive_s == 5
     assert settings.cpu_memory_arena is False
     assert settings.decode_processes == 0  # decoding in threads unless asked
+    assert settings.decode_timeout_s == 30 and settings.decode_time_limit() == 30
 
 
 def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,8 +34,10 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DINO_DEVICE", "cpu")
     monkeypatch.setenv("DINO_MAX_BATCH_SIZE", "7")
     monkeypatch.setenv("DINO_DECODE_PROCESSES", "12")
+    monkeypatch.setenv("DINO_DECODE_TIMEOUT_S", "0")
     settings = Settings()
     assert settings.decode_processes == 12
+    assert settings.decode_timeout_s == 0 and settings.decode_time_limit() is None
     assert settings.api_keys == ("k1", "k2")
     assert settings.warmup_batch_sizes == (1, 8)
     assert settings.device == "cpu" and settings.max_batch_size == 7
@@ -57,6 +60,9 @@ def test_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         {"DINO_INFERENCE_PIPELINE_DEPTH": "9"},
         {"DINO_DECODE_PROCESSES": "-1"},
         {"DINO_DECODE_PROCESSES": "513"},
+        {"DINO_DECODE_TIMEOUT_S": "-1"},
+        {"DINO_DECODE_TIMEOUT_S": "inf"},
+        {"DINO_DECODE_TIMEOUT_S": "86401"},
         {"DINO_LOG_LEVEL": "verbose"},
         {"DINO_LOG_LEVEL": "trace"},  # uvicorn's, but not Python logging's
     ],

@@ -82,9 +82,19 @@ def test_documented_deviations(monkeypatch: pytest.MonkeyPatch) -> None:
     config = defaults()
     assert config.use_fp16 is None and config.precision == "auto"
     assert resolve_precision(config, torch.device("cpu")) == "fp32"
-    for bf16, expected in ((True, "bf16"), (False, "fp16")):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, v=bf16, **k: v)
-        assert resolve_precision(config, torch.device("cuda")) == expected
+    # bf16 only where the GPU has it natively; one that can only emulate it (pre-Ampere,
+    # which torch's default ``including_emulation=True`` counts) gets fp16.
+    gpus = {"native": (True, True), "emulated": (False, True), "none": (False, False)}
+    for gpu, expected in (("native", "bf16"), ("emulated", "fp16"), ("none", "fp16")):
+        native, emulated = gpus[gpu]
+
+        def supported(
+            including_emulation: bool = True, n: bool = native, e: bool = emulated
+        ) -> bool:
+            return e if including_emulation else n
+
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+        assert resolve_precision(config, torch.device("cuda")) == expected, gpu
     # The reference's behaviour stays one flag away.
     assert parse_config(["--data_path", "x", "--use_fp16", "true"]).resolved_precision == "fp16"
     assert parse_config(["--data_path", "x", "--use_fp16", "false"]).resolved_precision == "fp32"
