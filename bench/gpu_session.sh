@@ -15,7 +15,7 @@
 # true, about 455 s) while the four stage calls ran, then served (about 180 s): 703 s held.
 # (That lease issued the same commands by hand; fmnist_start and fmnist_collect were written
 # from them afterwards and have run on the CPU only, in tests/test_bench.py.)
-# Carried files count towards a call's 64 MiB: a part is 48 MiB and the tree 11 MiB, so only
+# Carried files count towards a call's 64 MiB: a part is 50 MiB and the tree 12 MiB, so only
 # PART=stage,bench (carrying part-00) can share a call; serve carries the wheels (10 MiB) and
 # fmnist the IDX files (29 MiB) alone.
 #   bench   training-step throughput: the reference-style step against our variants
@@ -39,7 +39,8 @@
 #   serve   the service on onnxruntime-gpu: /readyz must report CUDAExecutionProvider, then
 #           bench/serve_throughput.py --device cuda. The wheel is too large for one call: run
 #           `PART=stage bash bench/gpu_session.sh` once per part, carrying
-#           .device/ort/part-0N (N = 0..3), then the serve stage carrying .device/wheels
+#           .device/ort/part-0N (N = 0..3; bench/prepare_device.sh builds them and the
+#           wheels from PyPI), then the serve stage carrying .device/wheels
 #           (the serve extra's pure-Python and small binary wheels, used when the machine
 #           lacks them) and .device/ort/ort-gpu.tar.xz.sha256; $SERVE_EXTRA adds flags (for
 #           example "--images-per-request 8", "--replicas 4" or, to compare decoding in

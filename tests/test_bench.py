@@ -438,3 +438,89 @@ def test_serve_throughput_spreads_the_workers_over_several_replicas(tmp_path: Pa
         # one worker on each replica; they share the 8 requests as they finish them
         assert sum(level["replica_images"]) == 8 and min(level["replica_images"]) >= 1
         assert level["server_images"] == 8
+
+
+# Stands in for ``python3`` in bench/prepare_device.sh: ``-m pip download`` writes stand-in
+# wheels (the onnxruntime-gpu one a real zip of an ``onnxruntime`` package with 2.5 MB of
+# incompressible bytes) and logs its arguments; anything else runs the real interpreter.
+FAKE_PYTHON = """
+import os, sys, zipfile
+args = sys.argv[1:]
+if args[:3] != ["-m", "pip", "download"]:
+    os.execv(REAL, [REAL, *args])
+with open(os.environ["FAKE_PIP_LOG"], "a") as log:
+    log.write(" ".join(args) + "\\n")
+dest = args[args.index("--dest") + 1]
+for spec in args[args.index("--dest") + 2 :]:
+    name, version = spec.split("==")
+    wheel = os.path.join(dest, f"{name.replace('-', '_')}-{version}-py3-none-any.whl")
+    with zipfile.ZipFile(wheel, "w") as archive:
+        if name == "onnxruntime-gpu":
+            archive.writestr("onnxruntime/__init__.py", "__version__ = 'stand-in'\\n")
+            archive.writestr("onnxruntime/capi/blob.bin", os.urandom(2_500_000))
+        archive.writestr(f"{name}.dist-info/METADATA", f"Name: {name}\\n")
+"""
+
+
+def test_prepare_device_builds_the_parts_and_wheels_that_the_gpu_session_joins(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "constraints.txt", repo / "constraints.txt")
+    fake = tmp_path / "python3"
+    fake.write_text(f"#!{sys.executable}\nREAL = {sys.executable!r}\n{FAKE_PYTHON}")
+    fake.chmod(0o755)
+    log = tmp_path / "pip.log"
+    import os
+
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PIP_LOG": str(log), "PART_MIB": "1"}
+    prepared = subprocess.run(
+        ["bash", str(ROOT / "bench" / "prepare_device.sh")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and all("--python-version 3.12" in call for call in calls)
+    assert all("--only-binary=:all:" in call and "--no-deps" in call for call in calls)
+    assert "onnxruntime-gpu==1.31.1" in calls[1]  # the pinned version
+    wheels = sorted(p.name for p in (repo / ".device" / "wheels").iterdir())
+    assert "fastapi-0.165.0-py3-none-any.whl" in wheels and len(wheels) == 15
+    parts = sorted((repo / ".device" / "ort").glob("part-*"))
+    assert [p.name for p in parts] == ["part-00", "part-01", "part-02"]  # 2.5 MB in 1 MiB parts
+    assert "3 parts of at most 1 MiB" in prepared.stdout
+    assert "with ORT_PARTS=3" in prepared.stdout  # not the session's default of 4
+
+    # the session stages them one per call, then joins, checks and extracts them
+    carried = {p.name: p.read_bytes() for p in parts}
+    for name, piece in carried.items():
+        for old in (repo / ".device" / "ort").glob("part-*"):
+            old.unlink()
+        (repo / ".device" / "ort" / name).write_bytes(piece)
+        assert _gpu_session(tmp_path, "stage", ORT_PARTS="3").returncode == 0
+    result = _gpu_session(tmp_path, "serve", ORT_PARTS="3")
+    assert "ort-gpu.tar.xz: OK" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "ortgpu" / "onnxruntime" / "capi" / "blob.bin").stat().st_size == 2_500_000
+
+
+def test_prepare_device_refuses_a_package_missing_from_the_constraints(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "constraints.txt").write_text("fastapi==0.165.0\n")
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "prepare_device.sh")],
+        cwd=repo,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "starlette is not pinned in constraints.txt" in result.stderr
+    assert not (repo / ".device" / "wheels").exists()
