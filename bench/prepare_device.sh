@@ -12,6 +12,11 @@
 # PART=stage once per part (carry .device/ort/part-0N), then PART=serve (carry .device/wheels
 # and .device/ort/ort-gpu.tar.xz.sha256); see bench/gpu_session.sh. ORT_PARTS there must equal
 # the number of parts this prints (4 by default).
+# A dry run of those calls without a GPU (about 1 min): put a Python 3.12 venv holding only the
+# machine's packages first in PATH, set STAGE_DIR, ORT_DIR and OUT to scratch folders, run
+# PART=stage four times, then PART=serve with SERVE_EXTRA="--device cpu --model-repository
+# model_repository --model-name dino_default --concurrency 1 --seconds 2" (the serve stage
+# installs the wheels into /tmp/svcdeps; remove it afterwards).
 set -euo pipefail
 PY=${PYTHON:-python3}
 DEVICE_PYTHON=${DEVICE_PYTHON:-3.12}
