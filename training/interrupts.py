@@ -13,7 +13,9 @@ The loader workers take no part: they ignore SIGTERM and SIGINT, which a schedul
 holding a lock it shares with the trainer (the loader's "done" event), and the trainer's
 shutdown of the loader then waits on that lock forever. The trainer stops its workers itself:
 torch's shutdown protocol first, SIGKILL for any that outlive it, and at exit for any still
-alive (multiprocessing would send them a SIGTERM they ignore and wait for them).
+alive (multiprocessing would send them a SIGTERM they ignore and wait for them). A worker can
+still die by a signal it cannot ignore (the OOM killer's SIGKILL); its loader is then shut down
+by killing the other workers, not by torch's protocol, which could wait on that lock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
+
+from torch._C import _remove_worker_pids
 
 __all__ = [
     "ELSEWHERE",
@@ -450,16 +454,56 @@ def stop_workers(batches: Iterator[Any]) -> None:
     """Shut down a loader iterator's workers now (a no-op for one without workers).
 
     torch's protocol first (it asks each worker to end and waits a few seconds); a worker
-    still alive after it is killed. Called while a run unwinds: an exception's traceback holds
-    the iterator alive until the garbage collector breaks the cycle, which may be at
-    interpreter exit. A worker failure torch reports during the shutdown is not the error
-    being reported.
+    still alive after it is killed. Where that protocol could wait forever (a worker died by a
+    signal, possibly holding the loader's "done" event), the workers are killed at once.
+
+    Called while a run unwinds: an exception's traceback holds the iterator alive until the
+    garbage collector breaks the cycle, which may be at interpreter exit. A worker failure
+    torch reports during the shutdown is not the error being reported.
     """
+    workers = list(getattr(batches, "_workers", ()))
     shutdown: Callable[[], None] | None = getattr(batches, "_shutdown_workers", None)
     if callable(shutdown):
-        with contextlib.suppress(RuntimeError):
-            shutdown()
-    _kill(getattr(batches, "_workers", ()))
+        if _done_event_may_be_held(batches, workers):
+            _abandon(batches)
+        else:
+            with contextlib.suppress(RuntimeError):
+                shutdown()
+    _kill(workers)
+
+
+def _done_event_may_be_held(batches: Any, workers: Iterable[BaseProcess]) -> bool:
+    """Whether torch's shutdown of ``batches`` could wait forever on its "done" event.
+
+    Each worker takes the event's lock to read it; one killed by a signal meanwhile (the OOM
+    killer, :func:`kill_workers_now`) leaves it held for good, and torch's shutdown sets the
+    event. A worker dead by a signal, or a lock still taken after a few seconds, means the
+    workers are killed instead.
+    """
+    if getattr(batches, "_shutdown", True):
+        return False  # torch's shutdown has run already and returns at once
+    if any((w.exitcode or 0) < 0 for w in workers):
+        return True
+    lock = getattr(getattr(batches, "_workers_done_event", None), "_cond", None)
+    if lock is None:
+        return False
+    if not lock.acquire(timeout=_KILL_WAIT_S):
+        return True
+    lock.release()
+    return False
+
+
+def _abandon(batches: Any) -> None:
+    """Mark ``batches`` shut down without torch's protocol (its workers are killed next): its
+    finaliser then does nothing, torch's SIGCHLD handler no longer watches its workers, and
+    its index queues are closed without waiting on their feeder threads."""
+    batches._shutdown = True
+    if getattr(batches, "_worker_pids_set", False):
+        _remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    for queue in getattr(batches, "_index_queues", ()):
+        queue.cancel_join_thread()
+        queue.close()
 
 
 def _kill(workers: Iterable[BaseProcess]) -> None:

@@ -473,6 +473,56 @@ def test_workers_are_killed_at_once_before_an_exit_that_skips_the_reaper():
         stop_workers(batches)
 
 
+def _die_holding(lock: Any) -> None:
+    lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _leave_locked(lock: Any) -> None:
+    """Make ``lock`` held for good, as by a worker killed while it read the event."""
+    holder = multiprocessing.get_context("fork").Process(target=_die_holding, args=(lock,))
+    holder.start()
+    holder.join(10)
+    assert holder.exitcode == -signal.SIGKILL
+    assert not lock.acquire(timeout=0.1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("a_worker_died", [True, False], ids=["worker-killed", "lock-only"])
+def test_a_done_event_left_locked_does_not_hang_the_shutdown(a_worker_died: bool):
+    """torch's shutdown sets the "done" event, whose lock a worker killed by a signal (the OOM
+    killer) may hold for good: the workers are killed instead of waiting forever. Without a
+    dead worker to tell, the lock is probed with a time limit."""
+    batches = start_workers(_loader())
+    workers = list(batches._workers)  # type: ignore[attr-defined]
+    sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        assert next(batches).tolist() == [0, 1]
+        if a_worker_died:
+            workers[0].kill()
+            workers[0].join(10)
+        _leave_locked(batches._workers_done_event._cond)  # type: ignore[attr-defined]
+        started = time.monotonic()
+        stop_workers(batches)
+        took = time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGCHLD, sigchld)
+    assert all(not w.is_alive() for w in workers)
+    assert batches._shutdown  # type: ignore[attr-defined]
+    assert not batches._worker_pids_set  # type: ignore[attr-defined]
+    batches._shutdown_workers()  # type: ignore[attr-defined]  # as its finaliser: a no-op now
+    # The probe waits its limit only when no dead worker tells the lock may be held.
+    assert took < interrupts._KILL_WAIT_S if a_worker_died else took >= interrupts._KILL_WAIT_S
+
+
+def test_a_live_loader_is_still_shut_down_by_torchs_protocol():
+    batches = start_workers(_loader())
+    workers = list(batches._workers)  # type: ignore[attr-defined]
+    assert next(batches).tolist() == [0, 1]
+    stop_workers(batches)
+    assert [w.exitcode for w in workers] == [0] * len(workers)  # ended, not killed
+
+
 def test_once_the_run_has_stopped_signals_are_only_recorded():
     """The line that says why a run stopped, and its clean-up, are not cut short by a signal
     (torchrun's agent signals the ranks still running once one has failed)."""
