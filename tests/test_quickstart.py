@@ -68,6 +68,7 @@ def test_readme_quick_start_command_is_the_one_tested() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(960)  # past the readiness loop's 900 s, which reports the server's log
 def test_make_serve_from_a_clean_copy_answers_embed(tmp_path: Path) -> None:
     if shutil.which("make") is None:
         pytest.fail("make is required by the README's quick start")
@@ -79,7 +80,9 @@ def test_make_serve_from_a_clean_copy_answers_embed(tmp_path: Path) -> None:
         [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv-serve")], check=True
     )
     port = _free_port()
-    env = {**os.environ, "DINO_PORT": str(port), "DINO_HOST": "127.0.0.1"}
+    # pip rides out a slow or flaky index rather than failing the install at once.
+    env = {"PIP_RETRIES": "10", "PIP_TIMEOUT": "60", **os.environ}
+    env.update(DINO_PORT=str(port), DINO_HOST="127.0.0.1")
     env.pop("VIRTUAL_ENV", None)
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(

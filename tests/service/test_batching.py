@@ -6,9 +6,12 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 
+from service.runtime import OnnxModel, RunControl, load_model
 from tests.service.conftest import png_bytes, run_server, tiny_settings, wait_for
 
 
@@ -45,6 +48,22 @@ def test_concurrent_requests_share_inference_calls(tiny_model_repository: Path) 
 
 
 def test_full_queue_answers_429_with_retry_after(tiny_model_repository: Path) -> None:
+    gate = threading.Event()  # closed while the queue is full: no timing window to hit
+    gate.set()  # open for the load's checks and warm-up
+
+    def loader(*args: Any, **kwargs: Any) -> OnnxModel:
+        model = load_model(*args, **kwargs)
+        run = model.run
+
+        def gated(
+            pixels: np.ndarray, outputs: tuple[str, ...], control: RunControl | None = None
+        ) -> dict[str, np.ndarray]:
+            assert gate.wait(60)
+            return run(pixels, outputs, control)
+
+        model.run = gated  # type: ignore[method-assign]
+        return model
+
     settings = tiny_settings(
         tiny_model_repository,
         max_queue_images=4,
@@ -54,23 +73,26 @@ def test_full_queue_answers_429_with_retry_after(tiny_model_repository: Path) ->
         max_batch_size=64,
         retry_after_s=7,
     )
-    with run_server(settings) as server:
-        barrier = threading.Barrier(1)
+    with run_server(settings, loader=loader) as server:
         files = [("images", (f"{i}.png", png_bytes(seed=i), "image/png")) for i in range(4)]
 
         def first() -> int:
-            barrier.wait()
             with httpx.Client(base_url=server.url, timeout=60) as client:
                 return client.post("/embed", files=files).status_code
 
+        gate.clear()
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(first)
-            wait_for(lambda: server.metric("dino_queue_depth") == 4)
-            refused = server.client.post("/embed", files=files[:1])
-            assert refused.status_code == 429
-            assert refused.headers["retry-after"] == "7"
-            assert refused.json()["error"]["code"] == "overloaded"
-            assert server.metric("dino_images_in_flight") == 4
+            try:
+                # Queued for 1.5 s, then held in the gated inference call: in flight all along.
+                wait_for(lambda: server.metric("dino_images_in_flight") == 4)
+                refused = server.client.post("/embed", files=files[:1])
+                assert refused.status_code == 429
+                assert refused.headers["retry-after"] == "7"
+                assert refused.json()["error"]["code"] == "overloaded"
+                assert server.metric("dino_images_in_flight") == 4
+            finally:
+                gate.set()
             assert pending.result() == 200
         assert server.metric("dino_images_in_flight") == 0
         assert server.client.post("/embed", files=files[:1]).status_code == 200

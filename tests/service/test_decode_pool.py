@@ -372,24 +372,32 @@ def test_the_image_that_ends_two_workers_is_refused_even_if_no_third_starts(
 def test_a_worker_that_cannot_be_restarted_gives_503s_then_recovers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(decode_pool, "RESTART_BACKOFF_S", 0.3)
+    monkeypatch.setattr(decode_pool, "RESTART_BACKOFF_S", 2.0)
     processes = DecodeProcesses(1)
     processes.start()
     try:
         (pid,) = processes.pids()
         command = processes._command
         processes._command = (sys.executable, "-c", "import sys; sys.exit(5)")
+        spawn, attempts = processes._spawn, []
+
+        def counted() -> Any:
+            attempts.append(1)
+            return spawn()
+
+        monkeypatch.setattr(processes, "_spawn", counted)
         os.kill(pid, signal.SIGKILL)
         _wait_until_gone(pid)
         with pytest.raises(NotReadyError, match="could not be restarted"):
             processes.prepare(png_bytes(), 0, spec())
-        started = time.monotonic()
+        failed = time.monotonic()  # after the back-off's clock started
+        assert len(attempts) == 1
         with pytest.raises(NotReadyError):
             processes.prepare(png_bytes(), 0, spec())
-        assert time.monotonic() - started < 0.3  # no new attempt within the back-off
+        assert len(attempts) == 1  # no new attempt within the back-off
         assert processes.restarts == 0
         processes._command = command
-        time.sleep(0.35)
+        time.sleep(max(0.0, failed + 2.1 - time.monotonic()))
         assert processes.prepare(png_bytes(), 0, spec()).processed_size == (32, 32)
         assert processes.restarts == 1 and len(processes.pids()) == 1
     finally:

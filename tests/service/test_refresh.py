@@ -178,7 +178,7 @@ def test_in_flight_requests_finish_on_the_old_model(
 ) -> None:
     repository = copy_repository(tiny_model_repository, tmp_path / "repo")
     settings = tiny_settings(
-        repository, max_queue_delay_ms=1500, wait_when_idle=True, max_batch_size=64
+        repository, max_queue_delay_ms=3000, wait_when_idle=True, max_batch_size=64
     )
     with run_server(settings) as server:
         result: dict[str, Any] = {}
@@ -196,7 +196,7 @@ def test_in_flight_requests_finish_on_the_old_model(
         started = time.monotonic()
         assert server.client.post("/admin/reload").json()["serving_version"] == 2
         thread.join()
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30  # not held up by the reload
         response = result["response"]
         assert response.status_code == 200
         assert response.json()["model"]["version"] == 1  # queued before the swap

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -133,7 +135,33 @@ def _torchrun_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     cmd, env = _torchrun_command(args)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            _kill_job(process)
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def _kill_job(process: subprocess.Popen[str]) -> None:
+    """SIGKILL a torchrun job still running: its agent and every process under it. The ranks
+    run in sessions of their own, so killing the agent or its process group would leave them
+    training on (and slowing the tests after this one)."""
+    found, pending = [], [process.pid]
+    while pending:  # before any kill: an orphan's parent is no longer the agent
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(_children(pid))
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # a pipe a stray process still holds
+        process.communicate(timeout=30)
+    process.wait()
 
 
 def _start_torchrun(args: list[str]) -> subprocess.Popen[str]:
@@ -218,8 +246,10 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
 
 
 def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (from /proc)."""
-    found = []
+    """Processes whose parent is ``pid`` (from /proc; none where there is no /proc)."""
+    found: list[int] = []
+    if not Path("/proc/self/stat").exists():
+        return found
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -263,7 +293,6 @@ def test_a_signal_stops_every_rank_together_each_in_one_line(
     rank stopping on its own would leave the others waiting in a collective for a peer that
     has gone (with NCCL, until torchrun kills them), and a repeated signal must not kill a
     rank before it says why it stopped: the ranks agree where to stop, each in one line."""
-    import signal
     import time
 
     sent = getattr(signal, signame)
@@ -292,8 +321,7 @@ def test_a_signal_stops_every_rank_together_each_in_one_line(
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _kill_job(process)
     assert process.returncode != 0
     # The ranks' own lines (torchrun's report of how they ended, or of the signal it got
     # itself, is its own, traceback included).
@@ -326,7 +354,6 @@ def test_a_rank_that_cannot_stop_together_exits_by_itself_after_the_stop_timeout
     """Rank 1 is stuck (in Python); rank 0 waits for it in a collective, inside C++, where
     Python never runs its signal handler. Both were signalled (as Slurm does): each exits on
     its own once --stop_timeout has passed, with one line, instead of waiting for SIGKILL."""
-    import signal
     import time
 
     script = tmp_path / "stuck.py"
@@ -348,8 +375,7 @@ def test_a_rank_that_cannot_stop_together_exits_by_itself_after_the_stop_timeout
         took = time.monotonic() - signalled
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            _kill_job(process)
     line = " ERROR terminated (SIGTERM), but this process did not stop within 3 s (--stop_timeout)"
     own = "\n".join(line for line in stderr.splitlines() if line.startswith("20"))
     # Rank 1 (stuck in Python) exits by its deadline. Rank 0 does too, unless rank 1's exit

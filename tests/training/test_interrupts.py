@@ -37,6 +37,9 @@ from training.interrupts import (
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# A hang here (a lock left held by a killed process) fails in minutes, not in the global 600 s.
+pytestmark = pytest.mark.timeout(120)
+
 
 def _spin_on_event(done: Any, ready: Any) -> None:
     ignore_interrupts_in_worker()
@@ -103,7 +106,8 @@ class _Firing(multiprocessing.context.ForkContext):
         self._thread.start()  # before the signals are blocked in the main thread
 
     def _fire(self) -> None:
-        self._go.wait(60)
+        if not self._go.wait(60):
+            return  # the test failed before its second worker: no signal for a later test
         signal.pthread_kill(threading.get_ident(), self.signum)
         self._fired.set()
 
@@ -258,7 +262,7 @@ def test_the_reaper_kills_only_live_workers():
 def test_a_worker_ignores_the_signals_from_then_on():
     """Checked in a forked child: signal dispositions are per process."""
     context = multiprocessing.get_context("fork")
-    queue = context.SimpleQueue()
+    queue = context.Queue()
 
     def report() -> None:
         ignore_interrupts_in_worker()
@@ -272,13 +276,16 @@ def test_a_worker_ignores_the_signals_from_then_on():
 
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
-        child = context.Process(target=report)
+        child = context.Process(target=report, daemon=True)
         child.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    assert queue.get() == (True, True, set())
-    child.join(10)
-    assert child.exitcode == 0
+    try:
+        assert queue.get(timeout=30) == (True, True, set())
+        child.join(10)
+        assert child.exitcode == 0
+    finally:
+        child.kill()  # never left behind for pytest's exit to wait on
 
 
 def test_deferred_signals_are_raised_on_leaving_the_block():
@@ -474,15 +481,19 @@ def test_workers_are_killed_at_once_before_an_exit_that_skips_the_reaper():
 
 
 def _die_holding(lock: Any) -> None:
-    lock.acquire()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if lock.acquire(timeout=10):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _leave_locked(lock: Any) -> None:
     """Make ``lock`` held for good, as by a worker killed while it read the event."""
-    holder = multiprocessing.get_context("fork").Process(target=_die_holding, args=(lock,))
+    context = multiprocessing.get_context("fork")
+    holder = context.Process(target=_die_holding, args=(lock,), daemon=True)
     holder.start()
-    holder.join(10)
+    try:
+        holder.join(20)
+    finally:
+        holder.kill()  # never left behind for pytest's exit to wait on
     assert holder.exitcode == -signal.SIGKILL
     assert not lock.acquire(timeout=0.1)
 
@@ -498,10 +509,11 @@ def test_a_done_event_left_locked_does_not_hang_the_shutdown(a_worker_died: bool
     sigchld = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         assert next(batches).tolist() == [0, 1]
+        # Locked first: a worker killed now could hold the lock, and the holder wait for it.
+        _leave_locked(batches._workers_done_event._cond)  # type: ignore[attr-defined]
         if a_worker_died:
             workers[0].kill()
             workers[0].join(10)
-        _leave_locked(batches._workers_done_event._cond)  # type: ignore[attr-defined]
         started = time.monotonic()
         stop_workers(batches)
         took = time.monotonic() - started
