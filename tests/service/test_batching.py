@@ -31,7 +31,7 @@ def test_concurrent_requests_share_inference_calls(tiny_model_repository: Path) 
         images = server.metric("dino_batch_size_sum")
         requests = [({"resolution": "32"}, seed) for seed in range(6)]
         requests += [({"resolution": "48"}, seed) for seed in range(6)]
-        barrier = threading.Barrier(len(requests))
+        barrier = threading.Barrier(len(requests), timeout=60)
         with ThreadPoolExecutor(len(requests)) as pool:
             statuses = list(
                 pool.map(
@@ -123,7 +123,7 @@ def test_disconnected_client_is_withdrawn_from_the_queue(tiny_model_repository: 
         batches = server.metric("dino_batch_size_count")
         images = server.metric("dino_batch_size_sum")
         with ThreadPoolExecutor(2) as pool:
-            barrier = threading.Barrier(1)
+            barrier = threading.Barrier(1, timeout=60)
             kept = pool.submit(_post, server.url, png_bytes(seed=1), {}, barrier)
             wait_for(lambda: server.metric("dino_queue_depth") == 1)
             leaving = _raw_embed(server.url, png_bytes(seed=2))

@@ -144,7 +144,7 @@ def test_failed_inference_spares_batch_mates_and_hides_engine_text(
     settings = tiny_settings(tiny_model_repository, max_queue_delay_ms=2000, wait_when_idle=True)
     with run_server(settings, loader=loader) as server:
         calls = server.metric("dino_batch_size_count")
-        barrier = threading.Barrier(2)
+        barrier = threading.Barrier(2, timeout=60)
         with caplog.at_level(logging.WARNING, logger="service"), ThreadPoolExecutor(2) as pool:
             bad, good = pool.map(lambda blob: _post(server.url, blob, barrier), [white, normal])
         assert good.status_code == 200, good.text
