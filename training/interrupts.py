@@ -57,6 +57,9 @@ __all__ = [
 
 # Seconds a worker gets to end once killed before the trainer stops waiting for it.
 _KILL_WAIT_S = 5.0
+# A live worker holds the loader's "done" event lock for microseconds; one held this long is
+# taken to be held for good.
+_LOCK_PROBE_S = 1.0
 
 
 class Terminated(BaseException):
@@ -463,13 +466,17 @@ def stop_workers(batches: Iterator[Any]) -> None:
     """
     workers = list(getattr(batches, "_workers", ()))
     shutdown: Callable[[], None] | None = getattr(batches, "_shutdown_workers", None)
-    if callable(shutdown):
-        if _done_event_may_be_held(batches, workers):
-            _abandon(batches)
-        else:
-            with contextlib.suppress(RuntimeError):
-                shutdown()
-    _kill(workers)
+    try:
+        if callable(shutdown):
+            with _sigchld_set_aside():  # a worker dying meanwhile must not raise out of here
+                held = _done_event_may_be_held(batches, workers)
+                if held:
+                    _abandon(batches)
+            if not held:
+                with contextlib.suppress(RuntimeError):
+                    shutdown()
+    finally:
+        _kill(workers)
 
 
 def _done_event_may_be_held(batches: Any, workers: Iterable[BaseProcess]) -> bool:
@@ -477,8 +484,8 @@ def _done_event_may_be_held(batches: Any, workers: Iterable[BaseProcess]) -> boo
 
     Each worker takes the event's lock to read it; one killed by a signal meanwhile (the OOM
     killer, :func:`kill_workers_now`) leaves it held for good, and torch's shutdown sets the
-    event. A worker dead by a signal, or a lock still taken after a few seconds, means the
-    workers are killed instead.
+    event. A worker dead by a signal, or a lock still taken after :data:`_LOCK_PROBE_S`, means
+    the workers are killed instead.
     """
     if getattr(batches, "_shutdown", True):
         return False  # torch's shutdown has run already and returns at once
@@ -487,7 +494,7 @@ def _done_event_may_be_held(batches: Any, workers: Iterable[BaseProcess]) -> boo
     lock = getattr(getattr(batches, "_workers_done_event", None), "_cond", None)
     if lock is None:
         return False
-    if not lock.acquire(timeout=_KILL_WAIT_S):
+    if not lock.acquire(timeout=_LOCK_PROBE_S):
         return True
     lock.release()
     return False
@@ -495,9 +502,17 @@ def _done_event_may_be_held(batches: Any, workers: Iterable[BaseProcess]) -> boo
 
 def _abandon(batches: Any) -> None:
     """Mark ``batches`` shut down without torch's protocol (its workers are killed next): its
-    finaliser then does nothing, torch's SIGCHLD handler no longer watches its workers, and
-    its index queues are closed without waiting on their feeder threads."""
+    finaliser then does nothing, torch's SIGCHLD handler no longer watches its workers, its
+    pin-memory thread (CUDA runs) is told to end, and its index queues are closed without
+    waiting on their feeder threads.
+
+    Nothing is put on the workers' result queue (torch wakes the pin-memory thread so): its
+    write lock may be held by a killed worker. The thread ends by itself at its next poll.
+    """
     batches._shutdown = True
+    pin_done = getattr(batches, "_pin_memory_thread_done_event", None)
+    if pin_done is not None:
+        pin_done.set()
     if getattr(batches, "_worker_pids_set", False):
         _remove_worker_pids(id(batches))
         batches._worker_pids_set = False
@@ -516,17 +531,25 @@ def _kill(workers: Iterable[BaseProcess]) -> None:
     alive = [w for w in workers if w.is_alive()]
     if not alive:
         return
-    sigchld = getattr(signal, "SIGCHLD", None)
-    previous = None
-    if sigchld is not None and threading.current_thread() is threading.main_thread():
-        previous = signal.signal(sigchld, signal.SIG_DFL)
-    try:
+    with _sigchld_set_aside():
         for worker in alive:
             with contextlib.suppress(OSError, ValueError):
                 worker.kill()
         for worker in alive:
             with contextlib.suppress(RuntimeError, ValueError):  # off the main thread
                 worker.join(_KILL_WAIT_S)
+
+
+@contextlib.contextmanager
+def _sigchld_set_aside() -> Iterator[None]:
+    """SIGCHLD at its default meanwhile (on the main thread; elsewhere it cannot be changed,
+    and Python runs handlers only on the main thread anyway), then the handler as it was."""
+    sigchld = getattr(signal, "SIGCHLD", None)
+    previous = None
+    if sigchld is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(sigchld, signal.SIG_DFL)
+    try:
+        yield
     finally:
         if previous is not None:
             signal.signal(sigchld, previous)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -514,23 +515,53 @@ def test_a_done_event_left_locked_does_not_hang_the_shutdown(a_worker_died: bool
         if a_worker_died:
             workers[0].kill()
             workers[0].join(10)
+        # As torch's pin-memory thread of a CUDA run (CPU-only torch starts none).
+        pin_done = threading.Event()
+        pinning = threading.Thread(target=pin_done.wait, daemon=True)
+        pinning.start()
+        batches._pin_memory_thread_done_event = pin_done  # type: ignore[attr-defined]
         started = time.monotonic()
         stop_workers(batches)
         took = time.monotonic() - started
     finally:
         signal.signal(signal.SIGCHLD, sigchld)
+    pinning.join(5)
+    assert not pinning.is_alive()
     assert all(not w.is_alive() for w in workers)
     assert batches._shutdown  # type: ignore[attr-defined]
     assert not batches._worker_pids_set  # type: ignore[attr-defined]
     batches._shutdown_workers()  # type: ignore[attr-defined]  # as its finaliser: a no-op now
     # The probe waits its limit only when no dead worker tells the lock may be held.
-    assert took < interrupts._KILL_WAIT_S if a_worker_died else took >= interrupts._KILL_WAIT_S
+    probe = interrupts._LOCK_PROBE_S
+    assert took < probe if a_worker_died else took >= probe
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_dying_while_the_lock_is_probed_does_not_raise_out_of_the_shutdown():
+    """With torch's SIGCHLD handler armed (as in a run), a worker the OOM killer ends during
+    the probe would raise torch's "killed by signal" error out of the shutdown, leaving the
+    other workers alive and the iterator's finaliser to hang on the lock."""
+    batches = start_workers(_loader())
+    workers = list(batches._workers)  # type: ignore[attr-defined]
+    try:
+        assert next(batches).tolist() == [0, 1]
+        _leave_locked(batches._workers_done_event._cond)  # type: ignore[attr-defined]
+        killer = threading.Timer(interrupts._LOCK_PROBE_S / 3, workers[1].kill)
+        killer.start()
+        stop_workers(batches)  # the probe is waiting when the worker dies
+        killer.join()
+    finally:
+        with contextlib.suppress(RuntimeError):  # only if the test failed: torch's error
+            interrupts._kill(workers)
+    assert all(not w.is_alive() for w in workers)
+    assert batches._shutdown  # type: ignore[attr-defined]
 
 
 def test_a_live_loader_is_still_shut_down_by_torchs_protocol():
     batches = start_workers(_loader())
     workers = list(batches._workers)  # type: ignore[attr-defined]
     assert next(batches).tolist() == [0, 1]
+    assert interrupts._done_event_may_be_held(batches, workers) is False
     stop_workers(batches)
     assert [w.exitcode for w in workers] == [0] * len(workers)  # ended, not killed
 
