@@ -554,7 +554,18 @@ def test_a_slow_download_shows_progress_as_bytes_arrive(
     body = _release_bytes("vit_small", 16)
     mirror.routes[VITS16_PATH] = ("trickle", body)
     seen: list[list[str]] = []
-    mirror.between_pieces = lambda: seen.append(_cache_entries(tmp_path))
+
+    def sample() -> None:
+        # The last sample comes after 3 of 4 pieces were sent: a client slowed down by a busy
+        # machine gets a few seconds to have its partial file.
+        entries = _cache_entries(tmp_path)
+        deadline = time.monotonic() + 10
+        while len(seen) == 2 and not entries and time.monotonic() < deadline:
+            time.sleep(0.05)
+            entries = _cache_entries(tmp_path)
+        seen.append(entries)
+
+    mirror.between_pieces = sample
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     fetch_pretrained("dino_vits16", cache_dir=tmp_path, base_url=mirror.base_url)
