@@ -332,7 +332,8 @@ class Batcher:
         if not task.cancelled() and task.exception() is not None:
             logger.error("a batch task failed", exc_info=task.exception())
 
-    async def _execute(self, items: list[_Item]) -> None:
+    async def _execute(self, items: list[_Item], *, retry: bool = False) -> None:
+        """Run ``items`` as one inference call (``retry``: one image of a failed batch)."""
         loop = asyncio.get_running_loop()
         running: asyncio.Future[None] = loop.create_future()
         control = RunControl()
@@ -345,7 +346,7 @@ class Batcher:
             item.running = running
             item.future.add_done_callback(stop_if_abandoned)
         try:
-            await self._run_batch(items, control, running)
+            await self._run_batch(items, control, running, retry=retry)
         finally:
             if not running.done():
                 running.set_result(None)
@@ -353,9 +354,18 @@ class Batcher:
                 item.future.remove_done_callback(stop_if_abandoned)
 
     async def _run_batch(
-        self, items: list[_Item], control: RunControl, running: asyncio.Future[None]
+        self,
+        items: list[_Item],
+        control: RunControl,
+        running: asyncio.Future[None],
+        *,
+        retry: bool,
     ) -> None:
-        """Run one inference call; ``running`` is resolved as soon as the call has ended."""
+        """Run one inference call; ``running`` is resolved as soon as the call has ended.
+
+        A ``retry`` counts as an inference call (batch size 1) but not as a queue wait: its
+        image's wait was observed when the batch that failed took it.
+        """
         self._metrics.batch_size.observe(len(items))
         wanted = {name for item in items for name in item.outputs}
         outputs = tuple(name for name in OUTPUT_NAMES if name in wanted)
@@ -375,7 +385,8 @@ class Batcher:
             )
         except Exception:
             self._running.pop(control, None)
-            self._observe_wait(items, timing)
+            if not retry:
+                self._observe_wait(items, timing)
             running.set_result(None)  # the call has ended: requests that left need not wait
             if control.terminated and all(item.future.done() for item in items):
                 self._metrics.stopped_batches.inc()
@@ -391,7 +402,7 @@ class Batcher:
                 )
                 for item in items:
                     if not item.future.done():
-                        await self._execute([item])
+                        await self._execute([item], retry=True)
                 return
             reference = uuid.uuid4().hex[:12]
             logger.exception("inference failed on one image (reference %s)", reference)
@@ -407,7 +418,8 @@ class Batcher:
             return
         finally:
             self._running.pop(control, None)
-        self._observe_wait(items, timing)
+        if not retry:
+            self._observe_wait(items, timing)
         elapsed = timing.elapsed
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
         for row, item in enumerate(items):

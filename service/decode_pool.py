@@ -106,6 +106,7 @@ class _Worker:
         self.conn = Connection(os.dup(ours.fileno()))
         self.broken = False
         self.broken_why = ""
+        self.reported = False  # its end was already logged as a warning (a timeout)
         try:
             if not self.conn.poll(start_timeout_s):
                 raise RuntimeError(f"a decode process did not start within {start_timeout_s} s")
@@ -356,6 +357,7 @@ class DecodeProcesses:
                     index,
                     self.timeout_s,
                 )
+                worker.reported = True
                 raise ImageTooComplexError(
                     f"decoding this image took longer than {self.timeout_s:g} s; "
                     "the file is refused",
@@ -446,7 +448,8 @@ class DecodeProcesses:
         if failed_at is not None and time.monotonic() - failed_at < RESTART_BACKOFF_S:
             raise NotReadyError("a decode process could not be restarted; retry in a few seconds")
         held = f" while it held image {index}" if index is not None else ""
-        logger.warning(
+        logger.log(
+            logging.INFO if worker.reported else logging.WARNING,  # one warning per incident
             "decode process %d ended or broke (exit status %s; %s)%s; starting another",
             worker.pid,
             worker.process.returncode,

@@ -340,6 +340,31 @@ def test_a_request_that_ends_during_one_by_one_retries_does_not_wait_for_them() 
     asyncio.run(scenario())
 
 
+def test_one_by_one_retries_count_as_calls_but_not_as_queue_waits_again() -> None:
+    async def scenario() -> None:
+        model = _FailsInBatches()
+        model.gate.set()
+        async with _running(delay_s=0.1) as (batcher, metrics):
+            tasks = [
+                asyncio.create_task(batcher.submit(model, _images(v), ("cls_embedding",)))
+                for v in (1.0, 2.0, 3.0)
+            ]
+            answers = [await task for task in tasks]
+            assert [a[0].outputs["cls_embedding"].tolist() for a in answers] == [
+                [768.0],
+                [1536.0],
+                [2304.0],
+            ]
+            assert model.calls == [3, 1, 1, 1]
+            # Four inference calls (the batch, then each image alone), six images through them.
+            assert _sample(metrics, "dino_batch_size_count") == 4
+            assert _sample(metrics, "dino_batch_size_sum") == 6
+            # Each image waited in the queue once, until the batch that failed took it.
+            assert _sample(metrics, "dino_queue_wait_seconds_count") == 3
+
+    asyncio.run(scenario())
+
+
 def test_stopping_the_batcher_ends_the_running_call_and_fails_its_requests() -> None:
     async def scenario() -> None:
         model = _StoppableModel()

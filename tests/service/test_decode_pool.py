@@ -494,6 +494,8 @@ def test_an_image_over_the_time_limit_kills_its_worker_and_is_refused(
     assert caught.value.index == 95 and caught.value.status == 422
     assert time.monotonic() - started < 10
     assert f"decode process {hung} was killed: image 95" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, caplog.text  # the kill; its replacement is only information
     with pytest.raises(ProcessLookupError):  # killed, and reaped by the replacement
         os.kill(hung, 0)
     assert instrumented.restarts == 1 and instrumented.pids() != [hung]
