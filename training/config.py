@@ -50,7 +50,11 @@ class PretrainConfig:
     depth: int | None = _opt(None, "Custom number of blocks (overrides --arch).")
     num_heads: int | None = _opt(None, "Custom attention heads (overrides --arch).")
     out_dim: int = _opt(65536, "Dimension of the DINO head output.")
-    norm_last_layer: bool = _opt(True, "Weight-normalise the last layer with g frozen at 1.")
+    norm_last_layer: bool = _opt(
+        True,
+        "Freeze the last layer's weight-norm gain g at 1 (false: g is trained; the layer is "
+        "weight-normalised either way).",
+    )
     momentum_teacher: float = _opt(0.996, "Base EMA momentum of the teacher (cosine to 1).")
     use_bn_in_head: bool = _opt(False, "BatchNorm in the projection head.")
     head_hidden_dim: int = _opt(2048, "Hidden width of the head MLP (2048 in the paper).")
