@@ -28,6 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.attention import check_attention_budget
@@ -58,6 +59,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.upload import (
     BodyBudget,
+    check_content_encoding,
     check_content_type,
     parse_upload,
     query_options,
@@ -227,8 +229,10 @@ async def embed(request: Request) -> Response:
     content_type = request.headers.get("content-type", "")
     query = request.query_params.multi_items()
     # What the headers alone decide is refused before the body is read (a client that sent
-    # "Expect: 100-continue" is then never asked for it): media type, query options, a model.
+    # "Expect: 100-continue" is then never asked for it): media type and coding, query options,
+    # a model.
     check_content_type(content_type)
+    check_content_encoding(request.headers.get("content-encoding"))
     early = parse_options(query_options(query))
     current = state.manager.current
     if current is None:
@@ -617,10 +621,13 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             logger.error("%s: %s", exc.code, exc.message)
         return _error_response(exc.status, exc.code, exc.message, exc.index, exc.headers())
 
-    async def http_error(_request: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return _error_response(exc.status_code, code, str(exc.detail), None, exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": allowed}
+        return _error_response(exc.status_code, code, str(exc.detail), None, headers)
 
     async def validation_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -634,6 +641,19 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     # Any other exception: answered 500 internal_error by _RequestMetrics (see there).
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of this module's routes at the request's path, empty if none is there.
+
+    Starlette's 405 names only the first matching route's methods, which left out ``HEAD``
+    (a route of its own beside ``GET``).
+    """
+    methods: set[str] = set()
+    for route in (*router.routes, *protected.routes):
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 class _RequestMetrics:

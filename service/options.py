@@ -26,6 +26,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # ASCII digits only (no sign, '_', or other scripts), leading zeros allowed, at most 9 others.
 _DIGITS = re.compile(r"0*[0-9]{1,9}")
+_SHOWN_CHARS = 40
+"""Most characters of a client's value repeated in an error message."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ def parse_options(raw: dict[str, list[str]]) -> EmbedOptions:
     unknown = sorted(set(raw) - set(OPTION_NAMES))
     if unknown:
         raise InvalidOptionError(
-            f"unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"unknown option(s) {', '.join(map(_shown, unknown[:10]))}"
+            f"{' and more' if len(unknown) > 10 else ''}; "
             f"valid options are {', '.join(OPTION_NAMES)} (and the file field 'images')"
         )
     for name, values in raw.items():
@@ -86,7 +89,7 @@ def parse_options(raw: dict[str, list[str]]) -> EmbedOptions:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     lowered = value.lower()
     if lowered not in allowed:
-        raise InvalidOptionError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        raise InvalidOptionError(f"{name}={_shown(value)} is not one of {', '.join(allowed)}")
     return lowered
 
 
@@ -99,7 +102,7 @@ def _parse_outputs(values: list[str]) -> tuple[str, ...]:
             token = part.strip().lower()
             if token not in OUTPUT_ALIASES:
                 raise InvalidOptionError(
-                    f"outputs={token!r} is not one of cls, patch, attention"
+                    f"outputs={_shown(token)} is not one of cls, patch, attention"
                     f" (or {', '.join(OUTPUT_NAMES)})"
                 )
             wanted.add(OUTPUT_ALIASES[token])
@@ -112,7 +115,7 @@ def _parse_bool(value: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise InvalidOptionError(f"normalize={value!r} is not a boolean (true/false)")
+    raise InvalidOptionError(f"normalize={_shown(value)} is not a boolean (true/false)")
 
 
 def _parse_resolution(value: str) -> int | None:
@@ -122,9 +125,16 @@ def _parse_resolution(value: str) -> int | None:
         if value.isascii() and value.isdigit():  # more than nine digits
             raise InvalidOptionError(f"resolution={value[:20]}... is far outside the limits")
         raise InvalidOptionError(
-            f"resolution={value[:40]!r} is not a positive integer written in ASCII digits"
+            f"resolution={_shown(value)} is not a positive integer written in ASCII digits"
         )
     return int(value)
+
+
+def _shown(value: str) -> str:
+    """``value`` quoted for an error message, cut to :data:`_SHOWN_CHARS` characters."""
+    if len(value) <= _SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} characters)"
 
 
 def max_side(max_resolution: int, default: int) -> int:

@@ -625,5 +625,6 @@ class ModelManager:
             "loaded_at": self._loaded_at,
             "last_refresh": self._last_refresh,
             "last_error": self._last_error,
+            "reason": None if current is not None else await self.not_ready_reason(),
             "versions": rows,
         }

@@ -182,6 +182,10 @@ class ModelsResponse(BaseModel):
     loaded_at: float | None
     last_refresh: float | None
     last_error: str | None
+    reason: str | None = Field(
+        description="Why no model serves (as `/readyz` says it without an API key); "
+        "null when ready."
+    )
     versions: list[VersionState]
     loaded: LoadedModel | None
 

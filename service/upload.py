@@ -209,6 +209,28 @@ def check_content_type(content_type: str) -> bytes | None:
     )
 
 
+def check_content_encoding(content_encoding: str | None) -> None:
+    """Refuse a compressed body (any ``Content-Encoding`` but ``identity``) before reading it.
+
+    The service does not decompress bodies (an image is compressed already); read as they are,
+    gzip bytes would only be refused later as "not an image", or a mislabelled body accepted.
+
+    Raises:
+        UnsupportedMediaTypeError: A content coding other than ``identity`` (RFC 9110, 415).
+    """
+    if content_encoding is None:
+        return
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    applied = [c for c in codings if c and c != "identity"]
+    if applied:
+        shown = content_encoding.strip()
+        shown = repr(shown) if len(shown) <= 40 else f"{shown[:40]!r}..."
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {shown} is not supported; send the body uncompressed "
+            "(without a Content-Encoding header)"
+        )
+
+
 def max_parts(max_images: int) -> int:
     """Most multipart parts accepted: the images, one per option, and a small slack."""
     return max_images + len(OPTION_NAMES) + OPTION_PART_SLACK

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import gzip
 import io
 import logging
 import os
@@ -329,6 +330,25 @@ def test_a_bad_image_changes_nothing_else(live: LiveServer) -> None:
     assert post_images(live, [png_bytes()]).status_code == 200
 
 
+def test_a_compressed_body_is_refused_with_415_and_identity_is_accepted(live: LiveServer) -> None:
+    png = png_bytes()
+    for coding, body in (("gzip", gzip.compress(png)), ("br", png), ("identity, gzip", png)):
+        response = live.client.post(
+            "/embed",
+            content=body,
+            headers={"content-type": "image/png", "content-encoding": coding},
+        )
+        assert_error(response, 415, "unsupported_media_type")
+        assert "Content-Encoding" in response.json()["error"]["message"]
+    files = [("images", ("a.png", png, "image/png"))]
+    response = live.client.post("/embed", files=files, headers={"content-encoding": "deflate"})
+    assert_error(response, 415, "unsupported_media_type")
+    response = live.client.post(
+        "/embed", content=png, headers={"content-type": "image/png", "content-encoding": "Identity"}
+    )
+    assert response.status_code == 200, response.text
+
+
 def test_request_errors(live: LiveServer) -> None:
     assert_error(
         live.client.post("/embed", content=b"{}", headers={"content-type": "application/json"}),
@@ -367,6 +387,11 @@ def test_request_errors(live: LiveServer) -> None:
     )
     assert_error(live.client.get("/nope"), 404, "not_found")
     assert_error(live.client.get("/embed"), 405, "method_not_allowed")
+    assert live.client.get("/embed").headers["allow"] == "POST"
+    for path in ("/healthz", "/readyz"):  # GET and HEAD are separate routes: both named
+        response = live.client.post(path)
+        assert_error(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == "GET, HEAD"
 
 
 def test_formats_are_accepted(live: LiveServer) -> None:
@@ -405,6 +430,7 @@ def test_health_readiness_models_metrics_docs(live: LiveServer) -> None:
     assert models.loaded.self_check is not None
     assert models.loaded.self_check.max_abs_error <= models.loaded.self_check.tolerance_abs
     assert [v.state for v in models.versions] == ["serving"]
+    assert models.reason is None  # documented: null when ready
     post_images(live, [png_bytes()])
     text = live.client.get("/metrics").text
     for name in [

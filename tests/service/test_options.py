@@ -56,6 +56,25 @@ def test_errors_name_the_bad_value(raw: dict[str, list[str]], fragment: str) -> 
         parse_options(raw)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"crop": ["x" * 60_000]},
+        {"outputs": ["cls," + "y" * 60_000]},
+        {"normalize": ["z" * 60_000]},
+        {"resolution": ["1." + "5" * 60_000]},
+        {"w" * 60_000: ["1"]},
+        {f"name{i}" * 100: ["1"] for i in range(50)},  # many long unknown names
+    ],
+)
+def test_errors_repeat_at_most_a_short_prefix_of_a_long_value(raw: dict[str, list[str]]) -> None:
+    with pytest.raises(InvalidOptionError) as caught:
+        parse_options(raw)
+    message = str(caught.value)
+    assert len(message) < 1_000, message[:300]
+    assert "characters)" in message or "and more" in message  # says that it was cut
+
+
 def test_resolution_rounding_and_limits() -> None:
     assert resolve_resolution(None, default=224, patch_size=16, max_resolution=1024) == 224
     assert resolve_resolution(230, default=224, patch_size=16, max_resolution=1024) == 224

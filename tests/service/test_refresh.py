@@ -306,6 +306,10 @@ def test_readiness_reasons(tiny_model_repository: Path, tmp_path: Path) -> None:
         assert server.client.get("/v1/models").status_code == 401
         models = server.client.get("/v1/models", headers={"Authorization": "Bearer k1"})
         assert models.status_code == 200
+        # the reason /readyz withholds, word for word as it is given without keys
+        assert models.json()["reason"] == (
+            f"the pinned version 5 is not in {repository / TINY_MODEL_NAME} (versions there: 1, 2)"
+        )
 
 
 def _export_second_model(repository: Path) -> bytes:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 
+from service.__main__ import quiet_client_noise
 from service.errors import (
     InvalidOptionError,
     MalformedRequestError,
@@ -140,3 +144,29 @@ def test_a_preamble_before_the_first_delimiter_is_ignored() -> None:
         assert images == [b"one"] and options == {"crop": ["none"]}
     with pytest.raises(MalformedRequestError):  # no delimiter after the text at all
         parse(b"just text\r\n")
+
+
+@pytest.fixture
+def restored_multipart_log_level() -> Iterator[None]:
+    library = logging.getLogger("python_multipart")
+    level = library.level
+    yield
+    library.setLevel(level)
+
+
+@pytest.mark.usefixtures("restored_multipart_log_level")
+def test_the_multipart_parsers_warnings_about_a_clients_body_stay_out_of_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    quiet_client_noise()  # as python -m service does at start
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(MalformedRequestError, match="Did not find CR at end of boundary"),
+    ):
+        parse_upload(
+            b"--xyzQ\r\n",
+            content_type="multipart/form-data; boundary=xyz",
+            query=[],
+            max_images=4,
+        )
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
