@@ -91,8 +91,9 @@ class Settings(BaseSettings):
             0 (auto): 2 for a model on the CUDA provider, 1 on the CPU.
         max_queue_images: Images admitted (decoding, queued or running) before 429.
         retry_after_s: ``Retry-After`` seconds sent with a 429.
-        api_keys: Accepted bearer keys, comma-separated; empty disables authentication. Keys
-            are visible ASCII (letters, digits and ``-._~+/``, optionally ending in ``=``).
+        api_keys: Accepted bearer keys, comma-separated; empty disables authentication (a
+            value of only commas or spaces is refused). Keys are visible ASCII (letters, digits
+            and ``-._~+/``, optionally ending in ``=``).
         warmup_batch_sizes: Batch sizes run at the default resolution before a model serves.
     """
 
@@ -143,7 +144,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(key.strip() for key in value.split(",") if key.strip())
+            keys = tuple(key.strip() for key in value.split(",") if key.strip())
+            if value and not keys:  # fail closed: a typo must not turn authentication off
+                raise ValueError(
+                    f"DINO_API_KEYS={value!r} holds no key (only commas or spaces); leave it "
+                    "empty (or unset) to disable authentication"
+                )
+            return keys
         return value
 
     @field_validator("api_keys")

@@ -75,6 +75,19 @@ def test_invalid_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str
         Settings()
 
 
+@pytest.mark.parametrize("value", [",", " , ", "   ", ",,,"])
+def test_api_keys_of_only_commas_or_spaces_fail_closed(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("DINO_API_KEYS", value)
+    with pytest.raises(ValidationError, match="holds no key"):
+        Settings()
+    monkeypatch.setenv("DINO_API_KEYS", "")  # empty: authentication off, as documented
+    assert Settings().api_keys == ()
+    monkeypatch.setenv("DINO_API_KEYS", " k1 ,, k2 ,")  # empty entries among keys are dropped
+    assert Settings().api_keys == ("k1", "k2")
+
+
 def test_api_key_error_names_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DINO_API_KEYS", "ok-key_1.2~3+/==,n\u00f6pe")
     with pytest.raises(ValidationError, match="key 2 is not a valid bearer token"):
