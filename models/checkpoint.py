@@ -214,10 +214,26 @@ def extract_backbone_state_dict(
             name = name.replace(prefix, "")
         if name.startswith("head.") or name.startswith("fc."):
             continue
+        problem = _tensor_problem(value)
+        if problem is not None:
+            raise CheckpointError(
+                f"{key!r} is {problem}; the weights must be dense floating-point tensors"
+            )
         result[name] = value
     if not result:
         raise CheckpointError("the checkpoint holds no tensors")
     return result
+
+
+def _tensor_problem(value: Tensor) -> str | None:
+    """What makes ``value`` unusable as a weight, or None."""
+    if value.is_meta:
+        return "a meta tensor (it holds no data)"
+    if value.layout != torch.strided:
+        return f"a sparse tensor ({value.layout})"
+    if not value.is_floating_point():
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor"
+    return None
 
 
 def infer_config(
@@ -260,14 +276,18 @@ def infer_config(
         raise CheckpointError(
             f"--patch-size {patch_size} contradicts the weights (patch_embed kernel {weight_patch})"
         )
-    depth = 1 + max((int(m.group(1)) for k in state_dict if (m := _BLOCK_RE.match(k))), default=-1)
-    if depth == 0:
-        raise CheckpointError("not a ViT backbone: no blocks.* keys")
+    if embed_dim < 1:
+        raise CheckpointError(f"pos_embed has shape {tuple(pos_embed.shape)}: no embedding width")
+    depth = _block_count(state_dict)
     num_patches = int(pos_embed.shape[1]) - 1
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise CheckpointError(f"pos_embed holds {num_patches} patch entries, not a square grid")
     fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and (fc1.dim() != 2 or fc1.shape[0] < 1 or fc1.shape[1] != embed_dim):
+        raise CheckpointError(
+            f"blocks.0.mlp.fc1.weight has shape {tuple(fc1.shape)}: not [hidden, {embed_dim}]"
+        )
     mlp_ratio = float(fc1.shape[0]) / embed_dim if fc1 is not None else 4.0
     qkv_bias = "blocks.0.attn.qkv.bias" in state_dict
     name = ARCH_ALIASES.get(arch, arch)
@@ -313,11 +333,52 @@ def infer_config(
             qkv_bias=qkv_bias,
             img_size=side * weight_patch,
             in_chans=int(proj.shape[1]),
-            norm_eps=float(stored.get("norm_eps", 1e-6)) if stored else 1e-6,
+            norm_eps=_norm_eps(stored, qkv_bias=qkv_bias),
             arch=arch_name(embed_dim, depth, num_heads),
         )
     except ValueError as err:
         raise CheckpointError(f"inconsistent architecture: {err}") from err
+
+
+def _block_count(state_dict: Mapping[str, Tensor]) -> int:
+    """The number of transformer blocks: their indices must be exactly ``0 .. depth - 1``.
+
+    Checked before any model is built: a stray ``blocks.2000.*`` key would otherwise build a
+    2001-block model (gigabytes) only to report the missing keys.
+    """
+    indices = {int(m.group(1)) for k in state_dict if (m := _BLOCK_RE.match(k))}
+    if not indices:
+        raise CheckpointError("not a ViT backbone: no blocks.* keys")
+    depth = len(indices)
+    if max(indices) != depth - 1:  # distinct indices from 0: only 0..depth-1 has this maximum
+        stray = sorted(i for i in indices if i >= depth)
+        shown = ", ".join(map(str, stray[:5])) + (", ..." if len(stray) > 5 else "")
+        raise CheckpointError(
+            f"the blocks are not numbered 0..{depth - 1}: {depth} block indices, up to "
+            f"{max(indices)} (beyond {depth - 1}: {shown})"
+        )
+    return depth
+
+
+def _norm_eps(stored: Mapping[str, Any] | None, *, qkv_bias: bool) -> float:
+    """LayerNorm epsilon: the one a checkpoint of ours records, else the reference's.
+
+    The reference's factories (every released model) build qkv with a bias and eps 1e-6; a
+    backbone without the qkv bias can only come from its bare ``VisionTransformer`` class,
+    whose LayerNorm keeps PyTorch's eps 1e-5 (reference pitfall 6.3).
+    """
+    if stored is not None and "norm_eps" in stored:
+        value = stored["norm_eps"]
+        try:
+            eps = float(value)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"the checkpoint's vit_config.norm_eps {value!r} is not a number"
+            ) from None
+        if not (math.isfinite(eps) and eps > 0):
+            raise CheckpointError(f"the checkpoint's vit_config.norm_eps {value!r} is not positive")
+        return eps
+    return 1e-6 if qkv_bias else 1e-5
 
 
 def load_state_dict_strict(model: VisionTransformer, state_dict: Mapping[str, Tensor]) -> None:
@@ -337,13 +398,19 @@ def load_state_dict_strict(model: VisionTransformer, state_dict: Mapping[str, Te
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            parts.append(f"missing keys {_listed(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            parts.append(f"unexpected keys {_listed(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatches {mismatched}")
+            parts.append(f"shape mismatches {_listed(mismatched)}")
         raise CheckpointError("weights do not match the architecture: " + "; ".join(parts))
     model.load_state_dict(dict(state_dict), strict=True)
+
+
+def _listed(items: list[str], shown: int = 10) -> str:
+    """The first ``shown`` items, and how many more there are."""
+    text = str(items[:shown])
+    return text if len(items) <= shown else f"{text} (and {len(items) - shown} more)"
 
 
 def load_backbone(

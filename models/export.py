@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
+import itertools
 import json
 import logging
 import os
@@ -313,7 +315,8 @@ def export_model(
     """Export ``model`` to ``path`` (atomically), after checking it against PyTorch.
 
     Args:
-        model: The backbone (fp32); it is not modified.
+        model: The backbone; it is left as it was (a model that is not all fp32 is exported
+            from an fp32 copy; its train/eval mode is restored).
         path: Destination ``.onnx`` file; replaced only when the export succeeded. A symbolic
             link is written through: its target is replaced (atomically) and the link kept.
         resolution: Default input size (recorded in the metadata and the recipe).
@@ -325,8 +328,37 @@ def export_model(
     Raises:
         ExportError: Parity failure, checker failure or bad arguments.
     """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        model = copy.deepcopy(model).float()  # the caller's model keeps its precision
+    was_training = model.training
+    model.eval()
+    try:
+        return _export_eval_model(
+            model,
+            path,
+            resolution=resolution,
+            precision=precision,
+            weights_sha256=weights_sha256,
+            source=source,
+            log=log,
+        )
+    finally:
+        model.train(was_training)
+
+
+def _export_eval_model(
+    model: VisionTransformer,
+    path: Path,
+    *,
+    resolution: int,
+    precision: str,
+    weights_sha256: str,
+    source: str,
+    log: bool,
+) -> ExportReport:
+    """:func:`export_model` of an fp32 model in eval mode."""
     start = time.perf_counter()
-    model = model.float().eval()
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a directory; give the path of the .onnx file to write")

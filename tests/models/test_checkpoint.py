@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -287,3 +288,106 @@ def test_an_unreadable_file_and_a_folder_are_named_as_such(
     with pytest.raises(CheckpointError, match="permission denied$") as info:
         load_backbone(path, num_heads=2)
     assert "corrupt" not in str(info.value)
+
+
+def test_block_indices_must_run_from_zero_without_gaps_and_are_checked_before_building(
+    tiny_vit: VisionTransformer,
+) -> None:
+    stray = dict(tiny_vit.state_dict())
+    stray["blocks.100000.norm1.weight"] = torch.ones(32)  # would build a 100001-block model
+    with pytest.raises(
+        CheckpointError, match=r"not numbered 0\.\.2: 3 block indices, up to 100000"
+    ):
+        infer_config(stray, num_heads=2)
+    gap = {k: v for k, v in tiny_vit.state_dict().items() if not k.startswith("blocks.0.")}
+    with pytest.raises(CheckpointError, match=r"not numbered 0\.\.0: 1 block indices, up to 1"):
+        infer_config(gap, num_heads=2)
+
+
+def test_a_long_list_of_key_problems_is_cut_short(
+    tmp_path: Path, tiny_vit: VisionTransformer
+) -> None:
+    sd = dict(tiny_vit.state_dict())
+    for i in range(40):
+        sd[f"extra.{i:02d}"] = torch.zeros(1)
+    path = tmp_path / "many.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \[.*\] \(and 30 more\)") as info:
+        load_backbone(path, num_heads=2)
+    assert "extra.09" in str(info.value) and "extra.10" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "blocks.0.mlp.fc1.weight",
+            torch.tensor(1.0),
+            r"fc1.weight has shape \(\): not \[hidden, 32\]",
+        ),
+        ("blocks.0.mlp.fc1.weight", torch.zeros(64, 31), r"fc1.weight has shape \(64, 31\)"),
+        ("pos_embed", torch.zeros(1, 17, 0), "no embedding width"),
+    ],
+)
+def test_malformed_shapes_are_named_not_a_traceback(
+    tiny_vit: VisionTransformer, key: str, value: torch.Tensor, message: str
+) -> None:
+    sd = dict(tiny_vit.state_dict())
+    sd[key] = value
+    with pytest.raises(CheckpointError, match=message):
+        infer_config(sd, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.zeros(32, dtype=torch.int64), "'norm.bias' is a int64 tensor"),
+        (torch.zeros(32, dtype=torch.bool), "'norm.bias' is a bool tensor"),
+        (torch.zeros(32, dtype=torch.complex64), "'norm.bias' is a complex64 tensor"),
+        (torch.zeros(32).to_sparse(), "'norm.bias' is a sparse tensor"),
+        (torch.zeros(32, device="meta"), "'norm.bias' is a meta tensor"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_weights_that_are_not_dense_floats_are_refused(
+    tmp_path: Path, tiny_vit: VisionTransformer, value: torch.Tensor, message: str
+) -> None:
+    sd = dict(tiny_vit.state_dict())
+    sd["norm.bias"] = value
+    path = tmp_path / "odd.pth"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_backbone(path, num_heads=2)
+
+
+def test_layer_norm_eps_follows_the_reference_or_the_recorded_value(
+    tiny_vit_config: ViTConfig,
+) -> None:
+    with_bias = VisionTransformer(tiny_vit_config).state_dict()
+    bare = VisionTransformer(dataclasses.replace(tiny_vit_config, qkv_bias=False)).state_dict()
+    assert infer_config(with_bias, num_heads=2).norm_eps == 1e-6  # the reference's factories
+    assert infer_config(bare, num_heads=2).norm_eps == 1e-5  # its bare class (pitfall 6.3)
+    assert infer_config(bare, num_heads=2, stored={"norm_eps": 1e-6}).norm_eps == 1e-6
+    for stored, message in [
+        ({"norm_eps": None}, "norm_eps None is not a number"),
+        ({"norm_eps": [1e-6]}, r"norm_eps \[1e-06\] is not a number"),
+        ({"norm_eps": -1.0}, "norm_eps -1.0 is not positive"),
+        ({"norm_eps": "nan"}, "norm_eps 'nan' is not positive"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            infer_config(with_bias, num_heads=2, stored=stored)
+
+
+def test_a_bare_class_backbone_loads_with_its_layer_norm_eps(
+    tmp_path: Path, tiny_vit_config: ViTConfig
+) -> None:
+    torch.manual_seed(0)
+    config = dataclasses.replace(tiny_vit_config, qkv_bias=False, norm_eps=1e-5)
+    model = VisionTransformer(config).eval()
+    path = tmp_path / "bare.pth"
+    torch.save(model.state_dict(), path)
+    loaded = load_backbone(path, num_heads=config.num_heads)
+    norms = [m for m in loaded.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and {m.eps for m in norms} == {1e-5}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)

@@ -190,6 +190,24 @@ def test_fp16_export_reports_drift(tmp_path: Path, tiny_vit: VisionTransformer) 
     assert max(row["cls_embedding_max_abs"] for row in report.parity) > 0  # really half
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_leaves_the_callers_model_as_it_was(
+    tmp_path: Path, tiny_vit: VisionTransformer, dtype: torch.dtype
+) -> None:
+    """A model exported mid-training keeps its mode and precision (and its weights)."""
+    model = tiny_vit.to(dtype).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = export_model(
+        model, tmp_path / "m.onnx", resolution=32, weights_sha256="a" * 64, source="t"
+    )
+    assert report.path.is_file()
+    assert model.training and all(m.training for m in model.modules())
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert read_metadata(report.path)[contract.MetadataKey.PRECISION] == "float32"
+
+
 def test_resolution_must_be_patch_multiple(tmp_path: Path, tiny_vit: VisionTransformer) -> None:
     with pytest.raises(ExportError, match="not a multiple"):
         export_model(tiny_vit, tmp_path / "x.onnx", resolution=30, weights_sha256="", source="")
