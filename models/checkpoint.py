@@ -19,6 +19,7 @@ import hashlib
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,9 @@ def read_checkpoint(path: Path, *, trust: bool = False) -> Any:
         except Exception as err:  # noqa: BLE001 - any failure means an unreadable file
             raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            # torch warns that it checks a sparse tensor; such a file is refused right after
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch's unpickler raises KeyError, EOFError, ...
         refused = weights_only_refusal(err)
