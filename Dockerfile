@@ -29,7 +29,7 @@ COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > /tmp/requirements-serve.txt \
     && pip install --no-cache-dir -r /tmp/requirements-serve.txt -c constraints.txt
 # README.md (the package's long description) comes with the code: editing it reinstalls nothing.
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY models/ models/
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps .
@@ -72,7 +72,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['train']))" > /tmp/requirements-train.txt \
     && pip install --no-cache-dir -r /tmp/requirements-train.txt -c constraints.txt
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY models/ models/
 COPY training/ training/
 COPY service/ service/
@@ -80,9 +80,12 @@ RUN pip install --no-cache-dir --no-deps .
 
 FROM python:3.12.11-slim-bookworm AS train
 # Fashion-MNIST (Debian's dataset-fashion-mnist, 30 MB) backs `--data_path fashion-mnist:train`
-# and `training.eval_knn --dataset fashion-mnist` with no download.
+# and `training.eval_knn --dataset fashion-mnist` with no download. g++ is for `--compile true`:
+# torch's inductor compiles C++ (the CPU) and Triton a small C launcher (CUDA) when the step is
+# first compiled (the image's Python already has its headers).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends dataset-fashion-mnist=0.0~git20200523.55506a9-1 \
+    && apt-get install -y --no-install-recommends \
+        dataset-fashion-mnist=0.0~git20200523.55506a9-1 g++=4:12.2.0-3 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 dino \
     && useradd --system --uid 10001 --gid dino --create-home --home-dir /home/dino \

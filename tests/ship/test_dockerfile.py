@@ -131,6 +131,12 @@ def test_train_target_installs_the_train_extra(stages: dict[str, Stage]) -> None
     ]
 
 
+def test_train_target_can_compile_the_step(stages: dict[str, Stage]) -> None:
+    """``--compile true`` needs a C++ compiler at run time (inductor's C++, Triton's launcher)."""
+    installed = " ".join(run.args for run in stages["train"].all("RUN"))
+    assert re.search(r"apt-get install [^&]*\bg\+\+=", installed), installed
+
+
 def test_base_images_are_pinned(stages: dict[str, Stage]) -> None:
     external = [stage.base for stage in stages.values() if stage.base not in stages]
     assert external
