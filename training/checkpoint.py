@@ -14,10 +14,13 @@ digest in its own sidecar (``checkpoint0010.pth.sha256``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,64 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     return digest
 
 
+LOCK_NAME = ".lock"
+"""File in ``--output_dir`` that the run owning the folder holds locked."""
+
+
+class OutputDirInUseError(Exception):
+    """Another live run holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def output_dir_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock (``flock`` on :data:`LOCK_NAME`) for the life of a run.
+
+    Two runs in one folder would resume from each other's checkpoints, write every epoch's
+    log lines twice and delete each other's saves in progress. The kernel drops the lock when
+    its process ends, however it ends, so a killed run never leaves a stale lock behind. In a
+    folder this process cannot write, the lock is taken on the existing file read-only, or not
+    at all when there is none: such a run can only find that it has nothing left to do (one
+    with work left stops at its write check).
+
+    Raises:
+        OutputDirInUseError: Another process holds the lock (its pid is in the message).
+    """
+    path = folder / LOCK_NAME
+    opened = _open_lock_file(path)
+    if opened is None:
+        yield
+        return
+    fd, writable = opened
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputDirInUseError(
+                f"--output_dir {folder} is in use by another run (pid {holder}, which holds "
+                f"{path}); wait for it to end, or use another --output_dir"
+            ) from None
+        if writable:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool] | None:
+    """``(fd, writable)`` of the lock file: created read-write, else the existing one read-only;
+    None when neither can be opened (a folder this process cannot write, without one)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except OSError:
+        pass
+    try:
+        return os.open(path, os.O_RDONLY), False
+    except OSError:
+        return None
+
+
 _STALE_TEMP = re.compile(r"\.(checkpoint(\d+)?\.pth(\.sha256)?|config\.yaml)\.[A-Za-z0-9_]+\.tmp")
 
 
@@ -122,8 +183,8 @@ def remove_stale_temps(folder: Path) -> int:
     ``config.yaml``) left in ``folder``; returns how many.
 
     A save cut short by SIGKILL (the out-of-memory killer, ``kill -9``, a node failure) leaves
-    ``.checkpoint.pth.<random>.tmp``, as large as a checkpoint; one run owns its output folder,
-    so at its start no other save can be writing them.
+    ``.checkpoint.pth.<random>.tmp``, as large as a checkpoint; one run owns its output folder
+    (:func:`output_dir_lock`), so at its start no other save can be writing them.
     """
     removed = 0
     try:

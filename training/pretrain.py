@@ -36,7 +36,9 @@ from training.augment import DataAugmentationDINO, MultiCropGeometry
 from training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointCorruptError,
+    OutputDirInUseError,
     load_checkpoint,
+    output_dir_lock,
     remove_stale_temps,
     save_checkpoint,
 )
@@ -1236,18 +1238,23 @@ def _run(config: PretrainConfig, info: DistInfo) -> int:
 
 def _train(config: PretrainConfig, info: DistInfo) -> int:
     """Build the trainer and run it; returns the exit status of a run that ends normally."""
-    if info.is_main:
-        _make_output_dir(Path(config.output_dir))
-    trainer = Trainer(config, info)
-    try:
-        return trainer.run()
-    finally:
-        mark_stopping()
-        # No exception inside TensorBoard's writer. One that came meanwhile is raised after
-        # for a run that finished (its work is done, but whoever sent it is told it arrived:
-        # 143 or 130), not in place of the error or interruption that stopped a run.
-        with interruptions_deferred(check=sys.exception() is None):
-            trainer.log.close()
+    with contextlib.ExitStack() as owned:
+        if info.is_main:
+            _make_output_dir(Path(config.output_dir))
+            try:
+                owned.enter_context(output_dir_lock(Path(config.output_dir)))
+            except OutputDirInUseError as err:
+                raise TrainingError(str(err)) from None
+        trainer = Trainer(config, info)
+        try:
+            return trainer.run()
+        finally:
+            mark_stopping()
+            # No exception inside TensorBoard's writer. One that came meanwhile is raised after
+            # for a run that finished (its work is done, but whoever sent it is told it arrived:
+            # 143 or 130), not in place of the error or interruption that stopped a run.
+            with interruptions_deferred(check=sys.exception() is None):
+                trainer.log.close()
 
 
 def _exit_status(config: PretrainConfig, info: DistInfo, err: BaseException) -> int | None:

@@ -7,6 +7,9 @@ import io
 import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,9 +17,12 @@ import torch
 from models.checkpoint import file_sha256
 from training import checkpoint as ckpt_module
 from training.checkpoint import (
+    LOCK_NAME,
     CheckpointCorruptError,
+    OutputDirInUseError,
     digest_path,
     load_checkpoint,
+    output_dir_lock,
     recorded_digests,
     save_checkpoint,
 )
@@ -299,3 +305,54 @@ def test_a_full_disk_is_an_os_error_and_keeps_the_old_checkpoint(tmp_path, monke
     assert raised.value.errno == errno.ENOSPC
     assert load_checkpoint(path)["epoch"] == 1
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_output_dir_lock_names_its_holder_and_dies_with_it(tmp_path: pathlib.Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, sys, time; from training.checkpoint import output_dir_lock\n"
+            "with output_dir_lock(pathlib.Path(sys.argv[1])):\n"
+            "    print('locked', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with (
+            pytest.raises(OutputDirInUseError, match=f"in use by another run \\(pid {holder.pid},"),
+            output_dir_lock(tmp_path),
+        ):
+            pass
+        holder.send_signal(signal.SIGKILL)  # no clean-up at all: the kernel drops the lock
+        holder.wait(timeout=30)
+        with output_dir_lock(tmp_path):
+            assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+def test_an_unwritable_output_dir_is_locked_read_only_or_not_at_all(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def read_only(path: str, flags: int, *args: int) -> int:
+        if flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with output_dir_lock(tmp_path):  # no lock file and none can be made: no lock, no error
+        assert not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text("123\n")
+    with output_dir_lock(tmp_path):  # the existing file, locked through a read-only descriptor
+        monkeypatch.setattr(os, "open", real_open)
+        with pytest.raises(OutputDirInUseError, match=r"pid 123,"), output_dir_lock(tmp_path):
+            pass
+        monkeypatch.setattr(os, "open", read_only)
+    assert (tmp_path / LOCK_NAME).read_text() == "123\n"  # not rewritten

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from models.checkpoint import file_sha256
 from models.contract import MetadataKey, model_path, model_versions
 from models.export import read_metadata
 from tests.training.conftest import default_signals, tiny_args
-from training.checkpoint import CheckpointCorruptError, load_checkpoint
+from training.checkpoint import CheckpointCorruptError, load_checkpoint, output_dir_lock
 from training.config import parse_config
 from training.distributed import cleanup_distributed, init_distributed
 from training.pretrain import Trainer, main
@@ -854,6 +855,19 @@ def test_a_finished_run_needs_no_writable_output_dir(tmp_path, image_dir, caplog
     assert not (out / "tensorboard").exists()  # no log is opened: nothing is written there
     assert main([*argv, "--epochs", "2"]) == 1  # more to train: refused before the epoch
     assert "is not writable (Permission denied)" in caplog.text
+
+
+def test_a_second_run_in_a_live_runs_output_dir_is_refused(tmp_path, image_dir, caplog) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = tiny_args(image_dir, out, "--epochs", "1", "--warmup_epochs", "0")
+    with output_dir_lock(out):  # a first run, alive
+        assert main(argv) == 1
+    assert f"--output_dir {out} is in use by another run (pid {os.getpid()}" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing read, nothing written
+    assert main(argv) == 0  # once it has ended, the folder is free
+    assert (out / "checkpoint.pth").is_file()
+    assert (out / ".lock").read_text().strip() == str(os.getpid())
 
 
 def test_a_run_with_many_unreadable_files_warns_that_its_sampling_is_skewed(
