@@ -315,10 +315,19 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def validate_model_name(name: str) -> str:
-    """Return ``name`` if it is a safe single path component, else raise ValueError."""
+    """Return ``name`` if it is a safe single path component, else raise ValueError.
+
+    A name of digits only is refused: it reads as a version folder (``<name>/1/1/model.onnx``
+    from a path that ended in a version instead of the model's folder).
+    """
     if not _NAME_RE.fullmatch(name) or name in {".", ".."}:  # fullmatch: "$" allows a "\n"
         raise ValueError(
             f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (no slashes)"
+        )
+    if name.isdigit():
+        raise ValueError(
+            f"invalid model name {name!r}: digits only name a version folder; give the model's "
+            "folder (model_repository/<name>), not one of its versions"
         )
     return name
 

@@ -223,7 +223,13 @@ class PretrainConfig:
         if self.export_every and self.export_to is None:
             raise ConfigError("--export_every needs --export_to (the repository/NAME to write)")
         if self.export_to is not None:
-            if self.export_to.endswith(("/", "\\")) or Path(self.export_to).name in ("", ".", ".."):
+            if self.export_to.endswith(("/", "\\")):
+                raise ConfigError(
+                    f"--export_to {self.export_to!r} ends with a slash; give the model's folder "
+                    "inside the repository without one, e.g. model_repository/dino_default (a "
+                    "repository itself, model_repository/, is not a model's folder)"
+                )
+            if Path(self.export_to).name in ("", ".", ".."):
                 raise ConfigError(
                     f"--export_to {self.export_to!r} names a folder; give the model's folder "
                     "inside the repository, e.g. model_repository/dino_default"

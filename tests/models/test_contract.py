@@ -77,7 +77,7 @@ def test_model_versions_count_broken_links_so_their_load_says_why(tmp_path: Path
     assert contract.model_versions(tmp_path, "m") == [1, 2]
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "-x", "dino\n"])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "-x", "dino\n", "1", "007"])
 def test_model_names_are_single_safe_components(name: str) -> None:
     with pytest.raises(ValueError, match="invalid model name"):
         contract.validate_model_name(name)

@@ -110,6 +110,8 @@ def test_yaml_then_cli(tmp_path):
         (["--data_path", "x", "--clip_grad", "-1"], "clip_grad"),
         (["--data_path", "x", "--weight_decay_end", "nan"], "weight_decay_end"),
         (["--data_path", "x", "--export-to", "repo/bad name!"], "invalid model name"),
+        (["--data_path", "x", "--export-to", "repo/m1/1"], "digits only name a version folder"),
+        (["--data_path", "x", "--export-to", "repo/m1/"], "ends with a slash"),
     ],
 )
 def test_invalid_values(argv, match):
@@ -233,7 +235,7 @@ def test_yaml_null_is_allowed_where_it_means_the_default(tmp_path):
         (["--head_bottleneck_dim", "-1"], "--head_bottleneck_dim must be positive"),
         (["--max_epochs_this_run", "-1"], "--max_epochs_this_run must be >= 0"),
         (["--export_every", "2"], "--export_every needs --export_to"),
-        (["--export_to", "model_repository/"], "names a folder"),
+        (["--export_to", "model_repository/"], "ends with a slash"),
         (["--export_to", "repo/.."], "names a folder"),
         (["--stop_timeout", "0"], "--stop_timeout must be in \\(0, 86400\\]"),
         (["--stop_timeout", "-1"], "--stop_timeout must be in"),
