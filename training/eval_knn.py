@@ -561,7 +561,9 @@ def _parser() -> argparse.ArgumentParser:
         help="Use N test images (Fashion-MNIST: the first N; ImageFolder: a fixed seeded "
         "sample; default 0: all).",
     )
-    parser.add_argument("--output", type=Path, help="Also write the results as JSON here.")
+    parser.add_argument(
+        "--output", type=Path, help="Also write the results here, as one JSON array."
+    )
     return parser
 
 
@@ -705,7 +707,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 sys.stdout.write(json.dumps(results, indent=2) + "\n")
                 sys.stdout.flush()
             else:
-                args.output.write_text(json.dumps(results, indent=2))
+                args.output.write_text(json.dumps(results, indent=2) + "\n")
         except OSError as err:
             print(
                 f"error: cannot write --output {args.output}: {err.strerror or err}",

@@ -174,7 +174,8 @@ def test_limits_sample_every_class_of_an_image_folder(tmp_path, capsys, image_di
     argv += ["--train_limit", "6", "--test_limit", "6", "--nb_knn", "1", "--resolution", "32"]
     assert main([*argv, "--output", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert json.loads(out.read_text()) == [printed]
+    assert json.loads(out.read_text()) == [printed]  # the printed lines, as one JSON array
+    assert out.read_text().endswith("]\n")
     assert printed["n_train"] == printed["n_test"] == 6
 
     from training.eval_knn import _sample, image_folder
