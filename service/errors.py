@@ -156,6 +156,14 @@ class UnsupportedMediaTypeError(ServiceError):
     code = "unsupported_media_type"
 
 
+class UnsupportedContentEncodingError(UnsupportedMediaTypeError):
+    """A compressed request body (``Content-Encoding`` other than ``identity``)."""
+
+    def headers(self) -> dict[str, str]:
+        """The codings the service takes (RFC 9110, 15.5.16): none but ``identity``."""
+        return {"Accept-Encoding": "identity"}
+
+
 class MalformedRequestError(ServiceError):
     """A body that cannot be parsed (for example broken multipart framing)."""
 

@@ -37,6 +37,7 @@ from service.errors import (
     RequestTimeoutError,
     TooManyImagesError,
     TooManyPartsError,
+    UnsupportedContentEncodingError,
     UnsupportedMediaTypeError,
 )
 from service.options import OPTION_NAMES
@@ -216,7 +217,8 @@ def check_content_encoding(content_encoding: str | None) -> None:
     gzip bytes would only be refused later as "not an image", or a mislabelled body accepted.
 
     Raises:
-        UnsupportedMediaTypeError: A content coding other than ``identity`` (RFC 9110, 415).
+        UnsupportedContentEncodingError: A content coding other than ``identity`` (415, with
+            ``Accept-Encoding: identity``, RFC 9110).
     """
     if content_encoding is None:
         return
@@ -225,7 +227,7 @@ def check_content_encoding(content_encoding: str | None) -> None:
     if applied:
         shown = content_encoding.strip()
         shown = repr(shown) if len(shown) <= 40 else f"{shown[:40]!r}..."
-        raise UnsupportedMediaTypeError(
+        raise UnsupportedContentEncodingError(
             f"Content-Encoding {shown} is not supported; send the body uncompressed "
             "(without a Content-Encoding header)"
         )

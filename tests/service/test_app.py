@@ -340,6 +340,7 @@ def test_a_compressed_body_is_refused_with_415_and_identity_is_accepted(live: Li
         )
         assert_error(response, 415, "unsupported_media_type")
         assert "Content-Encoding" in response.json()["error"]["message"]
+        assert response.headers["accept-encoding"] == "identity"  # what it takes (RFC 9110)
     files = [("images", ("a.png", png, "image/png"))]
     response = live.client.post("/embed", files=files, headers={"content-encoding": "deflate"})
     assert_error(response, 415, "unsupported_media_type")
