@@ -47,7 +47,9 @@
 #           processes with the same call's other runs, "--images-per-request 8
 #           --decode-processes 12"; a heavier model, whose GPU time per image the CPU side can
 #           keep up with: "--arch vit_base --concurrency 16,64 --images-per-request 8
-#           --decode-processes 12"); each serve call takes about
+#           --decode-processes 12"; the fastest deployment measured on an H200 with 16 cores,
+#           2026-11-27: "--concurrency 16,64 --images-per-request 8 --replicas 3
+#           --decode-processes 4"); each serve call takes about
 #           150 s, and a later one on the warm machine reuses the extracted package). Stage
 #           files live in
 #           /tmp/ort-parts between calls: the machine keeps them only while it stays warm (about

@@ -4,7 +4,9 @@ Starts ``python -m service`` on a loopback port with a model repository, uploads
 several client concurrencies (CLS only and CLS+patch+attention, json and base64 encodings),
 and reports images/s with p50/p99 latency. In the same run it times the bare onnxruntime
 session on batches of the sizes the service actually formed (read from its batch-size
-histogram) on the same preprocessed pixels, and prints the ratio service / raw. The JSON
+histogram) on the same preprocessed pixels, and prints the ratio service / raw; and, beside
+it, the session at ``--max-batch-size`` (the device at its best: replicas form smaller batches
+and run concurrently, which one session at their batch size does not). The JSON
 report also holds, per level, the mean of each ``Server-Timing`` stage the service reported
 (read, decode, queue, infer, encode, total).
 
@@ -610,6 +612,8 @@ class RawSession:
     """The bare onnxruntime session on the same file and the same preprocessed pixels."""
 
     def __init__(self, path: Path, blobs: list[bytes], device: str) -> None:
+        # errors only, as the service: onnxruntime-gpu 1.31 warns about plugin devices otherwise
+        ort.set_default_logger_severity(3)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(
@@ -647,8 +651,8 @@ class RawSession:
 
 _HEADER = (
     f"{'outputs':>20} {'enc':>6} {'conc':>4} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-    f"{'batch':>6} {'raw img/s':>10} {'ratio':>6} {'fail':>4} {'procs':>5} {'cli ms':>6} "
-    f"{'busy':>4} {'srv ms':>6}"
+    f"{'batch':>6} {'raw img/s':>10} {'ratio':>6} {'full/s':>8} {'ratio':>6} {'fail':>4} "
+    f"{'procs':>5} {'cli ms':>6} {'busy':>4} {'srv ms':>6}"
 )
 
 
@@ -684,7 +688,9 @@ def _format_row(row: dict[str, Any]) -> str:
         f"{row['images_per_s']:8.1f} {_number(row['p50_ms'], 8, 1)} "
         f"{_number(row['p99_ms'], 8, 1)} {row['mean_batch']:6.1f} "
         f"{_number(row['raw_images_per_s'], 10, 1)} {_number(row['ratio'], 6, 2)} "
-        f"{row['failures']:>4} {row['client_processes']:>5} "
+        f"{_number(row['raw_full_batch_images_per_s'], 8, 1)} "
+        f"{_number(row['ratio_full_batch'], 6, 2)} {row['failures']:>4} "
+        f"{row['client_processes']:>5} "
         f"{_number(row['client_cpu_ms_per_request'], 6, 2)} "
         f"{_number(row['client_cpu_busy'], 4, 2)} "
         f"{_number(row.get('server_cpu_ms_per_image'), 6, 2)}"
@@ -910,11 +916,18 @@ def _run(
                 # images per session call, whatever the images per request: the raw session
                 # is timed on batches of that size
                 mean_batch = sum(images) / calls if calls else 1.0
-                raw_rate = (  # nothing to compare a level without one success with
-                    raw.images_per_s(max(1, round(mean_batch)), names, args.raw_seconds)
-                    if result["requests"]
-                    else None
-                )
+                raw_batch = max(1, round(mean_batch))
+                raw_rate = full_rate = None  # nothing to compare a level without one success with
+                if result["requests"]:
+                    raw_rate = raw.images_per_s(raw_batch, names, args.raw_seconds)
+                    # The session at the largest batch the service may form: what the device
+                    # gives at its best. Several replicas each form smaller batches, and run
+                    # concurrently, which one raw session at their batch size does not.
+                    full_rate = (
+                        raw_rate
+                        if raw_batch >= args.max_batch_size
+                        else raw.images_per_s(args.max_batch_size, names, args.raw_seconds)
+                    )
                 row = {
                     "outputs": label,
                     "encoding": encoding,
@@ -923,8 +936,11 @@ def _run(
                     "server_images": round(sum(images)),  # inferred in this level
                     "replica_images": [round(value) for value in images],
                     "mean_batch": mean_batch,
+                    "raw_batch": raw_batch,  # the batch size the raw session was timed on
                     "raw_images_per_s": raw_rate,
                     "ratio": result["images_per_s"] / raw_rate if raw_rate else None,
+                    "raw_full_batch_images_per_s": full_rate,
+                    "ratio_full_batch": result["images_per_s"] / full_rate if full_rate else None,
                     "server_cpu_ms_per_image": _cpu_ms_per_image(
                         cpu_before, cpu_after, sum(images)
                     ),

@@ -89,7 +89,14 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
     for level in report["results"]:
         assert level["failures"] == 0 and level["images_per_s"] > 0
         assert level["raw_images_per_s"] > 0 and level["ratio"] > 0
+        assert level["raw_batch"] == max(1, round(level["mean_batch"]))
+        # beside it, the session at the largest batch the service may form (32 by default)
+        assert level["raw_full_batch_images_per_s"] > 0
+        assert level["ratio_full_batch"] == pytest.approx(
+            level["images_per_s"] / level["raw_full_batch_images_per_s"]
+        )
         assert level["server_cpu_ms_per_image"] > 0  # the service's main process, from /proc
+    assert report["settings"]["max_batch_size"] == 32
     assert report["hardware"]["execution_provider"] == "CPUExecutionProvider"
     assert report["settings"]["decode_processes"] == "0"
 
@@ -107,6 +114,7 @@ def test_serve_throughput_names_failed_requests_and_exits_1(tmp_path: Path) -> N
     for level in report["results"]:
         assert level["failure_statuses"] == {"413": 2} and level["requests"] == 0
         assert level["p50_ms"] is None and level["raw_images_per_s"] is None
+        assert level["raw_full_batch_images_per_s"] is None and level["ratio_full_batch"] is None
 
 
 def _gpu_session(work: Path, part: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -297,7 +305,8 @@ def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> Non
     result = _run(
         "bench/serve_throughput.py", "--tiny", "--device", "cpu", "--concurrency", "1,3",
         "--client-processes", "2", "--images-per-request", "2", "--requests", "12",
-        "--seconds", "60", "--raw-seconds", "0.2", "--json-out", str(out),
+        "--seconds", "60", "--raw-seconds", "0.2", "--max-batch-size", "2",
+        "--json-out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -314,6 +323,9 @@ def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> Non
         assert level["server_images"] == 2 * level["requests"]  # what the service inferred
         assert level["images_per_s"] == pytest.approx(2 * 12 / level["wall_s"])
         assert level["p50_ms"] > 0 and level["raw_images_per_s"] > 0
+        # two images per request fill the largest batch (2): the raw session runs it once
+        assert level["raw_batch"] == 2
+        assert level["raw_full_batch_images_per_s"] == level["raw_images_per_s"]
         assert level["client_cpu_ms_per_request"] > 0 and level["client_cpu_busy"] > 0
 
 
