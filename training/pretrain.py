@@ -716,7 +716,10 @@ class Trainer:
                             postfix["skipped"] = len(self.skipped)
                         bar.set_postfix(postfix)
                         self.log.step(it, record)
-                        self.watch.observe(epoch=epoch, loss=loss_value, teacher_entropy=entropy)
+                        if self.info.is_main:  # one warning per job, not one per rank
+                            self.watch.observe(
+                                epoch=epoch, loss=loss_value, teacher_entropy=entropy
+                            )
         finally:
             # Now, not when a traceback's frames are collected; after a full epoch torch has
             # stopped them, and this only kills one that outlived that.
