@@ -5,7 +5,8 @@ and reports the bad path and why with the sample, so the training loop can warn 
 and count them (worker processes cannot share a counter). Images over a pixel limit are refused
 from their header, before any pixel is decoded. The folder scan visits every real folder once
 (symlinked folders are followed, loops are not), skips hidden files and folders and anything
-that is not a regular file, and warns about folders it cannot read.
+that is not a regular file, and warns about folders it cannot read; a long scan (a large or
+networked folder) logs its progress.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import gzip
 import logging
 import os
 import stat
+import time
 import warnings
 import zlib
 from collections import Counter
@@ -67,18 +69,35 @@ class ImageTooLargeError(ValueError):
     """An image with more pixels than allowed (refused before decoding)."""
 
 
-def find_images(root: Path) -> list[Path]:
+def find_images(root: Path, report_every_s: float = 10.0) -> list[Path]:
     """Image files under ``root``, recursively, sorted.
 
     Symlinked folders are followed, but each real folder is visited once, so a link loop (or a
     second link to the same folder) neither hangs the scan nor repeats its images. Hidden files
     and folders (names starting with a dot) and entries that are not regular files (pipes,
     sockets, devices) are left out; a folder that cannot be read is named in a warning.
+
+    Args:
+        root: The folder to scan.
+        report_every_s: A scan that takes longer logs (INFO) its count so far at this interval,
+            and its total at the end; a shorter one logs nothing.
+
+    Returns:
+        The image paths, sorted.
     """
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     pending = [root]
+    started = last_report = time.monotonic()
+    reported = False
     while pending:
+        now = time.monotonic()
+        if now - last_report >= report_every_s:
+            last_report, reported = now, True
+            logger.info(
+                "scanning %s: %d images in %d folders so far (%.0f s)",
+                root, len(found), len(seen), now - started,
+            )  # fmt: skip
         folder = pending.pop()
         try:
             info = folder.stat()
@@ -103,6 +122,11 @@ def find_images(root: Path) -> list[Path]:
         # Depth first in name order, so which name of a folder linked twice is kept does not
         # depend on the file system's listing order.
         pending.extend(reversed(subfolders))
+    if reported:  # a long scan: say where it ended
+        logger.info(
+            "scanned %s: %d images in %d folders (%.0f s)",
+            root, len(found), len(seen), time.monotonic() - started,
+        )  # fmt: skip
     return sorted(found)
 
 

@@ -121,6 +121,23 @@ def test_folder_scan_visits_each_real_folder_once_and_only_regular_files(tmp_pat
         load_rgb(root / "pipe.png")
 
 
+def test_a_long_scan_logs_its_progress_and_a_short_one_is_quiet(tmp_path, caplog):
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "x.png")
+    with caplog.at_level(logging.INFO, logger="training.data"):
+        assert len(find_images(root)) == 3  # the default interval (10 s): no line
+        assert caplog.records == []
+        assert len(find_images(root, report_every_s=0.0)) == 3  # a report at every folder
+    lines = [r.getMessage() for r in caplog.records]
+    # four folders (the root and a, b, c), each reported before it is read, then the total
+    assert len(lines) == 5 and all(str(root) in line for line in lines)
+    assert lines[0].startswith(f"scanning {root}: 0 images in 0 folders so far")
+    assert lines[3].startswith(f"scanning {root}: 2 images in 3 folders so far")
+    assert lines[-1].startswith(f"scanned {root}: 3 images in 4 folders (")
+
+
 def test_folders_that_cannot_be_read_are_named(tmp_path, monkeypatch, caplog):
     root = tmp_path / "data"
     (root / "locked").mkdir(parents=True)
