@@ -144,11 +144,22 @@ def cannot_read(path: Path, err: OSError) -> str:
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def first_line(err: BaseException) -> str:
-    """``Type: first line of the message``, without terminal colour codes, at most 200 chars."""
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, without terminal colour codes.
+
+    A line longer than ``limit`` characters ends with the last whole sentence that fits (torch
+    follows its fact with advice), or is cut at a word with an ellipsis when none does.
+    """
     lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(err)).splitlines()]
     text = next((line for line in lines if line), "")
-    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+    if len(text) > limit:
+        end = text.rfind(". ", 0, limit)
+        if end > 0:
+            text = text[: end + 1]
+        else:
+            cut = text.rfind(" ", 0, limit - 2)
+            text = text[: cut if cut > 0 else limit - 3].rstrip() + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def weights_only_refusal(err: BaseException) -> str | None:

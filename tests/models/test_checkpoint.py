@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, infer_config, load_backbone
+from models.checkpoint import CheckpointError, first_line, infer_config, load_backbone
 from models.vit import VisionTransformer, ViTConfig, vit_config
 
 
@@ -114,6 +114,33 @@ def test_truncated_file_is_reported(tmp_path: Path, tiny_vit: VisionTransformer)
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_backbone(path, num_heads=2)
+
+
+def test_a_file_cut_before_its_zip_directory_gets_torchs_reason_in_whole_sentences(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cut.pth"
+    torch.save({"weight": torch.zeros(1000)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        load_backbone(path)
+    # torch's fact in whole sentences: the advice after them ran past 200 characters and was
+    # cut mid-sentence ("... that your checkpoint file is)")
+    message = str(info.value)
+    assert "failed finding central directory." in message
+    assert message.endswith("This is an internal miniz error.)")
+
+
+def test_a_long_reason_keeps_whole_sentences_or_ends_in_an_ellipsis() -> None:
+    advice = "Fact one. Fact two is here. " + "then advice " * 30
+    assert first_line(RuntimeError(advice)) == "RuntimeError: Fact one. Fact two is here."
+    words = "word " * 60  # no sentence end: cut at a word
+    cut = first_line(ValueError(words))
+    assert cut.endswith("word...") and len(cut) <= len("ValueError: ") + 200
+    assert first_line(OSError("x" * 300)) == "OSError: " + "x" * 197 + "..."
+    assert first_line(KeyError()) == "KeyError"  # no message
+    assert first_line(RuntimeError("\x1b[31m\n  short\x1b[0m\nnext")) == "RuntimeError: short"
 
 
 class _Untrusted:
