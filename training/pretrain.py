@@ -145,6 +145,28 @@ def resolve_gpu_input(config: PretrainConfig) -> str:
     return "crops"
 
 
+def canvas_warnings(config: PretrainConfig, augment_device: str) -> list[str]:
+    """What ``--canvas_size`` will not do as asked, given the resolved augmentation device.
+
+    Each message is one line; the run goes on (a configuration written for a GPU still runs on
+    the CPU).
+    """
+    if not config.canvas_size:
+        return []
+    if augment_device != "gpu":
+        return [
+            f"--canvas_size {config.canvas_size} is ignored: it applies to gpu augmentation, "
+            f"and this run augments on the cpu (--augment_device {config.augment_device})"
+        ]
+    largest = max(config.global_crops_size, config.local_crops_size)
+    if config.canvas_size < largest:
+        return [
+            f"--canvas_size {config.canvas_size} is smaller than the crops "
+            f"({largest} pixels): every crop is upsampled from the canvas"
+        ]
+    return []
+
+
 def build_vit_config(config: PretrainConfig) -> ViTConfig:
     """Architecture from ``--arch`` with optional custom ``embed_dim``/``depth``/``num_heads``.
 
@@ -409,6 +431,8 @@ class Trainer:
         # colour operations, blur and solarisation run on the device in batches.
         self.gpu_augment: BatchedMultiCrop | None = None
         self.gpu_input = resolve_gpu_input(config) if self.augment_device == "gpu" else ""
+        for message in canvas_warnings(config, self.augment_device):
+            logger.warning(message)
         self.augment_generator = torch.Generator(device=self.device)
         if self.augment_device == "gpu":
             self.gpu_augment = BatchedMultiCrop(*crop_args)  # type: ignore[arg-type]

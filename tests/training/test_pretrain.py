@@ -19,7 +19,7 @@ from tests.training.conftest import default_signals, tiny_args
 from training.checkpoint import CheckpointCorruptError, load_checkpoint, output_dir_lock
 from training.config import parse_config
 from training.distributed import cleanup_distributed, init_distributed
-from training.pretrain import Trainer, main
+from training.pretrain import Trainer, canvas_warnings, main
 
 
 def test_full_run_resume_is_exact_and_exports(tmp_path, image_dir, caplog):
@@ -995,3 +995,34 @@ def test_a_full_disk_during_the_checkpoint_write_is_one_line(
     assert "No space left on device" in errors[0]
     assert not any(r.exc_info for r in caplog.records)
     assert (out / "checkpoint.pth").read_bytes() == before
+
+
+def test_canvas_size_that_cannot_do_as_asked_is_named() -> None:
+    def warnings(*extra: str, device: str = "gpu") -> list[str]:
+        config = parse_config(["--data_path", "x", *extra])
+        return canvas_warnings(config, device)
+
+    assert warnings() == []  # no canvas
+    assert warnings("--canvas_size", "256") == []  # larger than the 224 and 96 crops
+    assert warnings("--canvas_size", "224") == []
+    [small] = warnings("--canvas_size", "128")
+    assert small.startswith("--canvas_size 128 is smaller than the crops (224 pixels)")
+    [local] = warnings(
+        "--canvas_size", "64", "--global_crops_size", "32", "--local_crops_size", "96"
+    )
+    assert "(96 pixels)" in local
+    [ignored] = warnings("--canvas_size", "256", "--augment_device", "cpu", device="cpu")
+    assert ignored.startswith("--canvas_size 256 is ignored")
+    assert ignored.endswith("(--augment_device cpu)")
+    [auto] = warnings("--canvas_size", "256", device="cpu")  # auto resolved to cpu, no CUDA
+    assert auto.endswith("(--augment_device auto)")
+
+
+def test_the_canvas_warning_reaches_the_log_at_start(tmp_path, image_dir, caplog) -> None:
+    config = parse_config(tiny_args(image_dir, tmp_path / "run", "--canvas_size", "64"))
+    trainer = Trainer(config, init_distributed("cpu"))  # cpu: augment_device auto -> cpu
+    try:
+        assert "--canvas_size 64 is ignored" in caplog.text
+    finally:
+        trainer.log.close()
+        cleanup_distributed()
