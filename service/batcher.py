@@ -66,11 +66,15 @@ class Result:
 
     Attributes:
         outputs: Output name -> array without the batch axis.
-        infer_s: Duration of the inference call that produced it.
+        infer_s: Duration of the inference call that produced it, in the inference thread:
+            stacking the batch and the onnxruntime call.
+        session_s: The onnxruntime call alone (part of ``infer_s``), until the inference
+            thread holds the GIL again.
     """
 
     outputs: Outputs
     infer_s: float
+    session_s: float = 0.0
 
 
 @dataclass
@@ -79,6 +83,7 @@ class _Timing:
 
     started: float | None = None
     elapsed: float = 0.0
+    session: float = 0.0  # the onnxruntime call alone
 
 
 @dataclass(eq=False)  # identity: items are found and removed by identity, arrays inside
@@ -422,10 +427,11 @@ class Batcher:
             self._observe_wait(items, timing)
         elapsed = timing.elapsed
         self._metrics.stage_seconds.labels("inference").observe(elapsed)
+        self._metrics.stage_seconds.labels("session").observe(timing.session)
         for row, item in enumerate(items):
             if not item.future.done():
                 values = {name: result[name][row] for name in item.outputs}
-                item.future.set_result(Result(values, elapsed))
+                item.future.set_result(Result(values, elapsed, timing.session))
 
     def _observe_wait(self, items: list[_Item], timing: _Timing) -> None:
         """Queue wait: from enqueueing to the moment the inference thread took the batch."""
@@ -446,6 +452,10 @@ def _infer(
         raise RuntimeError("the batch was stopped before it ran")
     try:
         batch = np.stack(pixels)  # (B, 3, H, W)
-        return model.run(batch, outputs, control)
+        called = time.perf_counter()
+        try:
+            return model.run(batch, outputs, control)
+        finally:
+            timing.session = time.perf_counter() - called
     finally:
         timing.elapsed = time.perf_counter() - timing.started

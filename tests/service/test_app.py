@@ -444,11 +444,21 @@ def test_health_readiness_models_metrics_docs(live: LiveServer) -> None:
         'dino_stage_duration_seconds_count{stage="decode"}',
         'dino_stage_duration_seconds_count{stage="preprocess"}',
         'dino_stage_duration_seconds_count{stage="inference"}',
+        'dino_stage_duration_seconds_count{stage="session"}',
         'dino_stage_duration_seconds_count{stage="encode"}',
         'dino_model_info{execution_provider="CPUExecutionProvider",name="tiny",version="1"',
     ]:
         assert name in text, name
     assert live.metric("dino_http_requests_total", {"route": "/embed", "status": "200"}) >= 1
+    # the onnxruntime call is part of the inference stage: never longer, batch by batch
+    inference, session = (
+        live.metric("dino_stage_duration_seconds_sum", {"stage": stage})
+        for stage in ("inference", "session")
+    )
+    assert 0 < session <= inference
+    assert live.metric("dino_stage_duration_seconds_count", {"stage": "session"}) == live.metric(
+        "dino_stage_duration_seconds_count", {"stage": "inference"}
+    )
     # Latency is the request's duration (seconds), not a clock reading.
     count = live.metric("dino_http_request_duration_seconds_count", {"route": "/embed"})
     total = live.metric("dino_http_request_duration_seconds_sum", {"route": "/embed"})
@@ -562,9 +572,11 @@ def test_server_timing_header(live: LiveServer) -> None:
     for entry in response.headers["server-timing"].split(","):
         name, _, duration = entry.strip().partition(";dur=")
         entries[name] = float(duration)
-    assert list(entries) == ["read", "decode", "queue", "infer", "encode", "total"]
+    assert list(entries) == ["read", "decode", "queue", "infer", "session", "encode", "total"]
     assert all(value >= 0 for value in entries.values())
-    stages = sum(value for name, value in entries.items() if name != "total")
+    # session is the onnxruntime call inside infer (which also stacks the batch)
+    assert 0 < entries["session"] <= entries["infer"]
+    stages = sum(value for name, value in entries.items() if name not in ("session", "total"))
     assert entries["infer"] > 0 and stages <= entries["total"] * 1.01 + 0.05
 
 
