@@ -49,7 +49,9 @@
 #           keep up with: "--arch vit_base --concurrency 16,64 --images-per-request 8
 #           --decode-processes 12"; the fastest deployment measured on an H200 with 16 cores,
 #           2026-11-27: "--concurrency 16,64 --images-per-request 8 --replicas 3
-#           --decode-processes 4"); each serve call takes about
+#           --decode-processes 4"; the GIL experiment: the same flags with and without
+#           "--server-switch-interval-ms 0.5", comparing the infer and session stages);
+#           each serve call takes about
 #           150 s, and a later one on the warm machine reuses the extracted package). Stage
 #           files live in
 #           /tmp/ort-parts between calls: the machine keeps them only while it stays warm (about

@@ -88,6 +88,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def server_command(switch_interval_ms: float | None, module: str = "service") -> list[str]:
+    """The command line of one service process: ``python -m service``, or, with a switch
+    interval, the same module run after ``sys.setswitchinterval``."""
+    if switch_interval_ms is None:
+        return [sys.executable, "-m", module]
+    code = (
+        f"import runpy, sys; sys.setswitchinterval({switch_interval_ms / 1000!r}); "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", code]
+
+
 def _processes_option(text: str) -> int | None:
     """``auto`` (None: the rule of :func:`_auto_processes`) or a count of at least 1."""
     return None if text == "auto" else _positive_int(text)
@@ -139,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="DINO_DECODE_PROCESSES for the service (default: the environment's, else 0: "
         "decode in threads)",
+    )
+    parser.add_argument(
+        "--server-switch-interval-ms",
+        type=_positive_float,
+        default=None,
+        metavar="MS",
+        help="an experiment: Python's thread switch interval in the service processes "
+        "(sys.setswitchinterval; Python's default 5 ms), how long a thread that wants the GIL "
+        "may wait for the one holding it",
     )
     parser.add_argument(
         "--raw-seconds",
@@ -808,7 +839,8 @@ def main(argv: list[str] | None = None) -> int:
             for port in ports:
                 servers.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "service"], env={**env, "DINO_PORT": str(port)}
+                        server_command(args.server_switch_interval_ms),
+                        env={**env, "DINO_PORT": str(port)},
                     )
                 )
             urls = [f"http://127.0.0.1:{port}" for port in ports]
@@ -958,6 +990,7 @@ def _run(
             "client_processes": args.client_processes,
             "images_per_request": args.images_per_request,
             "replicas": args.replicas,
+            "server_switch_interval_ms": args.server_switch_interval_ms,  # None: Python's
             "decode_processes": os.environ.get("DINO_DECODE_PROCESSES", "0")
             if args.decode_processes is None
             else str(args.decode_processes),

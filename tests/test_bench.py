@@ -81,10 +81,12 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
     out = tmp_path / "serve.json"
     result = _run(
         "bench/serve_throughput.py", "--tiny", "--concurrency", "1,4", "--requests", "8",
-        "--seconds", "2", "--raw-seconds", "0.5", "--json-out", str(out),
+        "--seconds", "2", "--raw-seconds", "0.5", "--server-switch-interval-ms", "2",
+        "--json-out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
+    assert report["settings"]["server_switch_interval_ms"] == 2.0  # the service ran with it
     assert len(report["results"]) == 8  # 2 outputs x 2 encodings x 2 concurrencies
     for level in report["results"]:
         assert level["failures"] == 0 and level["images_per_s"] > 0
@@ -536,3 +538,25 @@ def test_prepare_device_refuses_a_package_missing_from_the_constraints(tmp_path:
     assert result.returncode == 1
     assert "starlette is not pinned in constraints.txt" in result.stderr
     assert not (repo / ".device" / "wheels").exists()
+
+
+def test_the_service_command_sets_the_switch_interval_before_the_module_runs(
+    tmp_path: Path, serve_bench: Any
+) -> None:
+    import os
+
+    assert serve_bench.server_command(None) == [sys.executable, "-m", "service"]
+    # a stand-in for the service: reports what it runs under, as ``python -m`` would run it
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "__init__.py").write_text("")
+    (tmp_path / "probe" / "__main__.py").write_text(
+        "import sys\nprint(__name__, sys.getswitchinterval(), sys.argv[1:])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for interval, expected in ((None, 0.005), (0.5, 0.0005)):
+        command = serve_bench.server_command(interval, module="probe")
+        result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        assert result.stdout.split() == ["__main__", str(expected), "[]"]
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            serve_bench._parser().parse_args(["--server-switch-interval-ms", bad])
