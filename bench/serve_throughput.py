@@ -8,7 +8,7 @@ histogram) on the same preprocessed pixels, and prints the ratio service / raw; 
 it, the session at ``--max-batch-size`` (the device at its best: replicas form smaller batches
 and run concurrently, which one session at their batch size does not). The JSON
 report also holds, per level, the mean of each ``Server-Timing`` stage the service reported
-(read, decode, queue, infer, encode, total).
+(read, decode, queue, infer, session, encode, total).
 
 The load comes from several client processes, since one Python process of httpx clients tops out
 at a few hundred requests/s (about 6.5 ms of its CPU per request) and would measure itself
@@ -573,7 +573,8 @@ def _merge(results: list[_ClientResult], images_per_request: int) -> dict[str, A
         "images_per_request": images_per_request,
         "client_processes": len(results),
         "client_requests": [len(r.latencies) for r in results],  # successful, per process
-        # mean per request of each Server-Timing stage (read, decode, queue, infer, encode)
+        # mean per request of each Server-Timing stage (read, decode, queue, infer, session,
+        # encode, total)
         "server_stages_ms": {name: total / done for name, total in stage_totals.items()},
         "failures": sum(r.failures for r in results),
         "failure_statuses": statuses,
@@ -971,6 +972,7 @@ def _run(
                     "raw_batch": raw_batch,  # the batch size the raw session was timed on
                     "raw_images_per_s": raw_rate,
                     "ratio": result["images_per_s"] / raw_rate if raw_rate else None,
+                    "full_batch": args.max_batch_size,  # the batch size full_rate was timed on
                     "raw_full_batch_images_per_s": full_rate,
                     "ratio_full_batch": result["images_per_s"] / full_rate if full_rate else None,
                     "server_cpu_ms_per_image": _cpu_ms_per_image(

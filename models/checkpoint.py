@@ -148,17 +148,19 @@ def first_line(err: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message``, without terminal colour codes.
 
     A line longer than ``limit`` characters ends with the last whole sentence that fits (torch
-    follows its fact with advice), or is cut at a word with an ellipsis when none does.
+    follows its fact with advice), or else is cut at a word, or else at ``limit``, with an
+    ellipsis; a cut never keeps less than half of ``limit`` (a long path stays).
     """
     lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(err)).splitlines()]
     text = next((line for line in lines if line), "")
     if len(text) > limit:
-        end = text.rfind(". ", 0, limit)
-        if end > 0:
+        least = limit // 2
+        end = text.rfind(". ", least - 1, limit)
+        if end >= least - 1:
             text = text[: end + 1]
         else:
-            cut = text.rfind(" ", 0, limit - 2)
-            text = text[: cut if cut > 0 else limit - 3].rstrip() + "..."
+            cut = text.rfind(" ", least, limit - 2)
+            text = text[: cut if cut >= least else limit - 3].rstrip() + "..."
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 

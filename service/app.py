@@ -399,7 +399,7 @@ async def _embed_admitted(
     infer = slowest.infer_s
     timer.add("queue", max(time.perf_counter() - submitted - infer, 0.0))
     timer.add("infer", infer)
-    timer.add("session", slowest.session_s)  # part of infer: the onnxruntime call alone
+    timer.add("session", slowest.session_s)  # part of infer: the onnxruntime call
     records = [
         ImageRecord(
             index=index,

@@ -68,8 +68,8 @@ class Result:
         outputs: Output name -> array without the batch axis.
         infer_s: Duration of the inference call that produced it, in the inference thread:
             stacking the batch and the onnxruntime call.
-        session_s: The onnxruntime call alone (part of ``infer_s``), until the inference
-            thread holds the GIL again.
+        session_s: The onnxruntime call (part of ``infer_s``), until the inference thread
+            holds the GIL again; with a float16 model, its input and output casts too.
     """
 
     outputs: Outputs
@@ -83,7 +83,7 @@ class _Timing:
 
     started: float | None = None
     elapsed: float = 0.0
-    session: float = 0.0  # the onnxruntime call alone
+    session: float = 0.0  # the onnxruntime call (and a float16 model's casts)
 
 
 @dataclass(eq=False)  # identity: items are found and removed by identity, arrays inside

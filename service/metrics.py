@@ -69,8 +69,8 @@ class Metrics:
         self.stage_seconds = Histogram(
             "dino_stage_duration_seconds",
             "Time per stage: decode (bytes to RGB), preprocess (resize/normalise, per image), "
-            "inference (per batch, in the inference thread), session (the onnxruntime call "
-            "alone, part of inference) and encode (per response).",
+            "inference (per batch, in the inference thread), session (the onnxruntime call, "
+            "part of inference) and encode (per response).",
             ("stage",),
             buckets=_LATENCY_BUCKETS,
             registry=registry,

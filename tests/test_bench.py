@@ -93,7 +93,7 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
         assert level["raw_images_per_s"] > 0 and level["ratio"] > 0
         assert level["raw_batch"] == max(1, round(level["mean_batch"]))
         # beside it, the session at the largest batch the service may form (32 by default)
-        assert level["raw_full_batch_images_per_s"] > 0
+        assert level["full_batch"] == 32 and level["raw_full_batch_images_per_s"] > 0
         assert level["ratio_full_batch"] == pytest.approx(
             level["images_per_s"] / level["raw_full_batch_images_per_s"]
         )
@@ -326,7 +326,7 @@ def test_serve_throughput_merges_several_client_processes(tmp_path: Path) -> Non
         assert level["images_per_s"] == pytest.approx(2 * 12 / level["wall_s"])
         assert level["p50_ms"] > 0 and level["raw_images_per_s"] > 0
         # two images per request fill the largest batch (2): the raw session runs it once
-        assert level["raw_batch"] == 2
+        assert level["raw_batch"] == level["full_batch"] == 2
         assert level["raw_full_batch_images_per_s"] == level["raw_images_per_s"]
         assert level["client_cpu_ms_per_request"] > 0 and level["client_cpu_busy"] > 0
 

@@ -88,16 +88,21 @@ def find_images(root: Path, report_every_s: float = 10.0) -> list[Path]:
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     pending = [root]
-    started = last_report = time.monotonic()
-    reported = False
-    while pending:
+    started = time.monotonic()
+    last_report: float | None = None  # when progress was last logged (None: not yet)
+
+    def report_progress() -> None:
+        nonlocal last_report
         now = time.monotonic()
-        if now - last_report >= report_every_s:
-            last_report, reported = now, True
+        if now - (started if last_report is None else last_report) >= report_every_s:
+            last_report = now
             logger.info(
                 "scanning %s: %d images in %d folders so far (%.0f s)",
                 root, len(found), len(seen), now - started,
             )  # fmt: skip
+
+    while pending:
+        report_progress()
         folder = pending.pop()
         try:
             info = folder.stat()
@@ -109,7 +114,9 @@ def find_images(root: Path, report_every_s: float = 10.0) -> list[Path]:
             logger.warning("cannot read the folder %s (%s); its images are left out", folder, err)
             continue
         subfolders = []
-        for entry in entries:
+        for position, entry in enumerate(entries, 1):
+            if position % 4096 == 0:  # a flat folder of a million files reports too
+                report_progress()
             if entry.name.startswith("."):
                 continue
             try:
@@ -122,7 +129,7 @@ def find_images(root: Path, report_every_s: float = 10.0) -> list[Path]:
         # Depth first in name order, so which name of a folder linked twice is kept does not
         # depend on the file system's listing order.
         pending.extend(reversed(subfolders))
-    if reported:  # a long scan: say where it ended
+    if last_report is not None:  # a long scan: say where it ended
         logger.info(
             "scanned %s: %d images in %d folders (%.0f s)",
             root, len(found), len(seen), time.monotonic() - started,

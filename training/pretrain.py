@@ -431,8 +431,8 @@ class Trainer:
         # colour operations, blur and solarisation run on the device in batches.
         self.gpu_augment: BatchedMultiCrop | None = None
         self.gpu_input = resolve_gpu_input(config) if self.augment_device == "gpu" else ""
-        for message in canvas_warnings(config, self.augment_device):
-            logger.warning(message)
+        for message in canvas_warnings(config, self.augment_device) if info.is_main else []:
+            logger.warning(message)  # the same on every rank: said once
         self.augment_generator = torch.Generator(device=self.device)
         if self.augment_device == "gpu":
             self.gpu_augment = BatchedMultiCrop(*crop_args)  # type: ignore[arg-type]

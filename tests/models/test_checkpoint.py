@@ -133,13 +133,18 @@ def test_a_file_cut_before_its_zip_directory_gets_torchs_reason_in_whole_sentenc
 
 
 def test_a_long_reason_keeps_whole_sentences_or_ends_in_an_ellipsis() -> None:
-    advice = "Fact one. Fact two is here. " + "then advice " * 30
-    assert first_line(RuntimeError(advice)) == "RuntimeError: Fact one. Fact two is here."
+    facts = "The archive lacks its central directory. " + "It was cut short while written. " * 2
+    advice = facts + "then advice " * 30
+    assert first_line(RuntimeError(advice)) == f"RuntimeError: {facts.strip()}"
     words = "word " * 60  # no sentence end: cut at a word
     cut = first_line(ValueError(words))
     assert cut.endswith("word...") and len(cut) <= len("ValueError: ") + 200
     assert first_line(OSError("x" * 300)) == "OSError: " + "x" * 197 + "..."
     assert first_line(KeyError()) == "KeyError"  # no message
+    # a short first sentence or word is no place to stop: the path after it stays
+    path = "/data/" + "d" * 300
+    assert first_line(RuntimeError(f"Error. {path}")) == f"RuntimeError: Error. {path[:190]}..."
+    assert first_line(OSError(f"Failed: {path}")) == f"OSError: Failed: {path[:189]}..."
     assert first_line(RuntimeError("\x1b[31m\n  short\x1b[0m\nnext")) == "RuntimeError: short"
 
 

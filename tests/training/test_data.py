@@ -138,6 +138,22 @@ def test_a_long_scan_logs_its_progress_and_a_short_one_is_quiet(tmp_path, caplog
     assert lines[-1].startswith(f"scanned {root}: 3 images in 4 folders (")
 
 
+def test_a_flat_folder_of_many_files_reports_while_it_is_listed(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(5000):
+        (root / f"{i:05d}.jpg").touch()
+    clock = iter(range(0, 1000, 7))  # each reading 7 s later than the one before
+    monkeypatch.setattr(data_module.time, "monotonic", lambda: float(next(clock)))
+    with caplog.at_level(logging.INFO, logger="training.data"):
+        assert len(find_images(root)) == 5000
+    lines = [r.getMessage() for r in caplog.records]
+    # readings: 0 (start), 7 (before the folder: under 10 s), 14 (after 4096 entries), end
+    assert lines[0] == f"scanning {root}: 4095 images in 1 folders so far (14 s)"
+    assert lines[-1] == f"scanned {root}: 5000 images in 1 folders (21 s)"
+    assert len(lines) == 2
+
+
 def test_folders_that_cannot_be_read_are_named(tmp_path, monkeypatch, caplog):
     root = tmp_path / "data"
     (root / "locked").mkdir(parents=True)
