@@ -494,8 +494,15 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         total_batch = config.batch_size_per_gpu * info.world_size
+        peak_lr = config.lr * total_batch / 256.0  # the linear scaling rule
+        if config.min_lr > peak_lr and info.is_main:  # accepted, as by the reference
+            logger.warning(
+                "--min_lr %g is above the peak learning rate %g (--lr %g x total batch %d / "
+                "256): the schedule rises after the warm-up instead of decaying",
+                config.min_lr, peak_lr, config.lr, total_batch,
+            )  # fmt: skip
         self.lr_schedule = cosine_scheduler(
-            config.lr * total_batch / 256.0,
+            peak_lr,
             config.min_lr,
             config.epochs,
             self.niter,

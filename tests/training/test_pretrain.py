@@ -1026,3 +1026,18 @@ def test_the_canvas_warning_reaches_the_log_at_start(tmp_path, image_dir, caplog
     finally:
         trainer.log.close()
         cleanup_distributed()
+
+
+def test_a_min_lr_above_the_peak_lr_is_named(tmp_path, image_dir, caplog) -> None:
+    # peak = 0.05 x 4 / 256 = 7.8e-4 (the linear scaling rule on a batch of 4)
+    for min_lr, warned in (("1e-6", False), ("1e-3", True)):
+        caplog.clear()
+        args = tiny_args(image_dir, tmp_path / min_lr, "--min_lr", min_lr)
+        trainer = Trainer(parse_config(args), init_distributed("cpu"))
+        try:
+            assert ("above the peak learning rate 0.00078125" in caplog.text) is warned
+            # as the warning says: the schedule ends above its peak when min_lr is above it
+            assert bool(trainer.lr_schedule[-1] > 0.05 * 4 / 256) is warned
+        finally:
+            trainer.log.close()
+            cleanup_distributed()
