@@ -15,6 +15,11 @@ GPU, where a call takes milliseconds, that idle time can exceed the calls themse
 CPU a call takes long enough for the idle time not to matter, and a batch formed while another
 runs would only be smaller than one formed when the thread is free.
 
+Images wait as 8-bit pixels. The inference thread normalises them straight into a float32
+buffer that it reuses from one batch to the next (:class:`PixelBuffers`): a fresh batch array
+would be zero-filled page by page by the kernel at every call, and a copy to stack the images
+would come on top.
+
 A batch is also bounded by attention memory: ``batch * tokens**2 * heads * 4`` bytes (the
 float32 attention matrix of one block, see :func:`attention_bytes`) stays within
 ``max_attention_bytes``; a group whose images are large runs in smaller batches. (An image whose
@@ -42,7 +47,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +58,7 @@ from models.contract import OUTPUT_NAMES
 from service.attention import attention_bytes
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
+from service.preprocess import normalize_into
 from service.runtime import CUDA, OnnxModel, RunControl
 
 logger = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ class Result:
     Attributes:
         outputs: Output name -> array without the batch axis.
         infer_s: Duration of the inference call that produced it, in the inference thread:
-            stacking the batch and the onnxruntime call.
+            normalising the batch and the onnxruntime call.
         session_s: The onnxruntime call (part of ``infer_s``), until the inference thread
             holds the GIL again; with a float16 model, its input and output casts too.
     """
@@ -88,7 +94,7 @@ class _Timing:
 
 @dataclass(eq=False)  # identity: items are found and removed by identity, arrays inside
 class _Item:
-    pixels: np.ndarray  # (3, H, W)
+    rgb: np.ndarray  # (H, W, 3) uint8
     outputs: tuple[str, ...]
     model: OnnxModel
     future: asyncio.Future[Result]
@@ -141,6 +147,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._buffers = PixelBuffers()  # used by the inference thread only
         self._running: dict[RunControl, list[_Item]] = {}  # calls handed to the thread
         self._depth = pipeline_depth
         self._batches: dict[asyncio.Task[None], list[_Item]] = {}  # their tasks and images
@@ -218,13 +225,13 @@ class Batcher:
         return max(1, min(self._max_batch_size, self._max_attention_bytes // cost))
 
     async def submit(
-        self, model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]
+        self, model: OnnxModel, images: list[np.ndarray], outputs: tuple[str, ...]
     ) -> list[Result]:
         """Queue images (all of one request) and wait for their outputs.
 
         Args:
-            model: The model snapshot the request started with.
-            pixels: ``[3, H, W]`` arrays.
+            model: The model snapshot the request started with; its recipe normalises them.
+            images: ``[H, W, 3]`` uint8 arrays at the model's input size.
             outputs: Contract output names wanted.
 
         Returns:
@@ -235,13 +242,13 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         items: list[tuple[tuple[OnnxModel, int, int], _Item]] = []
-        futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in pixels]
-        for array, future in zip(pixels, futures, strict=True):
-            key = (model, int(array.shape[1]), int(array.shape[2]))
+        futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in images]
+        for array, future in zip(images, futures, strict=True):
+            key = (model, int(array.shape[0]), int(array.shape[1]))
             item = _Item(array, outputs, model, future, futures)
             self._groups.setdefault(key, deque()).append(item)
             items.append((key, item))
-        self._queued += len(pixels)
+        self._queued += len(images)
         self._metrics.queue_depth.set(self._queued)
         self._wake.set()
         try:
@@ -383,10 +390,11 @@ class Batcher:
                 self._executor,
                 _infer,
                 model,
-                [item.pixels for item in items],
+                [item.rgb for item in items],
                 outputs,
                 control,
                 timing,
+                self._buffers,
             )
         except Exception:
             self._running.pop(control, None)
@@ -440,18 +448,54 @@ class Batcher:
                 self._metrics.queue_wait.observe(timing.started - item.enqueued)
 
 
+class PixelBuffers:
+    """float32 batch buffers kept from one inference call to the next, one per image size.
+
+    A buffer grows to the largest batch seen for its size. The least recently used ones are
+    dropped once they hold more than ``max_bytes`` together; one larger than that on its own is
+    not kept at all. Not thread-safe: only the inference thread uses it.
+
+    Args:
+        max_bytes: Most bytes kept between calls.
+    """
+
+    def __init__(self, max_bytes: int = 128 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes held between calls."""
+        return sum(buffer.nbytes for buffer in self._kept.values())
+
+    def get(self, batch: int, height: int, width: int) -> np.ndarray:
+        """A C-contiguous ``[batch, 3, height, width]`` float32 array (contents undefined)."""
+        key = (height, width)
+        buffer = self._kept.pop(key, None)
+        if buffer is None or len(buffer) < batch:
+            buffer = np.empty((batch, 3, height, width), dtype=np.float32)
+        if buffer.nbytes <= self.max_bytes:
+            self._kept[key] = buffer  # most recently used last
+            while self.kept_bytes > self.max_bytes:
+                self._kept.popitem(last=False)
+        return buffer[:batch]
+
+
 def _infer(
     model: OnnxModel,
-    pixels: list[np.ndarray],
+    images: list[np.ndarray],
     outputs: tuple[str, ...],
     control: RunControl,
     timing: _Timing,
+    buffers: PixelBuffers,
 ) -> Outputs:
     timing.started = time.perf_counter()
     if control.terminated:  # abandoned (or the service stopping) before it could start
         raise RuntimeError("the batch was stopped before it ran")
     try:
-        batch = np.stack(pixels)  # (B, 3, H, W)
+        height, width = images[0].shape[:2]
+        batch = buffers.get(len(images), height, width)  # (B, 3, H, W)
+        normalize_into(batch, images, model.metadata.recipe)
         called = time.perf_counter()
         try:
             return model.run(batch, outputs, control)

@@ -4,9 +4,10 @@ In one Python process every decode thread takes the GIL between Pillow's calls (
 file, EXIF, the crop, building arrays), so decoding stops scaling at about a core's worth of
 that Python work however many cores there are, and each handover waits behind the event loop.
 Here each image goes to one of ``count`` processes (:mod:`service.decode_worker`) that decode,
-resize and crop it; the service receives 8-bit pixels and only normalises them. Dispatch
-threads (two per process: while one normalises what it received, the other hands the process
-its next image) wait on the processes, so the event loop still just awaits a future per image,
+resize and crop it; the service receives 8-bit pixels, which the batcher normalises as it
+assembles a batch. Dispatch threads (two per process: while one reads what its process sent,
+the other hands the process its next image) wait on the processes, so the event loop still just
+awaits a future per image,
 and an image not yet taken by a dispatch thread is dropped when its request is withdrawn (one
 already waiting in a thread for its process, at most one per process, is still decoded).
 
@@ -46,7 +47,7 @@ from service.decode_worker import (
     spec_to_json,
 )
 from service.errors import CorruptImageError, ImageTooComplexError, NotReadyError, ServiceError
-from service.prepare import Prepared, PrepareSpec, Resized, finish
+from service.prepare import PrepareSpec, Resized
 
 logger = logging.getLogger(__name__)
 
@@ -287,8 +288,8 @@ class DecodeProcesses:
         self._closed = False
         self._failed_start_at: float | None = None
         self.restarts = 0
-        # Two dispatch threads per worker: one normalises the pixels it received while the
-        # other hands the worker its next image.
+        # Two dispatch threads per worker: one reads the pixels the worker sent while the
+        # other hands it the next image.
         self.executor = ThreadPoolExecutor(2 * count, thread_name_prefix="decode-dispatch")
 
     def start(self) -> None:
@@ -321,8 +322,8 @@ class DecodeProcesses:
         with self._lock:
             return sorted(worker.pid for worker in self._workers if worker.usable)
 
-    def prepare(self, data: bytes, index: int, spec: PrepareSpec) -> Prepared:
-        """Decode and preprocess one image in a worker (blocking; call it in :attr:`executor`).
+    def prepare(self, data: bytes, index: int, spec: PrepareSpec) -> Resized:
+        """Decode, resize and crop one image in a worker (blocking; call it in :attr:`executor`).
 
         Raises:
             ServiceError: A client error, as decoding in a thread would raise it; an image that
@@ -365,7 +366,7 @@ class DecodeProcesses:
                 ) from slow
         finally:
             self._release(worker)
-        return finish(resized, spec.recipe)
+        return resized
 
     def close(self) -> None:
         """Stop every worker and the dispatch threads; images in or waiting for a worker fail.

@@ -560,3 +560,33 @@ def test_the_service_command_sets_the_switch_interval_before_the_module_runs(
     for bad in ("0", "-1", "nan", "inf", "x"):
         with pytest.raises(SystemExit):
             serve_bench._parser().parse_args(["--server-switch-interval-ms", bad])
+
+
+def test_batch_assembly_times_both_ways_and_the_round_trip() -> None:
+    result = _run(
+        "-m",
+        "bench.batch_assembly",
+        "--size",
+        "40x24",
+        "--batch",
+        "4",
+        "--queued",
+        "8",
+        "--seconds",
+        "0.05",
+        "--decode-processes",
+        "1",
+        "--round-trip-images",
+        "16",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert (report["size"], report["batch"]) == ([40, 24], 4)
+    times = report["assembly"]
+    assert times["fresh_ms"] > 0 and times["reused_ms"] > 0
+    assert times["ratio"] == pytest.approx(times["fresh_ms"] / times["reused_ms"])
+    trip = report["round_trip"]
+    assert trip["processes"] == 1 and trip["images"] == 16
+    assert trip["cpu_ms_per_image"] > 0 and trip["wall_ms_per_image"] > 0
+    refused = _run("-m", "bench.batch_assembly", "--size", "40by24")
+    assert refused.returncode == 2 and "not WxH" in refused.stderr

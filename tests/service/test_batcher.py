@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.contract import PreprocessingRecipe
 from service.app import _unless_disconnected
-from service.batcher import Batcher
+from service.batcher import Batcher, PixelBuffers
 from service.errors import ClientDisconnectedError, InferenceFailedError, NotReadyError
 from service.metrics import Metrics
 from service.runtime import RunControl
@@ -24,11 +25,18 @@ from service.runtime import RunControl
 class _Meta:
     patch_size: int = 8
     num_heads: int = 2
+    # Mean 0, std 1: the batch holds x / 255, and the fakes give back sums in 8-bit units.
+    recipe: PreprocessingRecipe = PreprocessingRecipe(16, 16, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def _pixel_sums(batch: np.ndarray) -> np.ndarray:
+    """Each image's sum of 8-bit values, from the normalised batch (x / 255)."""
+    return np.rint(batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * 255)
 
 
 @dataclass(eq=False)
 class _FakeModel:
-    """Returns each image's pixel sum as its CLS embedding; ``gate`` holds every run."""
+    """Returns each image's 8-bit pixel sum as its CLS embedding; ``gate`` holds every run."""
 
     metadata: _Meta = field(default_factory=_Meta)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -42,7 +50,7 @@ class _FakeModel:
         self.calls.append(len(batch))
         self.started.set()
         self.gate.wait(10)
-        return {"cls_embedding": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
+        return {"cls_embedding": _pixel_sums(batch)}
 
 
 @dataclass(eq=False)
@@ -61,11 +69,11 @@ class _StoppableModel(_FakeModel):
             if control is not None and control.terminated:
                 self.stopped.set()
                 raise RuntimeError("Exiting due to terminate flag being set to true.")
-        return {"cls_embedding": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
+        return {"cls_embedding": _pixel_sums(batch)}
 
 
 def _images(*values: float) -> list[np.ndarray]:
-    return [np.full((3, 16, 16), v, dtype=np.float32) for v in values]
+    return [np.full((16, 16, 3), v, dtype=np.uint8) for v in values]  # (H, W, 3)
 
 
 def _batcher(metrics: Metrics, delay_s: float, depth: int = 2) -> Batcher:
@@ -214,7 +222,7 @@ def test_a_failed_image_withdraws_the_rest_of_its_request(depth: int) -> None:
         model.gate.set()
         async with _running(delay_s=0.1, depth=depth) as (batcher, metrics):
             model.batcher = batcher
-            small = np.zeros((3, 8, 8), np.float32)  # queued first: its group runs first
+            small = np.zeros((8, 8, 3), np.uint8)  # queued first: its group runs first
             with pytest.raises(InferenceFailedError):
                 await batcher.submit(model, [small, _images(2.0)[0]], ("cls_embedding",))
             withdrawn = _sample(metrics, "dino_withdrawn_images_total")
@@ -391,7 +399,7 @@ def test_stopping_fails_the_batch_waiting_in_the_inference_thread_too() -> None:
         first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
         await asyncio.to_thread(model.started.wait, 10)
         second = asyncio.create_task(
-            batcher.submit(model, [np.ones((3, 8, 8), np.float32)], ("cls_embedding",))
+            batcher.submit(model, [np.ones((8, 8, 3), np.uint8)], ("cls_embedding",))
         )
         for _ in range(400):  # until the second batch is handed to the thread (2 s at most)
             if len(batcher._running) == 2:
@@ -485,7 +493,7 @@ def test_the_next_batch_starts_when_a_call_returns_even_if_the_loop_is_busy(
             first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
             await asyncio.to_thread(model.started.wait, 10)
             second = asyncio.create_task(
-                batcher.submit(model, [np.ones((3, 8, 8), np.float32)], ("cls_embedding",))
+                batcher.submit(model, [np.ones((8, 8, 3), np.uint8)], ("cls_embedding",))
             )
             for _ in range(20):  # let the scheduler form the second batch
                 await asyncio.sleep(0.005)
@@ -561,3 +569,24 @@ def test_with_no_image_on_its_way_a_batch_runs_without_waiting_for_companions() 
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_pixel_buffers_are_reused_grown_and_bounded() -> None:
+    one = 3 * 16 * 16 * 4  # bytes of one 16x16 image in float32
+    buffers = PixelBuffers(max_bytes=10 * one)
+    first = buffers.get(4, 16, 16)
+    assert first.shape == (4, 3, 16, 16) and first.dtype == np.float32
+    assert first.flags.c_contiguous
+    smaller = buffers.get(2, 16, 16)  # the same memory, its first rows
+    assert smaller.shape == (2, 3, 16, 16) and np.shares_memory(smaller, first)
+    grown = buffers.get(6, 16, 16)  # larger than kept: a new one replaces it
+    assert not np.shares_memory(grown, first) and buffers.kept_bytes == 6 * one
+    other = buffers.get(1, 8, 16)  # another size is kept beside it
+    assert buffers.kept_bytes == 6 * one + one // 2
+    assert np.shares_memory(buffers.get(1, 8, 16), other)
+    buffers.get(8, 16, 8)  # over the bound together: the least recently used (16x16) goes
+    assert buffers.kept_bytes == one // 2 + 4 * one
+    assert not np.shares_memory(buffers.get(1, 16, 16), grown)
+    huge = buffers.get(11, 16, 16)  # over the bound on its own: used once, never kept
+    assert huge.shape == (11, 3, 16, 16) and not np.shares_memory(buffers.get(11, 16, 16), huge)
+    assert buffers.kept_bytes <= 10 * one
