@@ -1,22 +1,23 @@
-"""CPU cost of turning queued 8-bit images into the float32 batch that onnxruntime reads.
+"""How long the inference thread takes to put a batch together, alone and in a busy process.
 
     python -m bench.batch_assembly                      # 224x224, batches of 32
     python -m bench.batch_assembly --size 448x320 --batch 8 --decode-processes 2
 
-Two ways, timed in the same run on the same images:
+Two ways, timed in the same run on the same normalised images:
 
-* ``fresh`` (the service before 2026-11-27): each image normalised into a new float32 array as
-  it arrives (``service.preprocess.normalize``); the batch stacked into another new array. A
-  window of ``--queued`` normalised images stays alive, as in the batcher's queue.
-* ``reused`` (the service now): the batch normalised row by row into a buffer kept from one
-  call to the next (``service.batcher.PixelBuffers`` and
-  ``service.preprocess.normalize_into``).
+* ``stack`` (the service before 2026-11-27): ``np.stack`` into a new array. Numpy releases the
+  GIL for every image it copies.
+* ``copy`` (the service now): :func:`service.batcher.copy_rows` into a buffer kept from one
+  call to the next (:class:`service.batcher.PixelBuffers`); the copies keep the GIL.
+
+Each is timed alone and beside ``--busy-threads`` threads running Python (as the event loop and
+the dispatch threads do in a loaded service): every release of the GIL may then cost up to
+Python's switch interval (5 ms) before the thread gets it back. ``ratio`` is stack / copy, in
+milliseconds per batch (wall-clock).
 
 With ``--decode-processes N`` it also times the service's side of one image's round trip
 through N decode worker processes (a flat-colour JPEG, so that the workers stay cheap): CPU of
-this process per image, in waves of ``--queued`` images. Prints one JSON object; the two
-assembly figures are CPU milliseconds per image (``time.process_time``), and ``ratio`` is
-fresh / reused.
+this process per image, in waves of ``--queued`` images. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import wait
 
@@ -33,10 +34,10 @@ import numpy as np
 from PIL import Image
 
 from models.contract import PreprocessingRecipe
-from service.batcher import PixelBuffers
+from service.batcher import PixelBuffers, copy_rows
 from service.decode_pool import DecodeProcesses
 from service.prepare import PrepareSpec
-from service.preprocess import normalize, normalize_into
+from service.preprocess import normalize
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,42 +57,65 @@ def _positive(text: str) -> int:
     return value
 
 
-def _cpu_ms_per_image(run: Callable[[], int], seconds: float) -> float:
-    """Repeat ``run`` (which returns the images it handled) for about ``seconds``."""
+def _ms_per_call(run: Callable[[], object], seconds: float) -> float:
+    """Repeat ``run`` for about ``seconds`` (at least 3 times): wall milliseconds per call."""
     run()  # warm-up
-    images, started, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < seconds:
-        images += run()
-    return 1e3 * (time.process_time() - cpu) / images
+    calls, started = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - started < seconds:
+        run()
+        calls += 1
+    return 1e3 * (time.perf_counter() - started) / calls
 
 
-def assembly(size: tuple[int, int], batch: int, queued: int, seconds: float) -> dict[str, float]:
-    """CPU ms per image of both ways of building batches of ``batch`` images."""
+def _busy(stop: threading.Event) -> None:
+    total = 0
+    while not stop.is_set():
+        for value in range(1000):
+            total += value
+
+
+def assembly(
+    size: tuple[int, int], batch: int, busy_threads: int, seconds: float
+) -> dict[str, dict[str, float]]:
+    """Milliseconds per batch of both ways, alone and beside ``busy_threads`` busy threads."""
     width, height = size
     recipe = PreprocessingRecipe.for_resolution(min(width, height))
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(batch)]
-    window: deque[np.ndarray] = deque(maxlen=max(queued, batch))
+    rows = [
+        normalize(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), recipe)
+        for _ in range(batch)
+    ]
     buffers = PixelBuffers()
 
-    def fresh() -> int:
-        for rgb in images:
-            window.append(normalize(rgb, recipe))
-        stacked = np.stack(list(window)[-batch:])  # (B, 3, H, W)
-        return len(stacked)
+    def stack() -> np.ndarray:
+        return np.stack(rows)  # (B, 3, H, W)
 
-    def reused() -> int:
+    def copy() -> np.ndarray:
         out = buffers.get(batch, height, width)
-        return len(normalize_into(out, images, recipe))
+        copy_rows(out, rows)
+        return out
 
-    expected = np.stack([normalize(rgb, recipe) for rgb in images])
-    if not np.array_equal(
-        normalize_into(buffers.get(batch, height, width), images, recipe), expected
-    ):
-        raise AssertionError("the reused buffer's batch differs from the stacked one")
-    fresh_ms = _cpu_ms_per_image(fresh, seconds)
-    reused_ms = _cpu_ms_per_image(reused, seconds)
-    return {"fresh_ms": fresh_ms, "reused_ms": reused_ms, "ratio": fresh_ms / reused_ms}
+    if not np.array_equal(stack(), copy()):
+        raise AssertionError("the copied batch differs from the stacked one")
+    report = {
+        "alone": {"stack_ms": _ms_per_call(stack, seconds), "copy_ms": _ms_per_call(copy, seconds)}
+    }
+    stop = threading.Event()
+    threads = [threading.Thread(target=_busy, args=(stop,)) for _ in range(busy_threads)]
+    for thread in threads:
+        thread.start()
+    try:
+        report["busy"] = {
+            "stack_ms": _ms_per_call(stack, seconds),
+            "copy_ms": _ms_per_call(copy, seconds),
+        }
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    for times in report.values():
+        times["ratio"] = times["stack_ms"] / times["copy_ms"]
+    return report
 
 
 def round_trip(processes: int, queued: int, images: int) -> dict[str, float]:
@@ -136,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=_size, default=(224, 224), help="image WxH")
     parser.add_argument("--batch", type=_positive, default=32, help="images per batch")
-    parser.add_argument("--queued", type=_positive, default=64, help="images waiting at once")
-    parser.add_argument("--seconds", type=float, default=3.0, help="time per way")
+    parser.add_argument("--busy-threads", type=_positive, default=1, help="busy Python threads")
+    parser.add_argument("--queued", type=_positive, default=64, help="round trip: wave size")
+    parser.add_argument("--seconds", type=float, default=2.0, help="time per way and condition")
     parser.add_argument("--decode-processes", type=int, default=0, help="0: no round trip")
     parser.add_argument("--round-trip-images", type=_positive, default=2000)
     args = parser.parse_args(argv)
     report: dict[str, object] = {
         "size": list(args.size),
         "batch": args.batch,
-        "assembly": assembly(args.size, args.batch, args.queued, args.seconds),
+        "busy_threads": args.busy_threads,
+        "assembly": assembly(args.size, args.batch, args.busy_threads, args.seconds),
     }
     if args.decode_processes > 0:
         report["round_trip"] = round_trip(

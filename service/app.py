@@ -46,7 +46,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
-from service.prepare import PrepareSpec, Resized, resize_image
+from service.prepare import Prepared, PrepareSpec, prepare_image
 from service.repository import Loader, ModelManager
 from service.runtime import OnnxModel, load_model
 from service.schemas import (
@@ -360,7 +360,7 @@ async def _embed_admitted(
     if state.decoder is not None:
         executor, prepare = state.decoder.executor, state.decoder.prepare
     else:
-        executor, prepare = state.pool, resize_image
+        executor, prepare = state.pool, prepare_image
     observed = functools.partial(_prepare_observed, prepare, state.metrics)
     jobs = [
         loop.run_in_executor(executor, observed, data, index, spec)
@@ -371,14 +371,14 @@ async def _embed_admitted(
     for outcome in prepared:  # in request order: the first bad image is reported
         if isinstance(outcome, BaseException):
             raise outcome
-    ready = [p for p in prepared if isinstance(p, Resized)]
+    ready = [p for p in prepared if isinstance(p, Prepared)]
     timer.mark("decode")
     patch = model.metadata.patch_size
     grids = [(p.processed_size[1] // patch, p.processed_size[0] // patch) for p in ready]
     if options.crop == "none":  # sizes known only now (crop=center was checked on arrival)
         check_response_size(model, grids, options, settings)
     submitted = time.perf_counter()
-    results = await state.batcher.submit(model, [p.rgb for p in ready], options.outputs)
+    results = await state.batcher.submit(model, [p.pixels for p in ready], options.outputs)
     for index, result in enumerate(results):  # JSON cannot carry them; base64 would hide them
         if not all(np.isfinite(value).all() for value in result.outputs.values()):
             reference = uuid.uuid4().hex[:12]
@@ -466,17 +466,17 @@ def check_response_size(
 
 
 def _prepare_observed(
-    prepare: Callable[[bytes, int, PrepareSpec], Resized],
+    prepare: Callable[[bytes, int, PrepareSpec], Prepared],
     metrics: Metrics,
     data: bytes,
     index: int,
     spec: PrepareSpec,
-) -> Resized:
+) -> Prepared:
     """Prepare one image (in a pool thread) and record its stage times as soon as it is ready,
     whatever happens to the rest of its request."""
     prepared = prepare(data, index, spec)
     metrics.stage_seconds.labels("decode").observe(prepared.decode_s)
-    metrics.stage_seconds.labels("preprocess").observe(prepared.resize_s)
+    metrics.stage_seconds.labels("preprocess").observe(prepared.preprocess_s)
     return prepared
 
 

@@ -15,10 +15,14 @@ GPU, where a call takes milliseconds, that idle time can exceed the calls themse
 CPU a call takes long enough for the idle time not to matter, and a batch formed while another
 runs would only be smaller than one formed when the thread is free.
 
-Images wait as 8-bit pixels. The inference thread normalises them straight into a float32
-buffer that it reuses from one batch to the next (:class:`PixelBuffers`): a fresh batch array
-would be zero-filled page by page by the kernel at every call, and a copy to stack the images
-would come on top.
+The inference thread copies the images of a batch into a float32 buffer that it reuses from
+one call to the next (:class:`PixelBuffers`), with plain memory copies that keep Python's GIL.
+Numpy's copies (``np.stack``) and arithmetic release the GIL for every large array; in a busy
+process each release hands the GIL to another thread, which may keep it for up to the switch
+interval (5 ms) before this thread gets it back. Stacking 32 images took 4-5 ms alone and
+125-170 ms beside one busy Python thread; the copies that keep the GIL took 3.6 and 8.4 ms
+(``python -m bench.batch_assembly``). A fresh batch array would also be zero-filled page by
+page by the kernel at every call.
 
 A batch is also bounded by attention memory: ``batch * tokens**2 * heads * 4`` bytes (the
 float32 attention matrix of one block, see :func:`attention_bytes`) stays within
@@ -58,7 +62,6 @@ from models.contract import OUTPUT_NAMES
 from service.attention import attention_bytes
 from service.errors import InferenceFailedError, NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.preprocess import normalize_into
 from service.runtime import CUDA, OnnxModel, RunControl
 
 logger = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class Result:
     Attributes:
         outputs: Output name -> array without the batch axis.
         infer_s: Duration of the inference call that produced it, in the inference thread:
-            normalising the batch and the onnxruntime call.
+            copying the batch together and the onnxruntime call.
         session_s: The onnxruntime call (part of ``infer_s``), until the inference thread
             holds the GIL again; with a float16 model, its input and output casts too.
     """
@@ -94,7 +97,7 @@ class _Timing:
 
 @dataclass(eq=False)  # identity: items are found and removed by identity, arrays inside
 class _Item:
-    rgb: np.ndarray  # (H, W, 3) uint8
+    pixels: np.ndarray  # (3, H, W) float32
     outputs: tuple[str, ...]
     model: OnnxModel
     future: asyncio.Future[Result]
@@ -225,13 +228,13 @@ class Batcher:
         return max(1, min(self._max_batch_size, self._max_attention_bytes // cost))
 
     async def submit(
-        self, model: OnnxModel, images: list[np.ndarray], outputs: tuple[str, ...]
+        self, model: OnnxModel, pixels: list[np.ndarray], outputs: tuple[str, ...]
     ) -> list[Result]:
         """Queue images (all of one request) and wait for their outputs.
 
         Args:
-            model: The model snapshot the request started with; its recipe normalises them.
-            images: ``[H, W, 3]`` uint8 arrays at the model's input size.
+            model: The model snapshot the request started with.
+            pixels: ``[3, H, W]`` float32 arrays.
             outputs: Contract output names wanted.
 
         Returns:
@@ -242,13 +245,13 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         items: list[tuple[tuple[OnnxModel, int, int], _Item]] = []
-        futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in images]
-        for array, future in zip(images, futures, strict=True):
-            key = (model, int(array.shape[0]), int(array.shape[1]))
+        futures: list[asyncio.Future[Result]] = [loop.create_future() for _ in pixels]
+        for array, future in zip(pixels, futures, strict=True):
+            key = (model, int(array.shape[1]), int(array.shape[2]))
             item = _Item(array, outputs, model, future, futures)
             self._groups.setdefault(key, deque()).append(item)
             items.append((key, item))
-        self._queued += len(images)
+        self._queued += len(pixels)
         self._metrics.queue_depth.set(self._queued)
         self._wake.set()
         try:
@@ -390,7 +393,7 @@ class Batcher:
                 self._executor,
                 _infer,
                 model,
-                [item.rgb for item in items],
+                [item.pixels for item in items],
                 outputs,
                 control,
                 timing,
@@ -483,7 +486,7 @@ class PixelBuffers:
 
 def _infer(
     model: OnnxModel,
-    images: list[np.ndarray],
+    pixels: list[np.ndarray],
     outputs: tuple[str, ...],
     control: RunControl,
     timing: _Timing,
@@ -493,9 +496,9 @@ def _infer(
     if control.terminated:  # abandoned (or the service stopping) before it could start
         raise RuntimeError("the batch was stopped before it ran")
     try:
-        height, width = images[0].shape[:2]
-        batch = buffers.get(len(images), height, width)  # (B, 3, H, W)
-        normalize_into(batch, images, model.metadata.recipe)
+        _, height, width = pixels[0].shape
+        batch = buffers.get(len(pixels), height, width)  # (B, 3, H, W)
+        copy_rows(batch, pixels)
         called = time.perf_counter()
         try:
             return model.run(batch, outputs, control)
@@ -503,3 +506,26 @@ def _infer(
             timing.session = time.perf_counter() - called
     finally:
         timing.elapsed = time.perf_counter() - timing.started
+
+
+def copy_rows(out: np.ndarray, rows: list[np.ndarray]) -> None:
+    """Copy ``rows`` into ``out[0]``, ``out[1]``, ... without releasing the GIL.
+
+    Args:
+        out: C-contiguous array of ``len(rows)`` rows.
+        rows: Arrays of ``out``'s dtype and row shape.
+
+    Raises:
+        ValueError: A row's count, shape or dtype differs from ``out``'s rows.
+    """
+    if len(rows) != len(out):
+        raise ValueError(f"{len(rows)} rows for {len(out)}")
+    target = out.data.cast("B")  # raw bytes: slice assignment is a memcpy under the GIL
+    size = target.nbytes // max(len(out), 1)
+    for index, row in enumerate(rows):
+        if row.shape != out.shape[1:] or row.dtype != out.dtype:
+            raise ValueError(
+                f"row {index} is {row.dtype} {row.shape}, not {out.dtype} {out.shape[1:]}"
+            )
+        source = np.ascontiguousarray(row).data.cast("B")
+        target[index * size : (index + 1) * size] = source

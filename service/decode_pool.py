@@ -4,12 +4,12 @@ In one Python process every decode thread takes the GIL between Pillow's calls (
 file, EXIF, the crop, building arrays), so decoding stops scaling at about a core's worth of
 that Python work however many cores there are, and each handover waits behind the event loop.
 Here each image goes to one of ``count`` processes (:mod:`service.decode_worker`) that decode,
-resize and crop it; the service receives 8-bit pixels, which the batcher normalises as it
-assembles a batch. Dispatch threads (two per process: while one reads what its process sent,
-the other hands the process its next image) wait on the processes, so the event loop still just
-awaits a future per image,
-and an image not yet taken by a dispatch thread is dropped when its request is withdrawn (one
-already waiting in a thread for its process, at most one per process, is still decoded).
+resize, crop and normalise it; the service receives the float32 ``pixel_values`` and only
+copies them into its batch. Dispatch threads (two per process: while one reads what its process
+sent, the other hands the process its next image) wait on the processes, so the event loop
+still just awaits a future per image, and an image not yet taken by a dispatch thread is
+dropped when its request is withdrawn (one already waiting in a thread for its process, at most
+one per process, is still decoded).
 
 A process that dies (a decoder crash, the kernel's OOM killer) or answers out of protocol is
 replaced, and the image it held is tried once more on the fresh one; an image that ends two
@@ -47,7 +47,7 @@ from service.decode_worker import (
     spec_to_json,
 )
 from service.errors import CorruptImageError, ImageTooComplexError, NotReadyError, ServiceError
-from service.prepare import PrepareSpec, Resized
+from service.prepare import Prepared, PrepareSpec
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class _Worker:
         spec: PrepareSpec,
         spec_json: str,
         timeout_s: float | None = None,
-    ) -> Resized:
-        """Resize one image in the process (blocking).
+    ) -> Prepared:
+        """Prepare one image in the process (blocking).
 
         Anything that interrupts the exchange half-way leaves the worker :attr:`broken`: its
         socket may still hold the rest of a message.
@@ -163,7 +163,7 @@ class _Worker:
             _WorkerTimeoutError: No whole answer within ``timeout_s``; the process has been
                 killed.
         """
-        outcome: Resized | Exception
+        outcome: Prepared | Exception
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             send_header(self.conn, {"size": len(data), "index": index, "spec": spec_json})
@@ -198,17 +198,19 @@ class _Worker:
 
     def _receive_pixels(
         self, ok: dict[str, Any], spec: PrepareSpec, deadline: float | None
-    ) -> Resized:
+    ) -> Prepared:
         width, height = (int(v) for v in ok["processed"])
         shape = tuple(int(v) for v in ok["shape"])
         largest = max(spec.max_side, spec.resolution)
-        if shape != (height, width, 3) or not (0 < width <= largest and 0 < height <= largest):
+        if shape != (3, height, width) or not (0 < width <= largest and 0 < height <= largest):
             raise ProtocolError(f"pixels of shape {shape} for a {width}x{height} image")
         original_width, original_height = (int(v) for v in ok["original"])
-        decode_s, resize_s = float(ok["decode_s"]), float(ok["resize_s"])
-        rgb = np.empty(shape, dtype=np.uint8)  # (H, W, 3)
-        receive_exactly(self.sock, rgb.reshape(-1).data, deadline)
-        return Resized(rgb, (original_width, original_height), (width, height), decode_s, resize_s)
+        decode_s, preprocess_s = float(ok["decode_s"]), float(ok["preprocess_s"])
+        pixels = np.empty(shape, dtype=np.float32)  # (3, H, W)
+        receive_exactly(self.sock, pixels.reshape(-1).data, deadline)
+        return Prepared(
+            pixels, (original_width, original_height), (width, height), decode_s, preprocess_s
+        )
 
     def wake(self) -> None:
         """Make a blocked read or write on this worker's socket return at once (any thread)."""
@@ -288,8 +290,8 @@ class DecodeProcesses:
         self._closed = False
         self._failed_start_at: float | None = None
         self.restarts = 0
-        # Two dispatch threads per worker: one reads the pixels the worker sent while the
-        # other hands it the next image.
+        # Two dispatch threads per worker: one reads the pixels the worker sent while the other
+        # hands it the next image.
         self.executor = ThreadPoolExecutor(2 * count, thread_name_prefix="decode-dispatch")
 
     def start(self) -> None:
@@ -322,8 +324,8 @@ class DecodeProcesses:
         with self._lock:
             return sorted(worker.pid for worker in self._workers if worker.usable)
 
-    def prepare(self, data: bytes, index: int, spec: PrepareSpec) -> Resized:
-        """Decode, resize and crop one image in a worker (blocking; call it in :attr:`executor`).
+    def prepare(self, data: bytes, index: int, spec: PrepareSpec) -> Prepared:
+        """Decode and preprocess one image in a worker (blocking; call it in :attr:`executor`).
 
         Raises:
             ServiceError: A client error, as decoding in a thread would raise it; an image that
@@ -340,11 +342,11 @@ class DecodeProcesses:
                 worker = self._replace(worker, None, worker.broken_why or "it had ended while idle")
             try:
                 try:
-                    resized = worker.run(data, index, spec, spec_json, self.timeout_s)
+                    prepared = worker.run(data, index, spec, spec_json, self.timeout_s)
                 except _WorkerDiedError as first:
                     worker = self._replace(worker, index, str(first))
                     try:
-                        resized = worker.run(data, index, spec, spec_json, self.timeout_s)
+                        prepared = worker.run(data, index, spec, spec_json, self.timeout_s)
                     except _WorkerDiedError as second:
                         raise CorruptImageError(
                             "decoding this image ended the decode process twice; "
@@ -366,7 +368,7 @@ class DecodeProcesses:
                 ) from slow
         finally:
             self._release(worker)
-        return resized
+        return prepared
 
     def close(self) -> None:
         """Stop every worker and the dispatch threads; images in or waiting for a worker fail.

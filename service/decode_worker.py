@@ -7,8 +7,10 @@ bytes), sometimes followed by a raw payload whose size the header gives:
 * worker -> service, once: ``{"ready": pid}``.
 * service -> worker, per image: ``{"size", "index", "spec"}`` (:func:`spec_to_json`), then the
   file's ``size`` bytes.
-* worker -> service: ``{"ok": {"original", "processed", "decode_s", "resize_s", "shape"}}``
-  followed by the ``shape`` uint8 pixels; or ``{"error": {"class", "message", "index"}}`` for
+* worker -> service: ``{"ok": {"original", "processed", "decode_s", "preprocess_s",
+  "shape"}}`` followed by the normalised ``pixel_values`` of that ``[3, height, width]`` shape
+  as float32 in the machine's byte order (:func:`service.prepare.finish`: the service only
+  copies them into its batch); or ``{"error": {"class", "message", "index"}}`` for
   a client error (a :class:`service.errors.ServiceError`); or ``{"failed": traceback}`` for
   anything else.
 
@@ -38,7 +40,7 @@ from typing import Any
 
 from models.contract import PreprocessingRecipe
 from service.errors import ServiceError
-from service.prepare import PrepareSpec, resize_image
+from service.prepare import PrepareSpec, finish, resize_image
 
 
 class ProtocolError(Exception):
@@ -140,7 +142,7 @@ def serve(conn: Connection, sock: socket.socket) -> None:
         data = bytes(payload)
         del payload
         try:
-            resized = resize_image(data, index, spec)
+            prepared = finish(resize_image(data, index, spec), spec.recipe)
         except ServiceError as err:
             error = {"class": type(err).__name__, "message": err.message, "index": err.index}
             send_header(conn, {"error": error})
@@ -151,14 +153,14 @@ def serve(conn: Connection, sock: socket.socket) -> None:
         finally:
             del data
         ok = {
-            "original": list(resized.original_size),
-            "processed": list(resized.processed_size),
-            "decode_s": resized.decode_s,
-            "resize_s": resized.resize_s,
-            "shape": list(resized.rgb.shape),
+            "original": list(prepared.original_size),
+            "processed": list(prepared.processed_size),
+            "decode_s": prepared.decode_s,
+            "preprocess_s": prepared.preprocess_s,
+            "shape": list(prepared.pixels.shape),
         }
         send_header(conn, {"ok": ok})
-        sock.sendall(resized.rgb.reshape(-1).data)  # (H, W, 3) uint8, flat
+        sock.sendall(prepared.pixels.reshape(-1).data)  # (3, H, W) float32, flat
 
 
 def main(argv: Sequence[str] | None = None) -> int:

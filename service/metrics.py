@@ -68,10 +68,9 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "dino_stage_duration_seconds",
-            "Time per stage: decode (bytes to RGB), preprocess (resize and crop, per image), "
-            "inference (per batch, in the inference thread: normalising the batch and the "
-            "onnxruntime call), session (the onnxruntime call, part of inference) and encode "
-            "(per response).",
+            "Time per stage: decode (bytes to RGB), preprocess (resize/normalise, per image), "
+            "inference (per batch, in the inference thread), session (the onnxruntime call, "
+            "part of inference) and encode (per response).",
             ("stage",),
             buckets=_LATENCY_BUCKETS,
             registry=registry,

@@ -1,10 +1,10 @@
-"""Uploaded bytes -> the model's input size for one image: decode, plan, resize and crop.
+"""Uploaded bytes -> model pixels for one image: decode, plan, resize and crop, normalise.
 
-:func:`resize_image` returns 8-bit pixels, a quarter of the float32 ``pixel_values``: that is
-what a decode process sends back, and what waits in the batcher's queue. The batcher normalises
-them only as it assembles a batch (:func:`service.preprocess.normalize_into`, straight into a
-buffer reused from one batch to the next). Everything here depends only on a
-:class:`PrepareSpec`, which pickles, never on the loaded model.
+The work is split in two so that it can run in another process: :func:`resize_image` (decode,
+geometry, budget check, resize and crop; the costly part) returns 8-bit pixels, which are a
+quarter of the float32 ``pixel_values`` to send back, and :func:`service.preprocess.normalize`
+finishes them wherever they arrive. :func:`prepare_image` runs both in the calling thread.
+Everything here depends only on a :class:`PrepareSpec`, which pickles, never on the loaded model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from models.contract import PreprocessingRecipe
 from service.attention import check_attention_budget
 from service.decode import decode_reduced
-from service.preprocess import Crop, Geometry, plan_geometry, resize_and_crop
+from service.preprocess import Crop, Geometry, normalize, plan_geometry, resize_and_crop
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class PrepareSpec:
 
 @dataclass(frozen=True)
 class Resized:
-    """One image at the model's input size, before normalisation (done as its batch forms).
+    """One image at the model's input size, before normalisation.
 
     Attributes:
         rgb: ``[height, width, 3]`` uint8, C-contiguous.
@@ -67,6 +67,25 @@ class Resized:
     processed_size: tuple[int, int]
     decode_s: float
     resize_s: float
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for the batcher.
+
+    Attributes:
+        pixels: ``[3, height, width]`` float32 ``pixel_values``.
+        original_size: The image's displayed ``(width, height)``.
+        processed_size: ``(width, height)`` of ``pixels``.
+        decode_s: Seconds spent decoding.
+        preprocess_s: Seconds spent resizing, cropping and normalising.
+    """
+
+    pixels: np.ndarray
+    original_size: tuple[int, int]
+    processed_size: tuple[int, int]
+    decode_s: float
+    preprocess_s: float
 
 
 def resize_image(data: bytes, index: int, spec: PrepareSpec) -> Resized:
@@ -109,6 +128,25 @@ def resize_image(data: bytes, index: int, spec: PrepareSpec) -> Resized:
     )
     rgb = np.ascontiguousarray(np.asarray(resize_and_crop(image, geometry, spec.recipe)))
     return Resized(rgb, original, geometry.size, decoded - started, time.perf_counter() - decoded)
+
+
+def finish(resized: Resized, recipe: PreprocessingRecipe) -> Prepared:
+    """Normalise resized pixels; the time it takes counts as preprocessing."""
+    started = time.perf_counter()
+    pixels = normalize(resized.rgb, recipe)
+    preprocess_s = resized.resize_s + time.perf_counter() - started
+    return Prepared(
+        pixels, resized.original_size, resized.processed_size, resized.decode_s, preprocess_s
+    )
+
+
+def prepare_image(data: bytes, index: int, spec: PrepareSpec) -> Prepared:
+    """Decode and preprocess one image in the calling thread.
+
+    Raises:
+        ServiceError: As :func:`resize_image`.
+    """
+    return finish(resize_image(data, index, spec), spec.recipe)
 
 
 def _plan(width: int, height: int, *, spec: PrepareSpec) -> Geometry:

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         decode_workers: Threads that parse request bodies and encode answers, and decode and
             resize images unless ``decode_processes`` is set; 0 means one per CPU core.
         decode_processes: Worker processes that decode, resize and crop images instead of
-            those threads (the service receives their 8-bit pixels); 0 (the default)
+            those threads (they normalise too; the service copies their pixels); 0 (the default)
             decodes in threads. For a fast accelerator, where decoding in one process holds the
             GIL long enough to cap throughput. Each holds about 40 MB of memory,
             more after a large image (about 100 MB after a 12-megapixel photo).

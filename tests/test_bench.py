@@ -581,10 +581,11 @@ def test_batch_assembly_times_both_ways_and_the_round_trip() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
-    assert (report["size"], report["batch"]) == ([40, 24], 4)
-    times = report["assembly"]
-    assert times["fresh_ms"] > 0 and times["reused_ms"] > 0
-    assert times["ratio"] == pytest.approx(times["fresh_ms"] / times["reused_ms"])
+    assert (report["size"], report["batch"], report["busy_threads"]) == ([40, 24], 4, 1)
+    for condition in ("alone", "busy"):
+        times = report["assembly"][condition]
+        assert times["stack_ms"] > 0 and times["copy_ms"] > 0
+        assert times["ratio"] == pytest.approx(times["stack_ms"] / times["copy_ms"])
     trip = report["round_trip"]
     assert trip["processes"] == 1 and trip["images"] == 16
     assert trip["cpu_ms_per_image"] > 0 and trip["wall_ms_per_image"] > 0

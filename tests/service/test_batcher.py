@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.contract import PreprocessingRecipe
 from service.app import _unless_disconnected
-from service.batcher import Batcher, PixelBuffers
+from service.batcher import Batcher, PixelBuffers, copy_rows
 from service.errors import ClientDisconnectedError, InferenceFailedError, NotReadyError
 from service.metrics import Metrics
 from service.runtime import RunControl
@@ -25,18 +24,11 @@ from service.runtime import RunControl
 class _Meta:
     patch_size: int = 8
     num_heads: int = 2
-    # Mean 0, std 1: the batch holds x / 255, and the fakes give back sums in 8-bit units.
-    recipe: PreprocessingRecipe = PreprocessingRecipe(16, 16, mean=(0.0,) * 3, std=(1.0,) * 3)
-
-
-def _pixel_sums(batch: np.ndarray) -> np.ndarray:
-    """Each image's sum of 8-bit values, from the normalised batch (x / 255)."""
-    return np.rint(batch.reshape(len(batch), -1).sum(axis=1, keepdims=True) * 255)
 
 
 @dataclass(eq=False)
 class _FakeModel:
-    """Returns each image's 8-bit pixel sum as its CLS embedding; ``gate`` holds every run."""
+    """Returns each image's pixel sum as its CLS embedding; ``gate`` holds every run."""
 
     metadata: _Meta = field(default_factory=_Meta)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -50,7 +42,7 @@ class _FakeModel:
         self.calls.append(len(batch))
         self.started.set()
         self.gate.wait(10)
-        return {"cls_embedding": _pixel_sums(batch)}
+        return {"cls_embedding": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
 
 
 @dataclass(eq=False)
@@ -69,11 +61,11 @@ class _StoppableModel(_FakeModel):
             if control is not None and control.terminated:
                 self.stopped.set()
                 raise RuntimeError("Exiting due to terminate flag being set to true.")
-        return {"cls_embedding": _pixel_sums(batch)}
+        return {"cls_embedding": batch.reshape(len(batch), -1).sum(axis=1, keepdims=True)}
 
 
 def _images(*values: float) -> list[np.ndarray]:
-    return [np.full((16, 16, 3), v, dtype=np.uint8) for v in values]  # (H, W, 3)
+    return [np.full((3, 16, 16), v, dtype=np.float32) for v in values]
 
 
 def _batcher(metrics: Metrics, delay_s: float, depth: int = 2) -> Batcher:
@@ -222,7 +214,7 @@ def test_a_failed_image_withdraws_the_rest_of_its_request(depth: int) -> None:
         model.gate.set()
         async with _running(delay_s=0.1, depth=depth) as (batcher, metrics):
             model.batcher = batcher
-            small = np.zeros((8, 8, 3), np.uint8)  # queued first: its group runs first
+            small = np.zeros((3, 8, 8), np.float32)  # queued first: its group runs first
             with pytest.raises(InferenceFailedError):
                 await batcher.submit(model, [small, _images(2.0)[0]], ("cls_embedding",))
             withdrawn = _sample(metrics, "dino_withdrawn_images_total")
@@ -399,7 +391,7 @@ def test_stopping_fails_the_batch_waiting_in_the_inference_thread_too() -> None:
         first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
         await asyncio.to_thread(model.started.wait, 10)
         second = asyncio.create_task(
-            batcher.submit(model, [np.ones((8, 8, 3), np.uint8)], ("cls_embedding",))
+            batcher.submit(model, [np.ones((3, 8, 8), np.float32)], ("cls_embedding",))
         )
         for _ in range(400):  # until the second batch is handed to the thread (2 s at most)
             if len(batcher._running) == 2:
@@ -493,7 +485,7 @@ def test_the_next_batch_starts_when_a_call_returns_even_if_the_loop_is_busy(
             first = asyncio.create_task(batcher.submit(model, _images(1.0), ("cls_embedding",)))
             await asyncio.to_thread(model.started.wait, 10)
             second = asyncio.create_task(
-                batcher.submit(model, [np.ones((8, 8, 3), np.uint8)], ("cls_embedding",))
+                batcher.submit(model, [np.ones((3, 8, 8), np.float32)], ("cls_embedding",))
             )
             for _ in range(20):  # let the scheduler form the second batch
                 await asyncio.sleep(0.005)
@@ -590,3 +582,19 @@ def test_pixel_buffers_are_reused_grown_and_bounded() -> None:
     huge = buffers.get(11, 16, 16)  # over the bound on its own: used once, never kept
     assert huge.shape == (11, 3, 16, 16) and not np.shares_memory(buffers.get(11, 16, 16), huge)
     assert buffers.kept_bytes <= 10 * one
+
+
+def test_rows_are_copied_whole_and_checked() -> None:
+    rows = [np.arange(60, dtype=np.float32).reshape(3, 4, 5) * v for v in (1.5, -2.0, 7.25)]
+    out = np.full((3, 3, 4, 5), np.nan, dtype=np.float32)  # a reused buffer: stale values
+    copy_rows(out, rows)
+    np.testing.assert_array_equal(out, np.stack(rows))
+    with pytest.raises(ValueError, match="2 rows for 3"):
+        copy_rows(out, rows[:2])
+    with pytest.raises(ValueError, match="row 1 is float64"):
+        copy_rows(out, [rows[0], rows[1].astype(np.float64), rows[2]])
+    with pytest.raises(ValueError, match=r"row 2 is float32 \(3, 5, 4\)"):
+        copy_rows(out, [rows[0], rows[1], np.zeros((3, 5, 4), np.float32)])
+    transposed = np.asfortranarray(rows[1])  # not C-contiguous: copied in order all the same
+    copy_rows(out, [rows[0], transposed, rows[2]])
+    np.testing.assert_array_equal(out, np.stack(rows))

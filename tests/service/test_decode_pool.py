@@ -30,7 +30,7 @@ from service.errors import (
     ServiceError,
     TooManyTokensError,
 )
-from service.prepare import PrepareSpec, resize_image
+from service.prepare import PrepareSpec, prepare_image
 from tests.service.conftest import encode, gradient_rgb, jpeg_bytes, png_bytes, wait_for
 
 RECIPE = PreprocessingRecipe(resolution=32, resize_size=37)
@@ -158,15 +158,15 @@ def test_pixels_and_sizes_are_those_of_a_decode_in_this_thread(
 ) -> None:
     settings = spec(**overrides)
     for index, data in enumerate(images()):
-        here = resize_image(data, index, settings)
+        here = prepare_image(data, index, settings)
         there = pool.prepare(data, index, settings)
-        assert there.rgb.dtype == np.uint8 and there.rgb.flags.c_contiguous
-        np.testing.assert_array_equal(there.rgb, here.rgb)  # bit-identical
+        assert there.pixels.dtype == np.float32 and there.pixels.flags.c_contiguous
+        np.testing.assert_array_equal(there.pixels, here.pixels)  # bit-identical
         assert (there.original_size, there.processed_size) == (
             here.original_size,
             here.processed_size,
         )
-        assert there.decode_s > 0 and there.resize_s > 0
+        assert there.decode_s > 0 and there.preprocess_s > 0
 
 
 def test_client_errors_are_the_same_class_message_and_index(pool: DecodeProcesses) -> None:
@@ -179,7 +179,7 @@ def test_client_errors_are_the_same_class_message_and_index(pool: DecodeProcesse
     ]
     for index, (data, settings, expected) in enumerate(cases, start=3):
         with pytest.raises(expected) as here:
-            resize_image(data, index, settings)
+            prepare_image(data, index, settings)
         with pytest.raises(expected) as there:
             pool.prepare(data, index, settings)
         assert type(there.value) is expected
@@ -196,7 +196,9 @@ def test_a_worker_killed_while_idle_is_replaced_without_blaming_the_next_image()
         os.kill(first, signal.SIGKILL)
         _wait_until_gone(first)
         result = processes.prepare(jpeg_bytes(80, 60), 0, spec())
-        np.testing.assert_array_equal(result.rgb, resize_image(jpeg_bytes(80, 60), 0, spec()).rgb)
+        np.testing.assert_array_equal(
+            result.pixels, prepare_image(jpeg_bytes(80, 60), 0, spec()).pixels
+        )
         assert processes.restarts == 1
         assert processes.pids() != [first] and len(processes.pids()) == 1
     finally:
@@ -209,7 +211,7 @@ def test_an_image_that_ends_its_worker_once_is_tried_again(
     before = instrumented.pids()
     with caplog.at_level(logging.WARNING, logger="service.decode_pool"):
         result = instrumented.prepare(png_bytes(), 97, spec())
-    np.testing.assert_array_equal(result.rgb, resize_image(png_bytes(), 97, spec()).rgb)
+    np.testing.assert_array_equal(result.pixels, prepare_image(png_bytes(), 97, spec()).pixels)
     assert instrumented.restarts == 1
     assert instrumented.pids() != before
     assert "exit status 7" in caplog.text and "image 97" in caplog.text
@@ -302,8 +304,8 @@ def test_an_image_that_is_not_rgb_in_the_worker_matches_too(pool: DecodeProcesse
     cmyk = Image.fromarray(gradient_rgb(45, 35, seed=8)).convert("CMYK")
     sixteen = Image.fromarray(gradient_rgb(30, 20, seed=9)[..., 0].astype(np.uint16) * 257)
     for data in (encode(cmyk, "JPEG"), encode(sixteen, "PNG")):
-        here = resize_image(data, 0, spec())
-        np.testing.assert_array_equal(pool.prepare(data, 0, spec()).rgb, here.rgb)
+        here = prepare_image(data, 0, spec())
+        np.testing.assert_array_equal(pool.prepare(data, 0, spec()).pixels, here.pixels)
 
 
 def test_a_worker_that_died_while_idle_does_not_use_up_the_next_images_retry(
@@ -341,7 +343,7 @@ def test_a_reply_cut_short_on_the_service_side_retires_the_worker(
     assert pool.restarts == restarts + 1  # replaced, not reused
     for _ in range(2 * pool.count):  # every worker answers the next images correctly
         result = pool.prepare(data, 0, spec())
-        np.testing.assert_array_equal(result.rgb, resize_image(data, 0, spec()).rgb)
+        np.testing.assert_array_equal(result.pixels, prepare_image(data, 0, spec()).pixels)
 
 
 def test_pixels_of_another_shape_than_announced_retire_the_worker(
@@ -443,7 +445,7 @@ def test_a_reply_without_a_whole_original_size_retires_the_worker_and_retries(
     restarts = pool.restarts
     data = png_bytes(50, 40, seed=4)
     result = pool.prepare(data, 0, spec())  # out of protocol: a new worker, the image again
-    np.testing.assert_array_equal(result.rgb, resize_image(data, 0, spec()).rgb)
+    np.testing.assert_array_equal(result.pixels, prepare_image(data, 0, spec()).pixels)
     assert pool.restarts == restarts + 1
 
 
@@ -500,7 +502,7 @@ def test_an_image_over_the_time_limit_kills_its_worker_and_is_refused(
     # not retried; the replacement serves the next images, one that is slow within the limit too
     for index in (0, 94):
         got = instrumented.prepare(data, index, spec())
-        assert np.array_equal(got.rgb, resize_image(data, index, spec()).rgb)
+        assert np.array_equal(got.pixels, prepare_image(data, index, spec()).pixels)
     assert instrumented.restarts == 1
 
 
@@ -513,7 +515,7 @@ def test_a_retried_image_is_held_to_the_time_limit_too(instrumented: DecodeProce
     assert caught.value.index == 93
     assert instrumented.restarts == 2  # after the crash, and after the kill
     got = instrumented.prepare(data, 0, spec())
-    assert np.array_equal(got.rgb, resize_image(data, 0, spec()).rgb)
+    assert np.array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
     assert instrumented.restarts == 2
 
 
@@ -527,14 +529,14 @@ def test_pixels_that_stop_arriving_count_against_the_time_limit(
         instrumented.executor.submit(instrumented.prepare, data, 92, spec()).result(timeout=20)
     assert caught.value.index == 92 and instrumented.restarts == 1
     got = instrumented.prepare(data, 0, spec())  # nothing of the stalled answer is left over
-    assert np.array_equal(got.rgb, resize_image(data, 0, spec()).rgb)
+    assert np.array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
 
 
 @pytest.mark.parametrize("instrumented", [None], indirect=True)
 def test_without_a_time_limit_a_slow_image_is_waited_for(instrumented: DecodeProcesses) -> None:
     data = jpeg_bytes(40, 30, seed=1)
     got = instrumented.prepare(data, 94, spec())
-    assert np.array_equal(got.rgb, resize_image(data, 94, spec()).rgb)
+    assert np.array_equal(got.pixels, prepare_image(data, 94, spec()).pixels)
     assert instrumented.timeout_s is None and instrumented.restarts == 0
 
 

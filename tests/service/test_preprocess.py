@@ -15,7 +15,6 @@ from service.preprocess import (
     EXACT_RESIZE_MAX_PIXELS,
     Geometry,
     normalize,
-    normalize_into,
     plan_geometry,
     round_to_patch,
     to_pixels,
@@ -197,19 +196,15 @@ def test_crop_none_bounds_extreme_aspect_ratios() -> None:
         assert geometry.resized == geometry.size
 
 
-def test_batch_normalisation_is_torchvisions_to_tensor_and_normalize_bit_for_bit() -> None:
+def test_normalisation_is_torchvisions_to_tensor_and_normalize_bit_for_bit() -> None:
     recipe = PreprocessingRecipe.for_resolution(32)
     rng = np.random.default_rng(3)
-    images = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(3)]  # (H, W, 3)
-    images[1].reshape(-1)[:256] = np.arange(256)  # every 8-bit value in some channel
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)  # (H, W, 3)
+    rgb.reshape(-1)[:256] = np.arange(256)  # every 8-bit value in some channel
     reference = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize(recipe.mean, recipe.std)]
     )
-    out = np.full((3, 3, 24, 40), np.nan, dtype=np.float32)  # a reused buffer: stale values
-    assert normalize_into(out, images, recipe) is out
-    for row, rgb in zip(out, images, strict=True):
-        expected: torch.Tensor = reference(Image.fromarray(rgb))
-        np.testing.assert_array_equal(row, expected.numpy())
-        np.testing.assert_array_equal(row, normalize(rgb, recipe))
-    with pytest.raises(ValueError, match="2 images for a batch of 3"):
-        normalize_into(out, images[:2], recipe)
+    expected: torch.Tensor = reference(Image.fromarray(rgb))
+    pixels = normalize(rgb, recipe)
+    assert pixels.dtype == np.float32 and pixels.flags.c_contiguous
+    np.testing.assert_array_equal(pixels, expected.numpy())
