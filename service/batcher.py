@@ -19,10 +19,10 @@ The inference thread copies the images of a batch into a float32 buffer that it 
 one call to the next (:class:`PixelBuffers`), with plain memory copies that keep Python's GIL.
 Numpy's copies (``np.stack``) and arithmetic release the GIL for every large array; in a busy
 process each release hands the GIL to another thread, which may keep it for up to the switch
-interval (5 ms) before this thread gets it back. Stacking 32 images took 4-5 ms alone and
-125-170 ms beside one busy Python thread; the copies that keep the GIL took 3.6 and 8.4 ms
-(``python -m bench.batch_assembly``). A fresh batch array would also be zero-filled page by
-page by the kernel at every call.
+interval (5 ms) before this thread gets it back. Stacking 32 images at 224x224 took 3-5 ms
+alone and 125-170 ms beside one busy Python thread; the copies that keep the GIL took 3.3-3.6
+and 7.8-8.4 ms (``python -m bench.batch_assembly``). A fresh batch array would also be
+zero-filled page by page by the kernel at every call.
 
 A batch is also bounded by attention memory: ``batch * tokens**2 * heads * 4`` bytes (the
 float32 attention matrix of one block, see :func:`attention_bytes`) stays within
