@@ -1,9 +1,10 @@
 """Uploaded bytes -> model pixels for one image: decode, plan, resize and crop, normalise.
 
-The work is split in two so that it can run in another process: :func:`resize_image` (decode,
-geometry, budget check, resize and crop; the costly part) returns 8-bit pixels, which are a
-quarter of the float32 ``pixel_values`` to send back, and :func:`service.preprocess.normalize`
-finishes them wherever they arrive. :func:`prepare_image` runs both in the calling thread.
+The work is split in two: :func:`resize_image` (decode, geometry, budget check, resize and
+crop; the costly part) returns 8-bit pixels, and :func:`finish` normalises them into the
+float32 ``pixel_values``. :func:`prepare_image` runs both in the calling thread (a decode
+thread); a decode process runs both too and sends the finished pixels, which the service only
+copies into its batch (:mod:`service.decode_worker`; tests instrument its ``resize_image``).
 Everything here depends only on a :class:`PrepareSpec`, which pickles, never on the loaded model.
 """
 
