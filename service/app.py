@@ -231,19 +231,28 @@ async def embed(request: Request) -> Response:
     # What the headers alone decide is refused before the body is read (a client that sent
     # "Expect: 100-continue" is then never asked for it): media type and coding, query options,
     # a model.
-    check_content_type(content_type)
+    raw_image = check_content_type(content_type) is None  # options only in the query
     check_content_encoding(request.headers.get("content-encoding"))
-    early = parse_options(query_options(query))
+    in_query = query_options(query)
+    early = parse_options(in_query)
     current = state.manager.current
     if current is None:
         raise NotReadyError("no model is loaded yet; see /readyz and /v1/models")
     if early.resolution is not None:  # a query resolution is final (a second one is refused)
-        resolve_resolution(
+        side = resolve_resolution(
             early.resolution,
             default=current.metadata.resolution,
             patch_size=current.metadata.patch_size,
             max_resolution=settings.max_resolution,
         )
+        if early.crop == "center" and (raw_image or "crop" in in_query):  # crop final too
+            check_attention_budget(
+                (side, side),
+                patch_size=current.metadata.patch_size,
+                num_heads=current.metadata.num_heads,
+                budget=settings.max_batch_attention_bytes,
+                index=None,
+            )
     with state.bodies.reservation() as reservation:
         body = await read_body(
             request,

@@ -120,6 +120,21 @@ def test_attention_budget_splits_batches_and_refuses_huge_images(
         assert response.status_code == 413, response.text
         assert "crop=center" not in response.json()["error"]["message"]
         assert server.metric("dino_batch_size_count") - calls == 3  # nothing more ran
+        # When the query settles both the size and the crop (a raw image body has no other
+        # options; a query option cannot be repeated in the form), the answer comes before
+        # the body: only the headers are sent here.
+        for content_type, query in [
+            ("image/png", "resolution=48"),
+            ("multipart/form-data; boundary=b", "resolution=48&crop=center"),
+        ]:
+            connection = socket.create_connection(("127.0.0.1", _port(server)), timeout=10)
+            connection.sendall(
+                f"POST /embed?{query} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}"
+                "\r\nContent-Length: 1000000\r\n\r\n".encode()
+            )
+            answer = _json_answer(connection)
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            assert b'"too_many_tokens"' in answer
 
 
 def test_failed_inference_spares_batch_mates_and_hides_engine_text(
