@@ -246,13 +246,7 @@ async def embed(request: Request) -> Response:
             max_resolution=settings.max_resolution,
         )
         if early.crop == "center" and (raw_image or "crop" in in_query):  # crop final too
-            check_attention_budget(
-                (side, side),
-                patch_size=current.metadata.patch_size,
-                num_heads=current.metadata.num_heads,
-                budget=settings.max_batch_attention_bytes,
-                index=None,
-            )
+            _check_center_budget(current, side, settings)
     with state.bodies.reservation() as reservation:
         body = await read_body(
             request,
@@ -285,13 +279,7 @@ async def embed(request: Request) -> Response:
             max_resolution=settings.max_resolution,
         )
         if options.crop == "center":  # every image has this size: refuse before decoding
-            check_attention_budget(
-                (resolution, resolution),
-                patch_size=model.metadata.patch_size,
-                num_heads=model.metadata.num_heads,
-                budget=settings.max_batch_attention_bytes,
-                index=None,
-            )
+            _check_center_budget(model, resolution, settings)
             side = resolution // model.metadata.patch_size
             check_response_size(model, [(side, side)] * len(upload.images), options, settings)
         with state.batcher.admitted(len(upload.images)):
@@ -435,6 +423,21 @@ async def _embed_admitted(
     state.metrics.stage_seconds.labels("encode").observe(encoded)
     timer.add("encode", encoded)
     return content
+
+
+def _check_center_budget(model: OnnxModel, side: int, settings: Settings) -> None:
+    """Refuse a centre crop of ``side`` whose attention alone exceeds the budget (every image).
+
+    Raises:
+        TooManyTokensError: Over ``max_batch_attention_bytes``.
+    """
+    check_attention_budget(
+        (side, side),
+        patch_size=model.metadata.patch_size,
+        num_heads=model.metadata.num_heads,
+        budget=settings.max_batch_attention_bytes,
+        index=None,
+    )
 
 
 def check_response_size(
