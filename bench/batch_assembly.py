@@ -17,18 +17,19 @@ milliseconds per batch (wall-clock).
 
 With ``--decode-processes N`` it also times the service's side of one image's round trip
 through N decode worker processes (a flat-colour JPEG, so that the workers stay cheap): CPU of
-this process per image, in waves of ``--queued`` images. Prints one JSON object.
+this process per image, in waves of ``--queued`` images handed over as the service hands over a
+request's images (one :meth:`service.fanout.Fanout.map` call). Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import wait
 
 import numpy as np
 from PIL import Image
@@ -136,15 +137,22 @@ def round_trip(processes: int, queued: int, images: int) -> dict[str, float]:
     data = buffer.getvalue()
     pool = DecodeProcesses(processes, timeout_s=60.0)
     pool.start()
-    try:
-        wait([pool.executor.submit(pool.prepare, data, i, spec) for i in range(queued)])
+
+    def prepare(index: int) -> object:
+        return pool.prepare(data, index, spec)
+
+    async def wave() -> int:  # as the service hands over a request's images
+        outcomes = await pool.threads.map(prepare, range(queued))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # what a worker raised
+        return len(outcomes)
+
+    async def waves() -> dict[str, float]:
+        await wave()
         done, started, cpu = 0, time.perf_counter(), time.process_time()
         while done < images:
-            futures = [pool.executor.submit(pool.prepare, data, i, spec) for i in range(queued)]
-            wait(futures)
-            for future in futures:
-                future.result()  # raises what a worker raised
-            done += len(futures)
+            done += await wave()
         wall = time.perf_counter() - started
         return {
             "processes": processes,
@@ -152,6 +160,9 @@ def round_trip(processes: int, queued: int, images: int) -> dict[str, float]:
             "cpu_ms_per_image": 1e3 * (time.process_time() - cpu) / done,
             "wall_ms_per_image": 1e3 * wall / done,
         }
+
+    try:
+        return asyncio.run(waves())
     finally:
         pool.close()
 

@@ -15,7 +15,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from service.errors import (
     ServiceError,
     UnauthorizedError,
 )
+from service.fanout import Fanout
 from service.metrics import Metrics
 from service.openapi import EMBED_OPENAPI, ERROR_RESPONSES
 from service.options import EmbedOptions, max_side, parse_options, resolve_resolution
@@ -86,7 +86,7 @@ class ServiceState:
     metrics: Metrics
     manager: ModelManager
     batcher: Batcher
-    pool: ThreadPoolExecutor
+    pool: Fanout  # parses bodies, encodes answers, and decodes unless ``decoder`` is set
     bodies: BodyBudget
     decoder: DecodeProcesses | None = None
 
@@ -224,7 +224,6 @@ async def embed(request: Request) -> Response:
     """
     state = _state(request)
     settings = state.settings
-    loop = asyncio.get_running_loop()
     timer = _Timer()
     content_type = request.headers.get("content-type", "")
     query = request.query_params.multi_items()
@@ -256,15 +255,14 @@ async def embed(request: Request) -> Response:
         )
         # Parsed in the pool whatever its size: a small body can still hold 40 parts of padded
         # headers, which python-multipart walks byte by byte in Python (hundreds of ms).
-        upload = await loop.run_in_executor(
-            state.pool,
+        upload = await state.pool.call(
             functools.partial(
                 parse_upload,
                 body,
                 content_type=content_type,
                 query=query,
                 max_images=settings.max_images_per_request,
-            ),
+            )
         )
         del body  # the parts are copies; the reservation still counts their bytes
         timer.mark("read")
@@ -351,20 +349,15 @@ async def _embed_admitted(
     timer: _Timer,
 ) -> bytes:
     """Decode, preprocess, infer and encode the images of one admitted request."""
-    loop = asyncio.get_running_loop()
     settings = state.settings
     spec = _prepare_spec(model, options, resolution, settings)
     if state.decoder is not None:
-        executor, prepare = state.decoder.executor, state.decoder.prepare
+        threads, prepare = state.decoder.threads, state.decoder.prepare
     else:
-        executor, prepare = state.pool, prepare_image
-    observed = functools.partial(_prepare_observed, prepare, state.metrics)
-    jobs = [
-        loop.run_in_executor(executor, observed, data, index, spec)
-        for index, data in enumerate(images)
-    ]
-    with state.batcher.preparing(len(images)):
-        prepared = await asyncio.gather(*jobs, return_exceptions=True)
+        threads, prepare = state.pool, prepare_image
+    observed = functools.partial(_prepare_observed, prepare, state.metrics, spec)
+    with state.batcher.preparing(len(images)):  # one hand-over and one wake-up per request
+        prepared = await threads.map(observed, list(enumerate(images)))
     for outcome in prepared:  # in request order: the first bad image is reported
         if isinstance(outcome, BaseException):
             raise outcome
@@ -418,7 +411,7 @@ async def _embed_admitted(
     if sum(value.size for r in records for value in r.outputs.values()) <= INLINE_ENCODE_VALUES:
         content = encode()
     else:
-        content = await loop.run_in_executor(state.pool, encode)
+        content = await state.pool.call(encode)
     encoded = time.perf_counter() - started
     state.metrics.stage_seconds.labels("encode").observe(encoded)
     timer.add("encode", encoded)
@@ -480,12 +473,12 @@ def check_response_size(
 def _prepare_observed(
     prepare: Callable[[bytes, int, PrepareSpec], Prepared],
     metrics: Metrics,
-    data: bytes,
-    index: int,
     spec: PrepareSpec,
+    job: tuple[int, bytes],
 ) -> Prepared:
-    """Prepare one image (in a pool thread) and record its stage times as soon as it is ready,
-    whatever happens to the rest of its request."""
+    """Prepare one image (``job`` is its index and bytes; in a pool thread) and record its
+    stage times as soon as it is ready, whatever happens to the rest of its request."""
+    index, data = job
     prepared = prepare(data, index, spec)
     metrics.stage_seconds.labels("decode").observe(prepared.decode_s)
     metrics.stage_seconds.labels("preprocess").observe(prepared.preprocess_s)
@@ -748,7 +741,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = ThreadPoolExecutor(settings.worker_count(), thread_name_prefix="decode")
+        pool = Fanout(settings.worker_count(), name="decode")
         batcher = Batcher(
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
@@ -782,7 +775,7 @@ def create_app(
                 await manager.stop()
                 await batcher.stop()
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.close()
             if decoder is not None:
                 await asyncio.to_thread(decoder.close)
 

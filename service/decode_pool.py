@@ -6,10 +6,10 @@ that Python work however many cores there are, and each handover waits behind th
 Here each image goes to one of ``count`` processes (:mod:`service.decode_worker`) that decode,
 resize, crop and normalise it; the service receives the float32 ``pixel_values`` and only
 copies them into its batch. Dispatch threads (two per process: while one reads what its process
-sent, the other hands the process its next image) wait on the processes, so the event loop
-still just awaits a future per image, and an image not yet taken by a dispatch thread is
-dropped when its request is withdrawn (one already waiting in a thread for its process, at most
-one per process, is still decoded).
+sent, the other hands the process its next image; a :class:`service.fanout.Fanout`) wait on the
+processes, so the event loop still just awaits one future per request, and an image not yet
+taken by a dispatch thread is dropped when its request is withdrawn (one already waiting in a
+thread for its process, at most one per process, is still decoded).
 
 A process that dies (a decoder crash, the kernel's OOM killer) or answers out of protocol is
 replaced, and the image it held is tried once more on the fresh one; an image that ends two
@@ -32,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from service.decode_worker import (
     spec_to_json,
 )
 from service.errors import CorruptImageError, ImageTooComplexError, NotReadyError, ServiceError
+from service.fanout import Fanout
 from service.prepare import Prepared, PrepareSpec
 
 logger = logging.getLogger(__name__)
@@ -103,17 +103,19 @@ class _Worker:
             raise
         finally:
             theirs.close()
-        self.sock = ours  # raw payloads; ``conn`` (a duplicate descriptor) frames the headers
-        self.conn = Connection(os.dup(ours.fileno()))
+        self.sock = ours
         self.broken = False
         self.broken_why = ""
         self.reported = False  # its end was already logged as a warning (a timeout)
         try:
-            if not self.conn.poll(start_timeout_s):
-                raise RuntimeError(f"a decode process did not start within {start_timeout_s} s")
-            hello = receive_header(self.conn)
+            hello = receive_header(self.sock, time.monotonic() + start_timeout_s)
             if "ready" not in hello:
                 raise RuntimeError(f"a decode process sent {hello!r} instead of its greeting")
+        except TimeoutError as err:  # before OSError, its base class
+            self.close()
+            raise RuntimeError(
+                f"a decode process did not start within {start_timeout_s} s"
+            ) from err
         except (EOFError, OSError, ProtocolError) as err:
             self.close()
             raise RuntimeError(
@@ -166,11 +168,9 @@ class _Worker:
         outcome: Prepared | Exception
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            send_header(self.conn, {"size": len(data), "index": index, "spec": spec_json})
+            send_header(self.sock, {"size": len(data), "index": index, "spec": spec_json})
             self.sock.sendall(data)  # raw: no copy into a message, and the GIL is free meanwhile
-            if deadline is not None and not self.conn.poll(max(deadline - time.monotonic(), 0)):
-                raise TimeoutError("no answer")
-            reply = receive_header(self.conn)
+            reply = receive_header(self.sock, deadline)
             if "ok" in reply:
                 outcome = self._receive_pixels(reply["ok"], spec, deadline)
             elif "error" in reply:
@@ -224,8 +224,7 @@ class _Worker:
                 self.process.kill()
 
     def close(self) -> None:
-        """Close the descriptors and reap the process (killed if it does not leave in 1 s)."""
-        self.conn.close()
+        """Close the socket and reap the process (killed if it does not leave in 1 s)."""
         self.sock.close()  # the worker's read sees the end and it leaves
         try:
             self.process.wait(timeout=1.0)
@@ -248,8 +247,7 @@ def _client_error(name: object, message: object, index: object) -> ServiceError:
 
 
 class DecodeProcesses:
-    """``count`` worker processes; :meth:`prepare` runs in :attr:`executor`'s threads (two per
-    worker).
+    """``count`` worker processes; :meth:`prepare` runs in :attr:`threads` (two per worker).
 
     Args:
         count: Worker processes (with twice as many dispatch threads).
@@ -292,7 +290,9 @@ class DecodeProcesses:
         self.restarts = 0
         # Two dispatch threads per worker: one reads the pixels the worker sent while the other
         # hands it the next image.
-        self.executor = ThreadPoolExecutor(2 * count, thread_name_prefix="decode-dispatch")
+        self.threads = Fanout(
+            2 * count, name="decode-dispatch", closed_error=DecodeProcessesStoppedError
+        )
 
     def start(self) -> None:
         """Start every worker (blocking; they start in parallel).
@@ -325,7 +325,7 @@ class DecodeProcesses:
             return sorted(worker.pid for worker in self._workers if worker.usable)
 
     def prepare(self, data: bytes, index: int, spec: PrepareSpec) -> Prepared:
-        """Decode and preprocess one image in a worker (blocking; call it in :attr:`executor`).
+        """Decode and preprocess one image in a worker (blocking; call it in :attr:`threads`).
 
         Raises:
             ServiceError: A client error, as decoding in a thread would raise it; an image that
@@ -380,7 +380,7 @@ class DecodeProcesses:
         with self._lock:
             self._closed = True
             workers = list(self._workers)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.close()
         for worker in workers:
             worker.wake()
             worker.kill()

@@ -1,8 +1,8 @@
 """``python -m service.decode_worker FD``: one decode process of ``DINO_DECODE_PROCESSES``.
 
 The service starts it with one end of a socket pair as file descriptor ``FD``. Each message is a
-JSON header, framed by :class:`multiprocessing.connection.Connection` (a length, then the
-bytes), sometimes followed by a raw payload whose size the header gives:
+JSON header (its length as 4 bytes, big-endian, then the UTF-8 text; at most
+:data:`MAX_HEADER_BYTES`), sometimes followed by a raw payload whose size the header gives:
 
 * worker -> service, once: ``{"ready": pid}``.
 * service -> worker, per image: ``{"size", "index", "spec"}`` (:func:`spec_to_json`), then the
@@ -15,7 +15,8 @@ bytes), sometimes followed by a raw payload whose size the header gives:
   anything else.
 
 Nothing is unpickled on either side, so bytes out of place (a client's pixels read as a header)
-can only fail to parse. The payloads are not copied into the framing, and the GIL is free while
+can only fail to parse, and the length limit keeps such a misread from waiting for bytes that
+never come. The payloads are not copied into the framing, and the GIL is free while
 they move. The worker handles one image at a time and exits when the service closes its end;
 it ignores SIGINT and SIGTERM (a terminal's Ctrl-C, or a service manager stopping the whole
 group), which are the service's to act on: its shutdown ends the workers. It imports only the
@@ -30,17 +31,23 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from models.contract import PreprocessingRecipe
 from service.errors import ServiceError
 from service.prepare import PrepareSpec, finish, resize_image
+
+MAX_HEADER_BYTES = 1 << 20
+"""Longest header either side accepts (a worker's traceback is cut well below it)."""
+_MAX_TRACEBACK_CHARS = 50_000  # at most 6 bytes each once escaped as JSON
+_LENGTH = struct.Struct("!I")
 
 
 class ProtocolError(Exception):
@@ -69,30 +76,46 @@ def spec_from_json(text: str) -> PrepareSpec:
         raise ProtocolError(f"invalid spec {text[:200]!r}: {err}") from err
 
 
-def send_header(conn: Connection, header: dict[str, Any]) -> None:
-    """Send one JSON header."""
-    conn.send_bytes(json.dumps(header).encode())
+def send_header(sock: socket.socket, header: dict[str, Any]) -> None:
+    """Send one JSON header (with its length in front)."""
+    text = json.dumps(header).encode()
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(f"a header of {len(text)} bytes, over the limit of {MAX_HEADER_BYTES}")
+    sock.sendall(_LENGTH.pack(len(text)) + text)
 
 
-def receive_header(conn: Connection) -> dict[str, Any]:
+def receive_header(sock: socket.socket, deadline: float | None = None) -> dict[str, Any]:
     """Receive one JSON header.
+
+    Args:
+        sock: A blocking socket.
+        deadline: ``time.monotonic()`` by which the whole header must have arrived; None: no
+            limit.
 
     Raises:
         EOFError: The other end closed the connection.
-        ProtocolError: The message is not a JSON object.
+        TimeoutError: The deadline passed first.
+        ProtocolError: A length over :data:`MAX_HEADER_BYTES`, or a message that is not a JSON
+            object.
     """
-    raw = conn.recv_bytes()
+    prefix = bytearray(_LENGTH.size)
+    receive_exactly(sock, memoryview(prefix), deadline)
+    (size,) = _LENGTH.unpack(prefix)
+    if size > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a header of {size} bytes, over the limit of {MAX_HEADER_BYTES}")
+    raw = bytearray(size)
+    receive_exactly(sock, memoryview(raw), deadline)
     try:
         header = json.loads(raw)
     except ValueError as err:
-        raise ProtocolError(f"a header that is not JSON: {raw[:80]!r}") from err
+        raise ProtocolError(f"a header that is not JSON: {bytes(raw[:80])!r}") from err
     if not isinstance(header, dict):
-        raise ProtocolError(f"a header that is not a JSON object: {raw[:80]!r}")
+        raise ProtocolError(f"a header that is not a JSON object: {bytes(raw[:80])!r}")
     return header
 
 
 def receive_exactly(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
-    """Fill ``view`` from ``sock``.
+    """Fill ``view`` (any C-contiguous buffer, counted in bytes) from ``sock``.
 
     Args:
         sock: A blocking socket.
@@ -103,30 +126,31 @@ def receive_exactly(sock: socket.socket, view: memoryview, deadline: float | Non
         EOFError: The other end closed the socket first.
         TimeoutError: The deadline passed first.
     """
+    target = view.cast("B")  # a float32 view counts items, and recv_into returns bytes
     received = 0
-    while received < len(view):
+    while received < len(target):
         if deadline is not None and not wait([sock], max(deadline - time.monotonic(), 0.0)):
-            raise TimeoutError(f"{len(view) - received} of {len(view)} bytes still missing")
-        count = sock.recv_into(view[received:])
+            missing = len(target) - received
+            raise TimeoutError(f"{missing} of {len(target)} bytes still missing")
+        count = sock.recv_into(target[received:])
         if count == 0:
             raise EOFError("the connection closed in the middle of a message")
         received += count
 
 
-def serve(conn: Connection, sock: socket.socket) -> None:
+def serve(sock: socket.socket) -> None:
     """Answer jobs until the service closes its end.
 
     Args:
-        conn: The framed headers.
-        sock: The same socket, for the raw payloads.
+        sock: The worker's end of the socket pair.
 
     Raises:
         ProtocolError: The service sent something else than a job (the worker then exits).
     """
-    send_header(conn, {"ready": os.getpid()})
+    send_header(sock, {"ready": os.getpid()})
     while True:
         try:
-            job = receive_header(conn)
+            job = receive_header(sock)
         except (EOFError, ConnectionResetError):
             return
         try:
@@ -145,10 +169,13 @@ def serve(conn: Connection, sock: socket.socket) -> None:
             prepared = finish(resize_image(data, index, spec), spec.recipe)
         except ServiceError as err:
             error = {"class": type(err).__name__, "message": err.message, "index": err.index}
-            send_header(conn, {"error": error})
+            send_header(sock, {"error": error})
             continue
         except Exception:  # a bug or a resource failure: the service answers it with a 500
-            send_header(conn, {"failed": traceback.format_exc()})
+            text = traceback.format_exc()
+            if len(text) > _MAX_TRACEBACK_CHARS:  # its end says the most
+                text = "...\n" + text[-_MAX_TRACEBACK_CHARS:]
+            send_header(sock, {"failed": text})
             continue
         finally:
             del data
@@ -159,7 +186,7 @@ def serve(conn: Connection, sock: socket.socket) -> None:
             "preprocess_s": prepared.preprocess_s,
             "shape": list(prepared.pixels.shape),
         }
-        send_header(conn, {"ok": ok})
+        send_header(sock, {"ok": ok})
         sock.sendall(prepared.pixels.reshape(-1).data)  # (3, H, W) float32, flat
 
 
@@ -177,18 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     warnings.filterwarnings("ignore", module=r"PIL\.")  # as the service: errors become answers
-    fd = int(args[0])
-    sock = socket.socket(fileno=os.dup(fd))
-    conn = Connection(fd)
+    sock = socket.socket(fileno=int(args[0]))
     try:
-        serve(conn, sock)
+        serve(sock)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the service went away while this worker answered
     except ProtocolError as err:
         print(f"decode worker {os.getpid()}: {err}", file=sys.stderr)
         return 3
     finally:
-        conn.close()
         sock.close()
     return 0
 

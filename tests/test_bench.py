@@ -591,3 +591,31 @@ def test_batch_assembly_times_both_ways_and_the_round_trip() -> None:
     assert trip["cpu_ms_per_image"] > 0 and trip["wall_ms_per_image"] > 0
     refused = _run("-m", "bench.batch_assembly", "--size", "40by24")
     assert refused.returncode == 2 and "not WxH" in refused.stderr
+
+
+def test_fanout_bench_times_both_hand_overs_on_the_same_work() -> None:
+    result = _run(
+        "-m",
+        "bench.fanout",
+        "--threads",
+        "2",
+        "--concurrency",
+        "3",
+        "--images-per-request",
+        "4",
+        "--images",
+        "120",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert (report["threads"], report["concurrency"], report["images_per_request"]) == (2, 3, 4)
+    for way in ("executor", "fanout"):
+        times = report[way]
+        assert times["images"] >= 120 and times["images"] % 4 == 0
+        assert times["loop_cpu_us_per_image"] >= 0
+        assert times["cpu_us_per_image"] >= times["loop_cpu_us_per_image"]  # a thread of it
+        assert times["wall_us_per_image"] > 0
+    for key, ratio in report["ratio"].items():
+        assert ratio == pytest.approx(report["executor"][key] / report["fanout"][key])
+    refused = _run("-m", "bench.fanout", "--threads", "0")
+    assert refused.returncode == 2 and "at least 1" in refused.stderr

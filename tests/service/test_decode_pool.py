@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
@@ -39,10 +43,12 @@ RECIPE = PreprocessingRecipe(resolution=32, resize_size=37)
 # no third worker starts after two such ends), 99 raises a server-side error, 96 answers pixels
 # of another shape than the size it reports, 95 never answers (it sleeps for an hour) and 94
 # answers after 0.3 s, 93 ends the process the first time and never answers the second, 92
-# sends its answer's header but not its pixels.
+# sends its answer's header but not its pixels, 91 sends its pixels in four pieces 50 ms apart
+# (a reader sees partial reads), 90 sends part of its answer's header and stops, 89 announces a
+# header longer than the protocol allows.
 # Other indexes run the real code.
 INSTRUMENTED = (
-    "import os, sys, time\n"
+    "import os, socket, struct, sys, time\n"
     "import numpy as np\n"
     "import service.decode_worker as worker\n"
     "from service.prepare import Resized\n"
@@ -53,15 +59,37 @@ INSTRUMENTED = (
     "    sys.exit(5)\n"
     "real = worker.resize_image\n"
     "real_send = worker.send_header\n"
-    "stall = []\n"
-    "def send_header(conn, header):\n"
-    "    real_send(conn, header)\n"
+    "stall, pieces, cut, long = [], [], [], []\n"
+    "def send_header(sock, header):\n"
+    "    if cut and 'ok' in header:\n"
+    "        sock.sendall(struct.pack('!I', 500) + b'{\"ok\": {')\n"
+    "        time.sleep(3600)\n"
+    "    if long and 'ok' in header:\n"
+    "        sock.sendall(struct.pack('!I', 2**31))\n"
+    "    real_send(sock, header)\n"
     "    if stall and 'ok' in header:\n"
     "        time.sleep(3600)\n"
     "worker.send_header = send_header\n"
+    "real_sendall = socket.socket.sendall\n"
+    "def sendall(sock, data):\n"
+    "    if not pieces or len(data) < 1000:\n"
+    "        return real_sendall(sock, data)\n"
+    "    pieces.clear()\n"
+    "    view = memoryview(data).cast('B')\n"
+    "    step = -(-len(view) // 4)\n"
+    "    for start in range(0, len(view), step):\n"
+    "        real_sendall(sock, view[start:start + step])\n"
+    "        time.sleep(0.05)\n"
+    "socket.socket.sendall = sendall\n"
     "def resize_image(data, index, spec):\n"
     "    if index == 92:\n"
     "        stall.append(index)\n"
+    "    if index == 91:\n"
+    "        pieces.append(index)\n"
+    "    if index == 90:\n"
+    "        cut.append(index)\n"
+    "    if index == 89:\n"
+    "        long.append(index)\n"
     "    if index == 95:\n"
     "        time.sleep(3600)\n"
     "    if index == 93:\n"
@@ -279,7 +307,6 @@ def test_the_worker_exits_when_the_service_closes_its_end() -> None:
     processes.start()
     (pid,) = processes.pids()
     worker = next(iter(processes._workers))
-    worker.conn.close()
     worker.sock.close()
     assert worker.process.wait(timeout=10) == 0  # left by itself, status 0
     _wait_until_gone(pid)
@@ -409,7 +436,10 @@ def test_close_while_images_are_in_the_workers_fails_them_cleanly_and_quickly() 
     processes.start()
     pids = processes.pids()
     big = png_bytes(2000, 1500, seed=7)  # long enough to be inside a worker at close()
-    futures = [processes.executor.submit(processes.prepare, big, i, spec()) for i in range(12)]
+    futures = [
+        processes.threads.submit(functools.partial(processes.prepare, big, i, spec()))
+        for i in range(12)
+    ]
     time.sleep(0.3)
     started = time.monotonic()
     processes.close()
@@ -434,8 +464,8 @@ def test_a_reply_without_a_whole_original_size_retires_the_worker_and_retries(
 ) -> None:
     seen: list[int] = []
 
-    def receive(conn: Any) -> dict[str, Any]:  # the first "ok" arrives with a one-number size
-        header = decode_worker.receive_header(conn)
+    def receive(sock: Any, deadline: float | None = None) -> dict[str, Any]:
+        header = decode_worker.receive_header(sock, deadline)  # the first "ok": a one-number size
         if "ok" in header and not seen:
             seen.append(1)
             header["ok"]["original"] = [1]
@@ -490,7 +520,9 @@ def test_an_image_over_the_time_limit_kills_its_worker_and_is_refused(
         caplog.at_level(logging.WARNING, logger="service.decode_pool"),
         pytest.raises(ImageTooComplexError, match="longer than 1 s") as caught,
     ):  # the limit, not the worker's hour (a TimeoutError here: no limit applied)
-        instrumented.executor.submit(instrumented.prepare, data, 95, spec()).result(timeout=20)
+        instrumented.threads.submit(
+            functools.partial(instrumented.prepare, data, 95, spec())
+        ).result(timeout=20)
     assert caught.value.index == 95 and caught.value.status == 422
     assert time.monotonic() - started < 10
     assert f"decode process {hung} was killed: image 95" in caplog.text
@@ -511,7 +543,9 @@ def test_an_image_over_the_time_limit_kills_its_worker_and_is_refused(
 def test_a_retried_image_is_held_to_the_time_limit_too(instrumented: DecodeProcesses) -> None:
     data = jpeg_bytes(40, 30, seed=1)
     with pytest.raises(ImageTooComplexError) as caught:  # ends one worker, hangs the next
-        instrumented.executor.submit(instrumented.prepare, data, 93, spec()).result(timeout=30)
+        instrumented.threads.submit(
+            functools.partial(instrumented.prepare, data, 93, spec())
+        ).result(timeout=30)
     assert caught.value.index == 93
     assert instrumented.restarts == 2  # after the crash, and after the kill
     got = instrumented.prepare(data, 0, spec())
@@ -526,7 +560,9 @@ def test_pixels_that_stop_arriving_count_against_the_time_limit(
 ) -> None:
     data = jpeg_bytes(40, 30, seed=1)
     with pytest.raises(ImageTooComplexError) as caught:  # the header came, the pixels never
-        instrumented.executor.submit(instrumented.prepare, data, 92, spec()).result(timeout=20)
+        instrumented.threads.submit(
+            functools.partial(instrumented.prepare, data, 92, spec())
+        ).result(timeout=20)
     assert caught.value.index == 92 and instrumented.restarts == 1
     got = instrumented.prepare(data, 0, spec())  # nothing of the stalled answer is left over
     assert np.array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
@@ -544,3 +580,96 @@ def test_without_a_time_limit_a_slow_image_is_waited_for(instrumented: DecodePro
 def test_a_time_limit_must_be_positive_and_at_most_a_day(timeout_s: float) -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         DecodeProcesses(1, timeout_s=timeout_s)
+
+
+@pytest.mark.timeout(60)  # a reader that lost its place would wait for bytes that never come
+@pytest.mark.parametrize("instrumented", [None], indirect=True)
+def test_pixels_that_arrive_in_pieces_are_read_whole_and_the_next_answer_too(
+    instrumented: DecodeProcesses,
+) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    expected = prepare_image(data, 0, spec()).pixels
+    np.testing.assert_array_equal(instrumented.prepare(data, 91, spec()).pixels, expected)
+    np.testing.assert_array_equal(instrumented.prepare(data, 0, spec()).pixels, expected)
+    assert instrumented.restarts == 0  # nothing out of protocol: the same worker goes on
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("instrumented", [1.0], indirect=True)
+def test_a_header_cut_short_counts_against_the_time_limit(instrumented: DecodeProcesses) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    started = time.monotonic()
+    with pytest.raises(ImageTooComplexError) as caught:
+        instrumented.prepare(data, 90, spec())
+    assert caught.value.index == 90 and time.monotonic() - started < 10
+    assert instrumented.restarts == 1
+    got = instrumented.prepare(data, 0, spec())
+    np.testing.assert_array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
+
+
+@pytest.mark.timeout(60)  # without the length limit: 2 GiB allocated, then a wait for them
+@pytest.mark.parametrize("instrumented", [None], indirect=True)
+def test_a_header_longer_than_the_protocol_allows_retires_the_worker_at_once(
+    instrumented: DecodeProcesses,
+) -> None:
+    data = jpeg_bytes(40, 30, seed=1)
+    with pytest.raises(CorruptImageError, match="ended the decode process twice") as caught:
+        instrumented.prepare(data, 89, spec())
+    assert caught.value.index == 89 and instrumented.restarts == 2
+    got = instrumented.prepare(data, 0, spec())
+    np.testing.assert_array_equal(got.pixels, prepare_image(data, 0, spec()).pixels)
+
+
+def test_receive_exactly_fills_a_float32_buffer_from_partial_reads() -> None:
+    ours, theirs = socket.socketpair()
+    expected = np.arange(3 * 40 * 30, dtype=np.float32).reshape(3, 40, 30)
+
+    def send() -> None:
+        for piece in np.array_split(expected.reshape(-1).view(np.uint8), 5):
+            theirs.sendall(piece.tobytes())
+            time.sleep(0.02)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        got = np.zeros_like(expected)
+        decode_worker.receive_exactly(ours, got.data, time.monotonic() + 10)
+        np.testing.assert_array_equal(got, expected)
+        theirs.sendall(b"x")  # and not a byte more was taken
+        assert ours.recv(10) == b"x"
+    finally:
+        sender.join()
+        ours.close()
+        theirs.close()
+
+
+def test_headers_are_framed_limited_and_waited_for_only_until_the_deadline() -> None:
+    ours, theirs = socket.socketpair()
+    try:
+        decode_worker.send_header(theirs, {"ok": {"shape": [3, 2, 2]}, "text": "é"})
+        assert decode_worker.receive_header(ours, time.monotonic() + 5) == {
+            "ok": {"shape": [3, 2, 2]},
+            "text": "é",
+        }
+        with pytest.raises(ValueError, match="over the limit"):
+            decode_worker.send_header(theirs, {"failed": "x" * decode_worker.MAX_HEADER_BYTES})
+        theirs.sendall(struct.pack("!I", decode_worker.MAX_HEADER_BYTES + 1))
+        with pytest.raises(decode_worker.ProtocolError, match="over the limit"):
+            decode_worker.receive_header(ours)  # no deadline: refused, not waited for
+        theirs.sendall(struct.pack("!I", 2) + b"[]")
+        with pytest.raises(decode_worker.ProtocolError, match="not a JSON object"):
+            decode_worker.receive_header(ours)
+        theirs.sendall(struct.pack("!I", 3) + b"{no")
+        with pytest.raises(decode_worker.ProtocolError, match="not JSON"):
+            decode_worker.receive_header(ours)
+        theirs.sendall(struct.pack("!I", 100) + b'{"ok"')
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="95 of 100 bytes still missing"):
+            decode_worker.receive_header(ours, time.monotonic() + 0.2)
+        assert time.monotonic() - started < 5
+        theirs.close()
+        with pytest.raises(EOFError):
+            decode_worker.receive_header(ours)
+    finally:
+        ours.close()
+        theirs.close()
