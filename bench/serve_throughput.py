@@ -31,6 +31,12 @@ inferred images from its own ``/metrics``. ``--decode-processes N`` sets
 own CPU time per image, main process only (Linux, from ``/proc``): with decode processes this
 is what remains of the work that shares one GIL, the figure that caps one process.
 
+The bench also checks answers while it times them: every ``--check-every``-th request of a
+client (default 4; 0: none) has its CLS embeddings compared with the raw session's for the same
+JPEGs (cosine similarity at least 0.999, which batch-size and kernel differences stay far
+above). A wrong answer counts as a failed request (``wrong_answer``), so a fast service that
+serves the wrong numbers does not pass for a fast one.
+
 Examples:
     python bench/serve_throughput.py --tiny                 # seconds, for a smoke run
     python bench/serve_throughput.py                        # vit_small/16, random weights
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -78,14 +85,22 @@ from service.preprocess import plan_geometry, to_pixels
 from service.runtime import parse_metadata, requested_providers
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def _positive_float(text: str) -> float:
@@ -181,6 +196,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--check-every",
+        type=_non_negative_int,
+        default=4,
+        metavar="N",
+        help="compare the CLS embeddings of every N-th request of each client with the raw "
+        "session's (default 4; 0: never)",
+    )
     parser.add_argument("--json-out", type=Path, help="also write the JSON report here")
     return parser
 
@@ -270,6 +293,8 @@ class _ClientJob:
     seconds: float
     images_per_request: int
     first_blob: int  # where this process starts in the blob pool
+    expected: list[np.ndarray] | None = None  # the raw session's CLS embedding of each blob
+    check_every: int = 0  # compare every n-th request's CLS embeddings with ``expected``
 
 
 @dataclass
@@ -324,7 +349,8 @@ async def _client_level(job: _ClientJob, wait_for_start: Callable[[], float]) ->
         async def worker(client: httpx.AsyncClient) -> None:
             nonlocal next_index
             while next_index < limit and time.perf_counter() < deadline:
-                first = job.first_blob + next_index * per_request
+                index = next_index
+                first = job.first_blob + index * per_request
                 files = [
                     ("images", ("i.jpg", job.blobs[(first + i) % len(job.blobs)], "image/jpeg"))
                     for i in range(per_request)
@@ -338,6 +364,15 @@ async def _client_level(job: _ClientJob, wait_for_start: Callable[[], float]) ->
                     key = type(err).__name__
                     _count_failure(result, key, f"{key}: {err}"[:300])
                     continue
+                checked = job.expected is not None and job.check_every > 0
+                if response.status_code == 200 and checked and index % job.check_every == 0:
+                    wanted = [
+                        job.expected[(first + i) % len(job.expected)] for i in range(per_request)
+                    ]
+                    wrong = check_answer(response.content, wanted)
+                    if wrong is not None:
+                        _count_failure(result, "wrong_answer", f"wrong_answer: {wrong}"[:300])
+                        continue
                 if response.status_code == 200:
                     result.latencies.append(time.perf_counter() - started)
                     _server_timing(response.headers.get("server-timing", ""), result.stage_totals)
@@ -352,6 +387,40 @@ async def _client_level(job: _ClientJob, wait_for_start: Callable[[], float]) ->
         result.finished = time.time()
     result.attempted = next_index
     return result
+
+
+def check_answer(body: bytes, expected: list[np.ndarray], min_cosine: float = 0.999) -> str | None:
+    """Compare the CLS embeddings of an ``/embed`` answer with ``expected`` (one per image).
+
+    Args:
+        body: The answer (json or base64 encoding; float32 or float16).
+        expected: The raw session's CLS embedding of each uploaded image, in order.
+        min_cosine: Least cosine similarity accepted.
+
+    Returns:
+        None when every image matches, else what is wrong.
+    """
+    try:
+        results = json.loads(body)["results"]
+        if len(results) != len(expected):
+            return f"{len(results)} results for {len(expected)} images"
+        for position, (item, want) in enumerate(zip(results, expected, strict=True)):
+            value = item["cls_embedding"]
+            if isinstance(value, dict):  # base64: little-endian raw array
+                dtype = np.dtype(value["dtype"]).newbyteorder("<")
+                got = np.frombuffer(base64.b64decode(value["data"]), dtype=dtype)
+            else:
+                got = np.asarray(value, dtype=np.float64)
+            got = got.astype(np.float64).reshape(-1)
+            if got.shape != want.shape:
+                return f"image {position}: shape {got.shape}, expected {want.shape}"
+            norms = float(np.linalg.norm(got) * np.linalg.norm(want))
+            cosine = float(got @ want) / norms if norms > 0 else 0.0
+            if not cosine >= min_cosine:  # NaN fails too
+                return f"image {position}: cosine similarity {cosine:.6f} with the raw session"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"an answer that cannot be read: {err!r}"
+    return None
 
 
 def _count_failure(result: _ClientResult, key: str, message: str) -> None:
@@ -603,6 +672,8 @@ def _level(
     seconds: float,
     params: dict[str, str],
     images_per_request: int,
+    expected: list[np.ndarray] | None = None,
+    check_every: int = 0,
 ) -> dict[str, Any]:
     """One level: ``concurrency`` workers over ``min(processes, concurrency)`` client processes.
 
@@ -615,6 +686,8 @@ def _level(
         seconds: Time of the level.
         params: Query parameters of each request.
         images_per_request: Images each request uploads (distinct blobs of the pool).
+        expected: The raw session's CLS embedding of each blob, for the answer check.
+        check_every: Check every n-th request of each client (0: none).
 
     Returns:
         The merged figures of :func:`_merge`.
@@ -634,6 +707,8 @@ def _level(
             seconds=seconds,
             images_per_request=images_per_request,
             first_blob=index * images_per_request,
+            expected=expected,
+            check_every=check_every,
         )
         for index, (count, share) in enumerate(zip(workers, shares, strict=True))
     ]
@@ -668,6 +743,15 @@ class RawSession:
             )
             pixels.append(to_pixels(image, geometry, metadata.recipe))
         self.pixels = pixels
+
+    def cls_embeddings(self) -> list[np.ndarray]:
+        """The CLS embedding of each blob, one image per call (float64, for the answer check)."""
+        return [
+            self.session.run([CLS_EMBEDDING.name], {PIXEL_VALUES.name: pixels[None]})[0][0]
+            .astype(np.float64)
+            .reshape(-1)
+            for pixels in self.pixels
+        ]
 
     def images_per_s(self, batch: int, outputs: tuple[str, ...], seconds: float = 3.0) -> float:
         """Measured right after each HTTP level, so both see the same machine load."""
@@ -909,6 +993,7 @@ def _run(
 
         blobs = _jpegs(size, max(16, args.images_per_request))  # distinct within a request
         raw = RawSession(model_path(repository, name, version), blobs, args.device)
+        expected = raw.cls_embeddings() if args.check_every else None
         scenarios = [
             ("cls", "cls", "json", (CLS_EMBEDDING.name,)),
             ("cls", "cls", "base64", (CLS_EMBEDDING.name,)),
@@ -941,6 +1026,8 @@ def _run(
                     seconds=args.seconds,
                     params=params,
                     images_per_request=args.images_per_request,
+                    expected=expected,
+                    check_every=args.check_every,
                 )
                 after = histograms()
                 cpu_after = [_process_cpu_s(server.pid) for server in servers]
@@ -991,6 +1078,7 @@ def _run(
             # None: auto, min(concurrency, max(1, cpu_count // 4)) per level
             "client_processes": args.client_processes,
             "images_per_request": args.images_per_request,
+            "check_every": args.check_every,
             "replicas": args.replicas,
             "server_switch_interval_ms": args.server_switch_interval_ms,  # None: Python's
             "decode_processes": os.environ.get("DINO_DECODE_PROCESSES", "0")

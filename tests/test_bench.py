@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +83,12 @@ def test_serve_throughput_compares_the_service_with_the_raw_session(tmp_path: Pa
     result = _run(
         "bench/serve_throughput.py", "--tiny", "--concurrency", "1,4", "--requests", "8",
         "--seconds", "2", "--raw-seconds", "0.5", "--server-switch-interval-ms", "2",
-        "--json-out", str(out),
+        "--check-every", "1", "--json-out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"]["server_switch_interval_ms"] == 2.0  # the service ran with it
+    assert report["settings"]["check_every"] == 1  # every answer matched the raw session
     assert len(report["results"]) == 8  # 2 outputs x 2 encodings x 2 concurrencies
     for level in report["results"]:
         assert level["failures"] == 0 and level["images_per_s"] > 0
@@ -274,6 +276,7 @@ def test_serve_throughput_splits_workers_and_requests_evenly(serve_bench: Any) -
         ["--client-processes", "two"],
         ["--images-per-request", "0"],
         ["--concurrency", "4,0"],
+        ["--check-every", "-1"],
     ],
 )
 def test_serve_throughput_refuses_a_wrong_value_before_starting(
@@ -289,6 +292,59 @@ def test_serve_throughput_refuses_a_wrong_value_before_starting(
     # main() called from other code leaves the caller's signals alone (a SIGTERM handler left
     # behind here once turned a later test's SIGTERM into an interrupt of the whole run)
     assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_the_answer_check_accepts_the_raw_sessions_numbers_in_every_encoding(
+    serve_bench: Any,
+) -> None:
+    import base64
+
+    rng = np.random.default_rng(3)
+    want = [rng.normal(size=8), rng.normal(size=8)]
+
+    def body(values: list[Any]) -> bytes:
+        return json.dumps({"results": [{"cls_embedding": v} for v in values]}).encode()
+
+    def b64(value: np.ndarray, dtype: str) -> dict[str, Any]:
+        raw = value.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+        return {
+            "encoding": "base64",
+            "dtype": dtype,
+            "shape": [8],
+            "data": base64.b64encode(raw).decode(),
+        }
+
+    check = serve_bench.check_answer
+    assert check(body([w.tolist() for w in want]), want) is None
+    assert check(body([(w * 1.0001 + 1e-5).tolist() for w in want]), want) is None  # rounding
+    assert check(body([b64(w, "float32") for w in want]), want) is None
+    assert check(body([b64(w, "float16") for w in want]), want) is None
+    swapped = check(body([want[1].tolist(), want[0].tolist()]), want)
+    assert swapped is not None and swapped.startswith("image 0: cosine similarity")
+    garbage = body([want[0].tolist(), rng.normal(size=8).tolist()])
+    assert "image 1: cosine similarity" in (check(garbage, want) or "")
+    nan = np.full(8, np.nan)
+    assert "image 0" in (check(body([b64(nan, "float32"), b64(want[1], "float32")]), want) or "")
+    assert check(body([want[0].tolist()]), want) == "1 results for 2 images"
+    assert "shape (4,)" in (check(body([w[:4].tolist() for w in want]), want) or "")
+    assert "cannot be read" in (check(b"not json", want) or "")
+    assert "cannot be read" in (check(json.dumps({"results": [{}, {}]}).encode(), want) or "")
+
+
+def test_serve_throughput_counts_answers_that_differ_from_the_raw_session(
+    serve_bench: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = serve_bench.RawSession.cls_embeddings
+    monkeypatch.setattr(  # as if the service answered other numbers than the model gives
+        serve_bench.RawSession, "cls_embeddings", lambda self: [-v for v in real(self)]
+    )
+    code = serve_bench.main(
+        ["--tiny", "--device", "cpu", "--concurrency", "1", "--requests", "4", "--seconds", "2",
+         "--raw-seconds", "0.1", "--check-every", "2"]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "wrong_answer: image 0: cosine similarity -1.000000" in err
 
 
 def test_serve_throughput_reports_a_failing_client_process(serve_bench: Any) -> None:
