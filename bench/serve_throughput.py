@@ -34,8 +34,9 @@ is what remains of the work that shares one GIL, the figure that caps one proces
 The bench also checks answers while it times them: every ``--check-every``-th request of a
 client (default 4; 0: none) has its CLS embeddings compared with the raw session's for the same
 JPEGs (cosine similarity at least 0.999, which batch-size and kernel differences stay far
-above). A wrong answer counts as a failed request (``wrong_answer``), so a fast service that
-serves the wrong numbers does not pass for a fast one.
+above, and nearer its own image's than any other image's of the request). A wrong answer
+counts as a failed request (``wrong_answer``), so a fast service that serves the wrong numbers
+does not pass for a fast one.
 
 Examples:
     python bench/serve_throughput.py --tiny                 # seconds, for a smoke run
@@ -392,6 +393,10 @@ async def _client_level(job: _ClientJob, wait_for_start: Callable[[], float]) ->
 def check_answer(body: bytes, expected: list[np.ndarray], min_cosine: float = 0.999) -> str | None:
     """Compare the CLS embeddings of an ``/embed`` answer with ``expected`` (one per image).
 
+    Each answer must have a cosine similarity of at least ``min_cosine`` with its own expected
+    embedding, and be closer to it than to that of any other image of the request (random
+    weights can make two different images' embeddings nearly parallel).
+
     Args:
         body: The answer (json or base64 encoding; float32 or float16).
         expected: The raw session's CLS embedding of each uploaded image, in order.
@@ -404,23 +409,33 @@ def check_answer(body: bytes, expected: list[np.ndarray], min_cosine: float = 0.
         results = json.loads(body)["results"]
         if len(results) != len(expected):
             return f"{len(results)} results for {len(expected)} images"
-        for position, (item, want) in enumerate(zip(results, expected, strict=True)):
-            value = item["cls_embedding"]
-            if isinstance(value, dict):  # base64: little-endian raw array
-                dtype = np.dtype(value["dtype"]).newbyteorder("<")
-                got = np.frombuffer(base64.b64decode(value["data"]), dtype=dtype)
-            else:
-                got = np.asarray(value, dtype=np.float64)
-            got = got.astype(np.float64).reshape(-1)
-            if got.shape != want.shape:
-                return f"image {position}: shape {got.shape}, expected {want.shape}"
-            norms = float(np.linalg.norm(got) * np.linalg.norm(want))
-            cosine = float(got @ want) / norms if norms > 0 else 0.0
-            if not cosine >= min_cosine:  # NaN fails too
-                return f"image {position}: cosine similarity {cosine:.6f} with the raw session"
+        for position, item in enumerate(results):
+            got = _embedding(item["cls_embedding"])
+            if got.shape != expected[position].shape:
+                return f"image {position}: shape {got.shape}, expected {expected[position].shape}"
+            cosines = [_cosine(got, want) for want in expected]
+            own = cosines[position]
+            if not own >= min_cosine:  # NaN fails too
+                return f"image {position}: cosine similarity {own:.6f} with the raw session"
+            nearest = max(range(len(cosines)), key=lambda k: (cosines[k], k == position))
+            if nearest != position:
+                return f"image {position}: closer to image {nearest} of the request ({own:.6f})"
     except (ValueError, KeyError, TypeError) as err:
         return f"an answer that cannot be read: {err!r}"
     return None
+
+
+def _embedding(value: Any) -> np.ndarray:
+    """One ``cls_embedding`` of an answer as a flat float64 array."""
+    if isinstance(value, dict):  # base64: little-endian raw array
+        dtype = np.dtype(value["dtype"]).newbyteorder("<")
+        return np.frombuffer(base64.b64decode(value["data"]), dtype=dtype).astype(np.float64)
+    return np.asarray(value, dtype=np.float64).reshape(-1)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / norms if norms > 0 else 0.0
 
 
 def _count_failure(result: _ClientResult, key: str, message: str) -> None:

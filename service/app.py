@@ -358,9 +358,13 @@ async def _embed_admitted(
     observed = functools.partial(_prepare_observed, prepare, state.metrics, spec)
     with state.batcher.preparing(len(images)):  # one hand-over and one wake-up per request
         prepared = await threads.map(observed, list(enumerate(images)))
-    for outcome in prepared:  # in request order: the first bad image is reported
-        if isinstance(outcome, BaseException):
-            raise outcome
+    failure = next((o for o in prepared if isinstance(o, BaseException)), None)
+    if failure is not None:  # in request order: the first bad image is reported
+        del prepared
+        try:
+            raise failure
+        finally:  # the traceback keeps this frame: it must not keep the error (a cycle)
+            del failure
     ready = [p for p in prepared if isinstance(p, Prepared)]
     timer.mark("decode")
     patch = model.metadata.patch_size

@@ -168,8 +168,12 @@ class _Worker:
         outcome: Prepared | Exception
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            send_header(self.sock, {"size": len(data), "index": index, "spec": spec_json})
-            self.sock.sendall(data)  # raw: no copy into a message, and the GIL is free meanwhile
+            self.sock.settimeout(timeout_s)  # a worker that stops reading: a timeout too
+            try:
+                send_header(self.sock, {"size": len(data), "index": index, "spec": spec_json})
+                self.sock.sendall(data)  # raw: no copy into a message; the GIL is free meanwhile
+            finally:
+                self.sock.settimeout(None)
             reply = receive_header(self.sock, deadline)
             if "ok" in reply:
                 outcome = self._receive_pixels(reply["ok"], spec, deadline)
@@ -255,7 +259,7 @@ class DecodeProcesses:
             is appended.
         start_timeout_s: Longest a worker may take to start.
         timeout_s: Longest a worker may hold one image, wall-clock from handing it the file to
-            the last byte of its pixels (at most :data:`MAX_TIMEOUT_S`); beyond it the worker
+            the last byte of its answer (at most :data:`MAX_TIMEOUT_S`); beyond it the worker
             is killed and replaced and the image is refused with
             :class:`ImageTooComplexError`. None: no limit.
         on_restart: Called (in a dispatch thread) each time a worker that ended, or was killed

@@ -43,26 +43,24 @@ class _Group(Generic[T, R]):
         on_done: Callable[[_Group[T, R]], object],
     ) -> None:
         self.fn = fn
-        self.items = items
+        self.items: Sequence[T] = items
         self.values: list[R | None] = [None] * len(items)
         self.errors: dict[int, BaseException] = {}
         self.remaining = len(items)
         self.lock = threading.Lock()
         self.cancelled = False  # set by the caller: items not started yet are skipped
-        self.on_done = on_done
+        self.on_done: Callable[[_Group[T, R]], object] | None = on_done
 
-    def run(self, index: int) -> None:
-        """Run item ``index`` (in a worker thread) unless the call was cancelled."""
-        if not self.cancelled:
-            try:
-                self.values[index] = self.fn(self.items[index])
-            except BaseException as err:  # the caller's to raise, as with an executor
-                self.errors[index] = err
+    def finish(self, index: int, value: R | None, error: BaseException | None) -> None:
+        """Record item ``index``'s outcome (``error`` None: ``value``)."""
+        if error is None:
+            self.values[index] = value
+        else:
+            self.errors[index] = error
         self._count_down()
 
-    def fail(self, index: int, error: BaseException) -> None:
-        """Give item ``index`` ``error`` without running it."""
-        self.errors[index] = error
+    def skip(self) -> None:
+        """Count one item as done without running it (the call was cancelled)."""
         self._count_down()
 
     def outcomes(self) -> list[R | BaseException]:
@@ -73,8 +71,22 @@ class _Group(Generic[T, R]):
         with self.lock:
             self.remaining -= 1
             last = self.remaining == 0
-        if last and not self.cancelled:
-            self.on_done(self)
+        if last:
+            # on_done leads back here (through the caller's future, whose result is this
+            # group): dropped, so that the request's bytes and pixels go with the last
+            # reference rather than with the next collection of reference cycles
+            on_done, self.on_done = self.on_done, None
+            self.items = ()
+            if on_done is not None and not self.cancelled:
+                on_done(self)
+
+
+def _outcome(fn: Callable[[T], R], item: T) -> tuple[R | None, BaseException | None]:
+    """``fn(item)``'s value, or the exception it raised (the caller's to raise)."""
+    try:
+        return fn(item), None
+    except BaseException as err:
+        return None, err
 
 
 class Fanout:
@@ -128,32 +140,37 @@ class Fanout:
     async def call(self, fn: Callable[[], R]) -> R:
         """Run ``fn()`` in a worker thread and return its value (or raise its exception)."""
         group = await self._wait(lambda _: fn(), (None,))
-        if group.errors:
-            raise group.errors[0]
-        return group.values[0]  # type: ignore[return-value]
+        error, value = group.errors.get(0), group.values[0]
+        del group
+        if error is None:
+            return value  # type: ignore[return-value]
+        try:
+            raise error
+        finally:  # the traceback keeps this frame: without its error and group, no cycle
+            del error
 
     def submit(self, fn: Callable[[], R]) -> concurrent.futures.Future[R]:
         """Run ``fn()`` in a worker thread, for callers outside an event loop.
 
-        Cancelling the future before a thread has taken the call drops it.
+        As with an executor, the future can be cancelled until a thread starts the call.
         """
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
 
-        def settle(group: _Group[None, R]) -> None:
+        def start(_: None) -> R | None:
             if not future.set_running_or_notify_cancel():
+                return None  # cancelled while it waited: not run
+            return fn()
+
+        def settle(group: _Group[None, R | None]) -> None:
+            if future.cancelled():
                 return
-            if group.errors:
-                future.set_exception(group.errors[0])
+            error = group.errors.get(0)
+            if error is not None:
+                future.set_exception(error)
             else:
                 future.set_result(group.values[0])  # type: ignore[arg-type]
 
-        group = self._start(lambda _: fn(), (None,), settle)
-
-        def drop_if_cancelled(done: concurrent.futures.Future[R]) -> None:
-            if done.cancelled():
-                group.cancelled = True
-
-        future.add_done_callback(drop_if_cancelled)
+        self._start(start, (None,), settle)
         return future
 
     def close(self, *, wait: bool = False) -> None:
@@ -175,7 +192,7 @@ class Fanout:
                 break
             if job is not None:
                 group, index = job
-                group.fail(index, self._closed_error(error))
+                group.finish(index, None, self._closed_error(error))
         for _ in threads:
             self._jobs.put(None)
         if wait:
@@ -228,5 +245,14 @@ class Fanout:
             if job is None:
                 return
             group, index = job
-            group.run(index)
-            del job, group  # no reference to the last request while idle
+            del job
+            if group.cancelled:
+                group.skip()
+            else:
+                # Called from this frame, which drops the group below: an exception's traceback
+                # keeps the frames it passed through (and their callers), so a frame that still
+                # held the group would tie the group to the exception it stores.
+                value, error = _outcome(group.fn, group.items[index])
+                group.finish(index, value, error)
+                del value, error
+            del group  # no reference to the last request while idle

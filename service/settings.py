@@ -57,7 +57,7 @@ class Settings(BaseSettings):
             GIL long enough to cap throughput. Each holds about 40 MB of memory,
             more after a large image (about 100 MB after a 12-megapixel photo).
         decode_timeout_s: With ``decode_processes``, longest a worker may take over one image
-            (wall-clock, from receiving the file to the last byte of its pixels; at most a
+            (wall-clock, from handing it the file to the last byte of its answer; at most a
             day); beyond it the worker is killed and replaced and the image is refused (422
             ``image_too_complex``). 0: no limit. Threads cannot be stopped, so without
             ``decode_processes`` there is no limit.

@@ -319,6 +319,10 @@ def test_the_answer_check_accepts_the_raw_sessions_numbers_in_every_encoding(
     assert check(body([(w * 1.0001 + 1e-5).tolist() for w in want]), want) is None  # rounding
     assert check(body([b64(w, "float32") for w in want]), want) is None
     assert check(body([b64(w, "float16") for w in want]), want) is None
+    twins = [want[0], want[0] * 0.9995 + want[1] * 0.02]  # nearly parallel, as tiny models give
+    assert check(body([t.tolist() for t in twins]), twins) is None
+    crossed = check(body([twins[1].tolist(), twins[0].tolist()]), twins)
+    assert crossed is not None and "closer to image 1" in crossed
     swapped = check(body([want[1].tolist(), want[0].tolist()]), want)
     assert swapped is not None and swapped.startswith("image 0: cosine similarity")
     garbage = body([want[0].tolist(), rng.normal(size=8).tolist()])

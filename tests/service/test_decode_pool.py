@@ -45,7 +45,8 @@ RECIPE = PreprocessingRecipe(resolution=32, resize_size=37)
 # answers after 0.3 s, 93 ends the process the first time and never answers the second, 92
 # sends its answer's header but not its pixels, 91 sends its pixels in four pieces 50 ms apart
 # (a reader sees partial reads), 90 sends part of its answer's header and stops, 89 announces a
-# header longer than the protocol allows.
+# header longer than the protocol allows. A file over 4 MB is never read (the worker stops
+# reading its socket).
 # Other indexes run the real code.
 INSTRUMENTED = (
     "import os, socket, struct, sys, time\n"
@@ -81,6 +82,12 @@ INSTRUMENTED = (
     "        real_sendall(sock, view[start:start + step])\n"
     "        time.sleep(0.05)\n"
     "socket.socket.sendall = sendall\n"
+    "real_receive = worker.receive_exactly\n"
+    "def receive_exactly(sock, view, deadline=None):\n"
+    "    if len(view) > 4_000_000:\n"
+    "        time.sleep(3600)\n"
+    "    return real_receive(sock, view, deadline)\n"
+    "worker.receive_exactly = receive_exactly\n"
     "def resize_image(data, index, spec):\n"
     "    if index == 92:\n"
     "        stall.append(index)\n"
@@ -673,3 +680,19 @@ def test_headers_are_framed_limited_and_waited_for_only_until_the_deadline() -> 
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.timeout(60)  # without a limit on sending, the service would wait for the hour
+@pytest.mark.parametrize("instrumented", [1.0], indirect=True)
+def test_a_worker_that_stops_reading_the_file_counts_against_the_time_limit(
+    instrumented: DecodeProcesses,
+) -> None:
+    data = png_bytes()[:16] + os.urandom(8 << 20)  # more than the socket's buffers hold
+    started = time.monotonic()
+    with pytest.raises(ImageTooComplexError) as caught:
+        instrumented.prepare(data, 7, spec())
+    assert caught.value.index == 7 and time.monotonic() - started < 10
+    assert instrumented.restarts == 1
+    small = jpeg_bytes(40, 30, seed=1)
+    got = instrumented.prepare(small, 0, spec())  # the socket is blocking again, and in step
+    np.testing.assert_array_equal(got.pixels, prepare_image(small, 0, spec()).pixels)

@@ -4,7 +4,10 @@ call, cancellation and closing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -226,3 +229,81 @@ def test_at_least_one_thread_is_required() -> None:
         closed = Fanout(1, name="closed")
         closed.close()
         closed.submit(lambda: 1)
+
+
+class _Payload:
+    """Stands for a request's bytes or pixels: a weak reference tells when it is freed."""
+
+
+class _PayloadError(Exception):
+    pass
+
+
+def test_a_calls_items_values_and_errors_go_with_their_last_reference() -> None:
+    """No reference cycle: a request's bytes and pixels must not wait for the cycle collector."""
+    items = [_Payload() for _ in range(6)]
+    item_refs = [weakref.ref(item) for item in items]
+    values: list[weakref.ref[_Payload]] = []
+    errors: list[weakref.ref[_PayloadError]] = []
+
+    def tracked_error() -> _PayloadError:  # not a local of the raising frame (that is a cycle)
+        error = _PayloadError()
+        errors.append(weakref.ref(error))
+        return error
+
+    def job(item: _Payload) -> _Payload:
+        if len(values) + len(errors) >= 3:
+            raise tracked_error()
+        value = _Payload()
+        values.append(weakref.ref(value))
+        return value
+
+    gc.collect()
+    gc.disable()
+    try:
+        with fanout_threads(1) as one:  # one thread: the first three succeed, then errors
+            outcomes = asyncio.run(one.map(job, items))
+            assert sum(isinstance(o, _PayloadError) for o in outcomes) == 3
+            del outcomes, items
+            assert all(ref() is None for ref in item_refs + values + errors)  # type: ignore[operator]
+
+            def fails() -> None:
+                raise tracked_error()
+
+            async def call_and_catch() -> bool:  # not through asyncio.run: its task keeps it
+                try:
+                    await one.call(fails)
+                except _PayloadError:
+                    return True
+                return False
+
+            assert asyncio.run(call_and_catch())
+            assert errors[-1]() is None
+    finally:
+        gc.enable()
+
+
+@contextlib.contextmanager
+def fanout_threads(count: int) -> Iterator[Fanout]:
+    threads = Fanout(count, name="scoped")
+    try:
+        yield threads
+    finally:
+        threads.close(wait=True)
+
+
+def test_a_submitted_call_that_has_started_cannot_be_cancelled() -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def job() -> str:
+        started.set()
+        release.wait(10)
+        return "done"
+
+    with fanout_threads(1) as one:
+        future = one.submit(job)
+        assert started.wait(10)
+        assert future.running() and not future.cancel()
+        release.set()
+        assert future.result(timeout=10) == "done"
