@@ -655,17 +655,9 @@ def test_batch_assembly_times_both_ways_and_the_round_trip() -> None:
 
 def test_fanout_bench_times_both_hand_overs_on_the_same_work() -> None:
     result = _run(
-        "-m",
-        "bench.fanout",
-        "--threads",
-        "2",
-        "--concurrency",
-        "3",
-        "--images-per-request",
-        "4",
-        "--images",
-        "120",
-    )
+        "-m", "bench.fanout", "--threads", "2", "--concurrency", "3",
+        "--images-per-request", "4", "--images", "120",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert (report["threads"], report["concurrency"], report["images_per_request"]) == (2, 3, 4)
