@@ -81,15 +81,15 @@ class _Worker:
     """
 
     def __init__(self, command: Sequence[str], start_timeout_s: float) -> None:
-        ours, theirs = socket.socketpair()
-        for end in (ours, theirs):  # room for a whole 224x224 image: one call moves it
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(name, "1")  # no linear algebra here: no thread pool per worker
+        ours, theirs = socket.socketpair()
         try:
+            for end in (ours, theirs):  # room for a whole 224x224 image: one call moves it
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER_BYTES)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER_BYTES)
             self.process = subprocess.Popen(
                 [*command, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
@@ -98,7 +98,7 @@ class _Worker:
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches the service only
             )
-        except OSError:
+        except BaseException:  # whatever failed (a bad command, MemoryError): nothing leaks
             ours.close()
             raise
         finally:

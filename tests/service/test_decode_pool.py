@@ -301,6 +301,20 @@ def test_a_worker_that_cannot_start_fails_the_start_and_leaves_nothing_running()
     assert time.monotonic() - started < 10  # the silent process was killed, not awaited
 
 
+@pytest.mark.parametrize("error", [OSError("no such file"), ValueError("embedded null byte")])
+def test_a_worker_that_cannot_be_spawned_leaves_no_descriptor_open(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(decode_pool.subprocess, "Popen", refuse)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(type(error)):
+        decode_pool._Worker((sys.executable, "-c", "pass"), 5.0)
+    assert set(os.listdir("/proc/self/fd")) == before  # both ends of the socket pair closed
+
+
 def test_the_worker_refuses_a_command_line_without_a_descriptor(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
