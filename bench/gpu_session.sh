@@ -51,9 +51,8 @@
 #           2026-11-27: "--concurrency 16,64 --images-per-request 8 --replicas 3
 #           --decode-processes 4"; the GIL experiment: the same flags with and without
 #           "--server-switch-interval-ms 0.5", comparing the infer and session stages);
-#           each serve call takes about
-#           150 s, and a later one on the warm machine reuses the extracted package). Stage
-#           files live in
+#           each serve call takes 150-170 s, and a later one on the warm machine reuses the
+#           extracted package; a stage call runs for under a second). Stage files live in
 #           /tmp/ort-parts between calls: the machine keeps them only while it stays warm (about
 #           30 s between calls), so issue the stage calls back to back.
 # Only 8 files come back from $OUT: every stage keeps to its share (bench 4, fmnist 7, serve 4,
