@@ -4,7 +4,8 @@ Two geometries:
 
 * ``center``: DINO's evaluation transform, exactly as torchvision does it on PIL images:
   resize the shorter side to ``resize_size`` (the longer side truncated to an integer), then
-  crop ``resolution x resolution`` from the centre. When that resized image would exceed
+  crop ``resolution x resolution`` from the centre (Pillow computes little more than the crop,
+  with the same pixels: :mod:`service.resample`). When that resized image would exceed
   :data:`EXACT_RESIZE_MAX_PIXELS` (only for extreme aspect ratios, such as a 1x100000 strip), the
   region that survives the crop is resized directly from the source instead (Pillow's
   ``resize(box=...)``), so memory stays bounded by the crop; the sampling positions are the
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from models.contract import PreprocessingRecipe, plan_center_crop, resize_for_crop
+from service.resample import resize_then_crop
 
 Crop = Literal["center", "none"]
 
@@ -139,10 +141,10 @@ def resize_and_crop(
         raise ValueError(f"unknown interpolation {recipe.interpolation!r}") from err
     if geometry.source_box is not None:
         return image.resize(geometry.size, resample, box=geometry.source_box)
+    if geometry.crop_box is not None:  # the same pixels as resizing it all, then cropping
+        return resize_then_crop(image, geometry.resized, geometry.crop_box, resample)
     if image.size != geometry.resized:
         image = image.resize(geometry.resized, resample)
-    if geometry.crop_box is not None:
-        image = image.crop(geometry.crop_box)
     return image
 
 

@@ -671,3 +671,29 @@ def test_fanout_bench_times_both_hand_overs_on_the_same_work() -> None:
         assert ratio == pytest.approx(report["executor"][key] / report["fanout"][key])
     refused = _run("-m", "bench.fanout", "--threads", "0")
     assert refused.returncode == 2 and "at least 1" in refused.stderr
+
+
+def test_resize_crop_bench_times_both_ways_on_equal_results() -> None:
+    result = _run("-m", "bench.resize_crop", "--sizes", "64x48,40x90", "--seconds", "0.2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert (report["resolution"], report["interpolation"]) == (224, "bicubic")
+    assert [r["source"] for r in report["results"]] == [[64, 48], [40, 90]]
+    for row in report["results"]:
+        assert row["pillow_ms"] > 0 and row["split_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["pillow_ms"] / row["split_ms"], rel=0.05)
+    assert report["results"][0]["resized"] == [341, 256]  # shorter side to 256 (upscaled)
+    refused = _run("-m", "bench.resize_crop", "--sizes", "64by48")
+    assert refused.returncode == 2 and "not WxH" in refused.stderr
+
+
+def test_resize_crop_bench_stops_when_the_ways_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.resize_crop as bench
+
+    def off_by_one_column(image: Any, size: Any, box: Any, resample: Any) -> Any:
+        left, top, right, bottom = box
+        return image.resize(size, resample).crop((left + 1, top, right + 1, bottom))
+
+    monkeypatch.setattr(bench, "resize_then_crop", off_by_one_column)
+    with pytest.raises(SystemExit, match="disagree on 400x300"):
+        bench.compare((400, 300), resolution=224, interpolation="bicubic", seconds=0.1)
