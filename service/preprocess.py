@@ -4,8 +4,9 @@ Two geometries:
 
 * ``center``: DINO's evaluation transform, exactly as torchvision does it on PIL images:
   resize the shorter side to ``resize_size`` (the longer side truncated to an integer), then
-  crop ``resolution x resolution`` from the centre (Pillow computes little more than the crop,
-  with the same pixels: :mod:`service.resample`). When that resized image would exceed
+  crop ``resolution x resolution`` from the centre (when the crop drops at least a quarter of
+  the resized columns, Pillow's second pass runs on the kept ones only, with the same pixels:
+  :mod:`service.resample`). When that resized image would exceed
   :data:`EXACT_RESIZE_MAX_PIXELS` (only for extreme aspect ratios, such as a 1x100000 strip), the
   region that survives the crop is resized directly from the source instead (Pillow's
   ``resize(box=...)``), so memory stays bounded by the crop; the sampling positions are the

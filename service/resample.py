@@ -30,7 +30,8 @@ SPLIT_FILTERS = frozenset(
         Image.Resampling.LANCZOS,
     }
 )
-"""The filters Pillow applies as two convolution passes (nearest takes another route)."""
+"""The recipes' filters that Pillow applies as two convolution passes (nearest takes another
+route; Pillow's MKS2013 and MKS2021 are not offered by recipes)."""
 
 
 def resize_then_crop(

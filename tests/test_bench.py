@@ -680,11 +680,24 @@ def test_resize_crop_bench_times_both_ways_on_equal_results() -> None:
     assert (report["resolution"], report["interpolation"]) == (224, "bicubic")
     assert [r["source"] for r in report["results"]] == [[64, 48], [40, 90]]
     for row in report["results"]:
-        assert row["pillow_ms"] > 0 and row["split_ms"] > 0
+        for way in ("pillow", "split"):
+            assert row[f"{way}_ms"] > 0 and row[f"prepare_{way}_ms"] > 0
         assert row["ratio"] == pytest.approx(row["pillow_ms"] / row["split_ms"], rel=0.05)
+        assert row["prepare_ratio"] == pytest.approx(
+            row["prepare_pillow_ms"] / row["prepare_split_ms"], rel=0.05
+        )
     assert report["results"][0]["resized"] == [341, 256]  # shorter side to 256 (upscaled)
-    refused = _run("-m", "bench.resize_crop", "--sizes", "64by48")
-    assert refused.returncode == 2 and "not WxH" in refused.stderr
+    for args, why in [
+        (("--sizes", "64by48"), "not WxH"),
+        (("--sizes", ","), "no size given"),
+        (("--seconds", "0"), "positive number of seconds"),
+        (("--seconds", "nan"), "positive number of seconds"),
+        (("--interpolation", "nearest"), "invalid choice"),
+    ]:
+        refused = _run("-m", "bench.resize_crop", *args)
+        assert refused.returncode == 2 and why in refused.stderr, (args, refused.stderr)
+    too_long = _run("-m", "bench.resize_crop", "--sizes", "40000x10", "--seconds", "0.1")
+    assert too_long.returncode == 1 and "EXACT_RESIZE_MAX_PIXELS" in too_long.stderr
 
 
 def test_resize_crop_bench_stops_when_the_ways_disagree(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,22 +110,57 @@ def test_service_centre_crops_match_for_every_filter(
     assert np.array_equal(got, _oracle(image, plan.resized, plan.crop_box, resample))
 
 
-def test_what_it_does_not_split_takes_the_plain_route() -> None:
+@pytest.fixture
+def resize_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes of the ``Image.resize`` calls: one call is the plain route, two the split."""
+    calls: list[tuple[int, int]] = []
+    depth = 0  # Pillow's RGBA resize calls resize again inside: only the outer call counts
+    resize = Image.Image.resize
+
+    def counted(
+        self: Image.Image, size: tuple[int, int], *args: object, **kw: object
+    ) -> Image.Image:
+        nonlocal depth
+        if depth == 0:
+            calls.append(size)
+        depth += 1
+        try:
+            return resize(self, size, *args, **kw)  # type: ignore[arg-type]
+        finally:
+            depth -= 1
+
+    monkeypatch.setattr(Image.Image, "resize", counted)
+    return calls
+
+
+def test_what_it_does_not_split_takes_the_plain_route(resize_calls: list[tuple[int, int]]) -> None:
     rng = np.random.default_rng(1)
-    grey = _noise(300, 200, rng, mode="L")
-    got = resize_then_crop(grey, (150, 100), (10, 20, 110, 90), Image.Resampling.BICUBIC)
-    assert got.mode == "L"
-    assert np.array_equal(
-        np.asarray(got), _oracle(grey, (150, 100), (10, 20, 110, 90), Image.Resampling.BICUBIC)
-    )
     rgb = _noise(300, 200, rng)
-    for size, box, resample in [
-        ((150, 100), (10, 20, 110, 90), Image.Resampling.NEAREST),
-        ((150, 100), (100, 20, 200, 90), Image.Resampling.BICUBIC),  # beyond the resized image
-        ((300, 200), (5, 5, 105, 55), Image.Resampling.BICUBIC),  # no resize at all
-    ]:
-        got_rgb = np.asarray(resize_then_crop(rgb, size, box, resample))
-        assert np.array_equal(got_rgb, _oracle(rgb, size, box, resample)), (size, box, resample)
+    alpha = Image.fromarray(rng.integers(0, 256, (200, 300, 4), dtype=np.uint8), "RGBA")
+    cases = [
+        # RGBA: Pillow premultiplies the alpha around each resize, so two resizes would differ.
+        (alpha, (150, 100), (0, 20, 100, 90), Image.Resampling.BICUBIC, 1),
+        (
+            _noise(300, 200, rng, mode="L"),
+            (150, 100),
+            (0, 20, 100, 90),
+            Image.Resampling.BICUBIC,
+            1,
+        ),
+        (rgb, (150, 100), (0, 20, 100, 90), Image.Resampling.NEAREST, 1),
+        (rgb, (150, 100), (100, 20, 200, 90), Image.Resampling.BICUBIC, 1),  # beyond the image
+        (rgb, (150, 100), (0, 20, 140, 90), Image.Resampling.BICUBIC, 1),  # drops too little
+        (rgb, (150, 200), (0, 20, 100, 90), Image.Resampling.BICUBIC, 1),  # one pass only
+        (rgb, (300, 200), (5, 5, 105, 55), Image.Resampling.BICUBIC, 0),  # no resize at all
+        (rgb, (150, 100), (0, 20, 100, 90), Image.Resampling.BICUBIC, 2),  # split, for contrast
+    ]
+    for image, size, box, resample, calls in cases:
+        resize_calls.clear()
+        got = resize_then_crop(image, size, box, resample)
+        assert len(resize_calls) == calls, (image.mode, size, box, resample)
+        assert got.mode == image.mode
+        want = _oracle(image, size, box, resample)
+        assert np.array_equal(np.asarray(got), want), (image.mode, size, box, resample)
 
 
 def test_pass_order_is_pillows() -> None:
@@ -139,29 +174,19 @@ def test_pass_order_is_pillows() -> None:
 
 
 def test_splits_only_when_the_crop_drops_a_quarter_of_the_columns(
-    monkeypatch: pytest.MonkeyPatch,
+    resize_calls: list[tuple[int, int]],
 ) -> None:
-    calls: list[tuple[int, int]] = []
-    resize = Image.Image.resize
-
-    def counted(
-        self: Image.Image, size: tuple[int, int], *args: object, **kw: object
-    ) -> Image.Image:
-        calls.append(size)
-        return resize(self, size, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Image.Image, "resize", counted)
     rng = np.random.default_rng(3)
     for source, passes in [
         ((400, 300), 2),
-        ((300, 400), 1),
+        ((300, 400), 1),  # portrait: an eighth of the columns dropped
         ((1920, 1080), 2),
         ((260, 300), 1),
-        ((256, 300), 0),
+        ((256, 300), 0),  # already at its size: only the crop
     ]:
-        calls.clear()
+        resize_calls.clear()
         plan = plan_center_crop(*source, resize_size=256, resolution=224, max_pixels=1 << 40)
         resize_then_crop(
             _noise(*source, rng), plan.resized, plan.crop_box, Image.Resampling.BICUBIC
         )
-        assert len(calls) == passes, (source, calls)
+        assert len(resize_calls) == passes, (source, resize_calls)
